@@ -1,0 +1,20 @@
+"""ppojax: pure-JAX, functional PPO for RLHF of language models."""
+
+from ppojax.advantages import compute_gae
+from ppojax.kl import (
+    KL_ESTIMATORS,
+    KLController,
+    KLControllerState,
+    adaptive_kl_controller,
+    fixed_kl_controller,
+    kl_for_controller,
+    kl_from_logits,
+    kl_penalty,
+    sequence_kl,
+)
+from ppojax.losses import LOSS_AGGREGATIONS, aggregate_loss, clipped_loss, entropy_from_logits, value_loss
+from ppojax.presets import PRESETS, Advantages, Convention, assemble_advantages, get_preset, masks_for, ppo_losses
+from ppojax.rewards import SCORE_PLACEMENTS, adjust_scores, extend_mask, last_valid_index, score_index, shape_rewards
+from ppojax.stats import SumCount, masked_count, masked_max, masked_mean, masked_sum, masked_var, whiten
+
+__version__ = "0.1.0.dev0"
