@@ -7,7 +7,7 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 
-from ppojax.stats import as_bool_mask, as_f32
+from ppojax.stats import as_bool_mask, as_f32, check_same_shape
 
 
 def compute_gae(
@@ -38,6 +38,7 @@ def compute_gae(
     (advantages, returns), both [B, T] float32, 0 at masked positions, with
     returns = advantages + values computed from the advantages before any whitening.
   """
+  check_same_shape("compute_gae", rank=2, rewards=rewards, values=values, mask=mask)
   mask = as_bool_mask(mask)
   rewards = jnp.where(mask, as_f32(rewards), 0.0)
   values = jnp.where(mask, as_f32(values), 0.0)

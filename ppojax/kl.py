@@ -7,7 +7,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from ppojax.stats import as_bool_mask, as_f32, masked_mean, masked_sum
+from ppojax.stats import as_bool_mask, as_f32, check_same_shape, masked_mean, masked_sum
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 
@@ -39,6 +39,7 @@ def kl_penalty(
   Returns:
     [B, T] float32.
   """
+  check_same_shape("kl_penalty", logprobs=logprobs, ref_logprobs=ref_logprobs, **({} if mask is None else {"mask": mask}))
   d = as_f32(logprobs) - as_f32(ref_logprobs)
   if estimator == "k1":
     kl = d
@@ -74,6 +75,9 @@ def kl_from_logits(
   Returns:
     [B, T] float32, ≥ 0 up to rounding.
   """
+  check_same_shape("kl_from_logits", logits=logits, ref_logits=ref_logits)
+  if mask is not None and jnp.shape(mask) != jnp.shape(logits)[:-1]:
+    raise ValueError(f"kl_from_logits: mask has shape {jnp.shape(mask)}; expected {jnp.shape(logits)[:-1]} (logits without the vocab axis)")
   logp = jax.nn.log_softmax(as_f32(logits) / temperature, axis=-1)
   ref_logp = jax.nn.log_softmax(as_f32(ref_logits) / temperature, axis=-1)
   # 0 · log 0 is 0: where π(v) underflows to 0 the term is dropped, not NaN from −inf − −inf.

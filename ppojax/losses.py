@@ -7,7 +7,7 @@ from typing import Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from ppojax.stats import SumCount, as_bool_mask, as_f32, masked_count, masked_max, masked_mean, masked_sum, masked_var, safe_divide
+from ppojax.stats import SumCount, as_bool_mask, as_f32, check_same_shape, masked_count, masked_max, masked_mean, masked_sum, masked_var, safe_divide
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -87,6 +87,9 @@ def clipped_loss(
     (its part with ρ < 1 − ε), dual_clipfrac, approx_kl (mean of ½(log ρ)², as in OpenAI's and TRL's
     "approxkl"), ratio_mean, ratio_max, and entropy when logits are given.
   """
+  check_same_shape("clipped_loss", rank=2, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
+  if logits is not None and jnp.shape(logits)[:-1] != jnp.shape(mask):
+    raise ValueError(f"clipped_loss: logits has shape {jnp.shape(logits)}; expected {jnp.shape(mask)} + (vocab,)")
   if dual_clip is not None and dual_clip <= 1.0:
     raise ValueError(f"clipped_loss: dual_clip must be > 1, got {dual_clip}")
   if entropy_coef and logits is None:
@@ -155,6 +158,7 @@ def value_loss(
     (loss, stats): vf_clipfrac (tokens where the clipped term is the larger), explained_variance
     (1 − Var[R − V] / Var[R] over valid tokens; 0 when Var[R] is 0), value_mean, returns_mean.
   """
+  check_same_shape("value_loss", rank=2, values=values, old_values=old_values, returns=returns, mask=mask)
   mask = as_bool_mask(mask)
   values = jnp.where(mask, as_f32(values), 0.0)
   returns = jnp.where(mask, as_f32(returns), 0.0)

@@ -7,7 +7,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from ppojax.stats import as_bool_mask, as_f32
+from ppojax.stats import as_bool_mask, as_f32, check_same_shape
 
 SCORE_PLACEMENTS = ("last", "after_last", "final")
 
@@ -120,6 +120,9 @@ def shape_rewards(
     [B, T] float32 rewards. Positions outside the mask are 0, except the score's own slot under
     "after_last" / "final" placements, which may lie one past the response.
   """
+  check_same_shape("shape_rewards", rank=2, kl=kl, mask=mask)
+  if jnp.shape(scores) != jnp.shape(mask)[:1]:
+    raise ValueError(f"shape_rewards: scores has shape {jnp.shape(scores)}; expected ({jnp.shape(mask)[0]},), one score per row of mask")
   scores = adjust_scores(
       scores,
       mask,

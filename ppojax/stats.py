@@ -18,6 +18,25 @@ import jax.numpy as jnp
 Axis = Optional[Union[int, Sequence[int]]]
 
 
+def check_same_shape(fn_name: str, rank: Optional[int] = None, **arrays) -> None:
+  """Raise a one-line ValueError unless all arrays share one shape (of the given rank).
+
+  Example message: "compute_gae: values has shape (2, 4) but rewards has shape (2, 5); expected equal [B, T] arrays".
+  """
+  names = list(arrays)
+  shapes = {name: jnp.shape(arrays[name]) for name in names}
+  first = names[0]
+  if rank is not None:
+    for name in names:
+      if len(shapes[name]) != rank:
+        raise ValueError(f"{fn_name}: {name} has shape {shapes[name]}; expected a rank-{rank} array")
+  for name in names[1:]:
+    if shapes[name] != shapes[first]:
+      raise ValueError(
+          f"{fn_name}: {name} has shape {shapes[name]} but {first} has shape {shapes[first]}; expected equal shapes"
+      )
+
+
 def as_f32(x: jax.Array) -> jax.Array:
   """`x` as float32 (bf16 / fp16 inputs are upcast; float64 stays float64 only under x64)."""
   x = jnp.asarray(x)
@@ -96,6 +115,7 @@ def whiten(
     mask: same shape, valid positions.
     unbiased: Bessel-corrected variance (True) or population variance (False).
   """
+  check_same_shape("whiten", x=x, mask=mask)
   mask = as_bool_mask(mask)
   mean = masked_mean(x, mask)
   var = masked_var(x, mask, unbiased=unbiased)

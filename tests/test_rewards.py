@@ -50,6 +50,12 @@ class ShapeRewardsTest(chex.TestCase):
     final = ppojax.shape_rewards(scores, kl, mask, kl_coef=0.1, score_placement="final")
     np.testing.assert_allclose(final, [[-0.05, -0.1, 0, 10.0], [-0.1, -0.1, -0.1, 19.8]], rtol=1e-6)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_adjust_scores_jitted_and_not(self):
+    fn = self.variant(lambda s, m, st: ppojax.adjust_scores(s, m, stopped=st, missing_eos_penalty=0.5, length_penalty=0.1))
+    got = fn(jnp.array([1.0, 1.0]), jnp.array([[1, 1, 0], [1, 1, 1]]), jnp.array([True, False]))
+    np.testing.assert_allclose(got, [1.0 - 0.2, 1.0 - 0.5 - 0.3], rtol=1e-6)
+
   def test_score_adjustments(self):
     mask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
     stopped = jnp.array([True, False, True])
@@ -67,10 +73,12 @@ class ShapeRewardsTest(chex.TestCase):
     with self.assertRaisesRegex(ValueError, "not both"):
       ppojax.adjust_scores(scores, mask, stopped=stopped, missing_eos_penalty=1.0, missing_eos_score=-1.0)
 
+  @chex.variants(with_jit=True, without_jit=True)
   def test_extend_mask_and_last_index(self):
-    mask = jnp.array([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
-    np.testing.assert_array_equal(ppojax.last_valid_index(mask), [1, 3, -1])
-    np.testing.assert_array_equal(ppojax.extend_mask(mask), [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    mask = jnp.array([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 0]])
+    np.testing.assert_array_equal(self.variant(ppojax.last_valid_index)(mask), [1, 3, -1, 2])
+    np.testing.assert_array_equal(self.variant(ppojax.extend_mask)(mask), [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 0, 1, 1]])
+    np.testing.assert_array_equal(self.variant(lambda m: ppojax.score_index(m, "after_last"))(mask), [2, 3, 0, 3])
 
   def test_nan_score_in_one_row_stays_in_that_row(self):
     mask = jnp.array([[1, 1], [1, 1]])
