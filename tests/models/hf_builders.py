@@ -101,3 +101,11 @@ def torch_forward(model, ids, mask, *, positions: bool = True):
         kwargs["position_ids"] = torch.from_numpy(mask_positions(mask))
     with torch.no_grad():
         return model(**kwargs).logits.float().numpy()
+
+
+def _apply(model, params, ids, mask, lora=None):
+    return model.apply(params, ids, mask, lora=lora)
+
+
+# One jitted entry point for the tests; the model definition is the static argument.
+jit_apply = __import__("jax").jit(_apply, static_argnums=0)

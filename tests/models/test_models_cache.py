@@ -32,7 +32,7 @@ def test_prefill_then_decode_equals_full_forward(checkpoint, name):
     step_mask[1, 2:] = 0
     full_ids = np.concatenate([ids, new_tokens], axis=1)
     full_mask = np.concatenate([mask, step_mask], axis=1)
-    full = np.asarray(model.apply(params, full_ids, full_mask).logits)
+    full = np.asarray(hf_builders.jit_apply(model, params, full_ids, full_mask).logits)
 
     step = jax.jit(functools.partial(_apply, model))
     cache = model.init_cache(len(ids), prompt_len + STEPS + 3)  # spare slots stay empty

@@ -46,14 +46,14 @@ def test_rope_scaling_changes_logits(checkpoint, name):
     model, params = load_pretrained(directory)
     unscaled = DecoderModel(dataclasses.replace(model.config, rope_type="default"), model.head)
     ids, mask = hf_builders.padded_batch(LONG_LENGTHS, max(LONG_LENGTHS), model.config.vocab_size, seed=1)
-    apply = jax.jit(lambda m, *a: m.apply(*a), static_argnums=0)
+    apply = hf_builders.jit_apply
     difference = np.abs(np.asarray(apply(model, params, ids, mask).logits)
                         - np.asarray(apply(unscaled, params, ids, mask).logits))
     assert difference[mask.astype(bool)].max() > 1e-2
 
 
 def test_unjitted_apply_matches_transformers(checkpoint):
-    directory, torch_model = checkpoint("qwen2")
+    directory, torch_model = checkpoint("gpt2")
     model, params = load_pretrained(directory)
     ids, mask = hf_builders.padded_batch((12, 7), 12, model.config.vocab_size, seed=2)
     diff, _ = _max_diff_at_real_tokens(model, params, torch_model, ids, mask, model.apply)
@@ -66,6 +66,6 @@ def test_left_padding_does_not_change_real_token_logits(checkpoint):
     ids, mask = hf_builders.padded_batch((9,), 9, model.config.vocab_size, seed=3)
     padded_ids = np.concatenate([np.zeros((1, 5), ids.dtype), ids], axis=1)
     padded_mask = np.concatenate([np.zeros((1, 5), mask.dtype), mask], axis=1)
-    plain = np.asarray(model.apply(params, ids, mask).logits)
-    padded = np.asarray(model.apply(params, padded_ids, padded_mask).logits)[:, 5:]
+    plain = np.asarray(hf_builders.jit_apply(model, params, ids, mask).logits)
+    padded = np.asarray(hf_builders.jit_apply(model, params, padded_ids, padded_mask).logits)[:, 5:]
     np.testing.assert_allclose(padded, plain, atol=1e-5)

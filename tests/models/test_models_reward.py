@@ -40,7 +40,8 @@ def test_no_pad_id_reads_last_token_like_transformers(checkpoint):
     assert model.config.pad_token_id is None
     ids, mask = hf_builders.padded_batch((9,), 9, model.config.vocab_size, seed=7)
     reference = hf_builders.torch_forward(torch_model, ids, mask)[:, 0]
-    np.testing.assert_allclose(np.asarray(sequence_scores(model, params, ids, mask)), reference, atol=1e-4)
+    scores = jax.jit(sequence_scores, static_argnums=0)(model, params, ids, mask)
+    np.testing.assert_allclose(np.asarray(scores), reference, atol=1e-4)
 
 
 def test_critic_initialised_from_reward_checkpoint(checkpoint):
@@ -48,8 +49,8 @@ def test_critic_initialised_from_reward_checkpoint(checkpoint):
     reward_model, reward_params = load_pretrained(directory, head="reward")
     critic, critic_params = load_pretrained(directory, head="value")
     ids, mask = hf_builders.padded_batch(LENGTHS, max(LENGTHS), critic.config.vocab_size, seed=8)
-    values = critic.apply(critic_params, ids, mask).values
-    scores = reward_model.apply(reward_params, ids, mask).scores
+    values = hf_builders.jit_apply(critic, critic_params, ids, mask).values
+    scores = hf_builders.jit_apply(reward_model, reward_params, ids, mask).scores
     assert values.shape == ids.shape and values.dtype == np.float32
     np.testing.assert_array_equal(np.asarray(values), np.asarray(scores))
 
@@ -58,7 +59,7 @@ def test_value_head_from_causal_lm_starts_at_zero(checkpoint):
     directory, _ = checkpoint("gpt2")
     critic, params = load_pretrained(directory, head="value")
     ids, mask = hf_builders.padded_batch((5, 3), 5, critic.config.vocab_size, seed=9)
-    out = critic.apply(params, ids, mask)
+    out = hf_builders.jit_apply(critic, params, ids, mask)
     assert out.logits is None and out.scores is None
     np.testing.assert_array_equal(np.asarray(out.values), 0.0)
     assert np.abs(np.asarray(out.hidden)).max() > 0
