@@ -25,6 +25,7 @@ left-padded row and the same row unpadded give the same logits at real tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -351,14 +352,19 @@ class DecoderModel:
                        index=jnp.zeros((), jnp.int32), mask=jnp.zeros((batch_size, max_length), bool))
 
     def param_shapes(self) -> dict:
-        """The params pytree as `jax.ShapeDtypeStruct`s (no allocation)."""
-        return jax.eval_shape(lambda key: self.init_params(key), jax.random.key(0))
+        """The params pytree as `jax.ShapeDtypeStruct`s (no allocation; traced once per model)."""
+        return _param_shapes(self)
 
     def init_params(self, key: jax.Array) -> dict:
         """Random params (normal(0.02) kernels and embeddings, unit norms, zero biases, zero value head)."""
         ids = jnp.zeros((1, 1), jnp.int32)
         slots = (jnp.arange(1), jnp.arange(1), jnp.ones((1, 1), bool), None)
         return self._module().init(key, ids, jnp.zeros((1, 1), jnp.int32), slots, None, None)["params"]
+
+
+@functools.lru_cache(maxsize=64)
+def _param_shapes(model: DecoderModel) -> dict:
+    return jax.eval_shape(model.init_params, jax.random.key(0))
 
 
 def init_params(model: DecoderModel, key: jax.Array) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -85,8 +86,7 @@ def test_sharded_checkpoint_loads(checkpoint, tmp_path):
 
 def test_bf16_checkpoint_loads_within_tolerance_of_fp32(checkpoint, tmp_path):
     directory, torch_model = checkpoint("llama3")
-    torch_model.to(torch.bfloat16).save_pretrained(tmp_path)
-    torch_model.to(torch.float32)
+    copy.deepcopy(torch_model).to(torch.bfloat16).save_pretrained(tmp_path)  # the fixture stays fp32
     model, params = load_pretrained(str(tmp_path), dtype=jnp.bfloat16)
     assert model.dtype == "bfloat16"
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree_util.tree_leaves(params))

@@ -20,7 +20,7 @@ def _perturbed(lora, key):
         treedef, [leaf + 0.1 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize("name,targets", [("llama3", "all"), ("qwen2", ("q", "v")), ("gpt2", "all")])
+@pytest.mark.parametrize("name,targets", [("qwen2", "all"), ("gpt2", ("q", "down"))])
 def test_lora_zero_init_identity_then_change_then_merged_export(checkpoint, name, targets, tmp_path):
     directory, _ = checkpoint(name)
     model, params = load_pretrained(directory)

@@ -12,6 +12,7 @@ from ppojax.models import load_pretrained, score_index, sequence_scores
 
 REWARD_FAMILIES = ["llama3", "qwen2", "qwen3", "gpt2"]
 LENGTHS = (11, 16, 4)
+jit_sequence_scores = jax.jit(sequence_scores, static_argnums=0)
 
 
 @pytest.mark.parametrize("name", REWARD_FAMILIES)
@@ -23,7 +24,7 @@ def test_sequence_scores_match_transformers(checkpoint, name, side):
     # Right padding: transformers' default positions are already right. Left padding: positions from the
     # mask, as TRL's get_reward passes them.
     reference = hf_builders.torch_forward(torch_model, ids, mask, positions=side == "left")[:, 0]
-    ours = np.asarray(jax.jit(sequence_scores, static_argnums=0)(model, params, ids, mask))
+    ours = np.asarray(jit_sequence_scores(model, params, ids, mask))
     assert np.abs(reference).std() > 0.05
     np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
 
@@ -40,7 +41,7 @@ def test_no_pad_id_reads_last_token_like_transformers(checkpoint):
     assert model.config.pad_token_id is None
     ids, mask = hf_builders.padded_batch((9,), 9, model.config.vocab_size, seed=7)
     reference = hf_builders.torch_forward(torch_model, ids, mask)[:, 0]
-    scores = jax.jit(sequence_scores, static_argnums=0)(model, params, ids, mask)
+    scores = jit_sequence_scores(model, params, ids, mask)
     np.testing.assert_allclose(np.asarray(scores), reference, atol=1e-4)
 
 
