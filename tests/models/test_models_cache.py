@@ -16,7 +16,11 @@ PROMPT_LENGTHS = (6, 10, 3)
 STEPS = 5
 
 
+TRACES = []
+
+
 def _apply(model, params, ids, mask, cache):
+    TRACES.append(ids.shape)  # runs only when jax traces
     return model.apply(params, ids, mask, cache=cache)
 
 
@@ -35,6 +39,7 @@ def test_prefill_then_decode_equals_full_forward(checkpoint, name):
     full = np.asarray(hf_builders.jit_apply(model, params, full_ids, full_mask).logits)
 
     step = jax.jit(functools.partial(_apply, model))
+    TRACES.clear()
     cache = model.init_cache(len(ids), prompt_len + STEPS + 3)  # spare slots stay empty
     out = step(params, ids, mask, cache)
     cached = [np.asarray(out.logits)]
@@ -44,6 +49,7 @@ def test_prefill_then_decode_equals_full_forward(checkpoint, name):
         cached.append(np.asarray(out.logits))
     cached = np.concatenate(cached, axis=1)
     assert int(out.cache.index) == prompt_len + STEPS
+    assert len(TRACES) == 2, "one trace for the prefill, one for every decode step"
     np.testing.assert_array_equal(np.asarray(out.cache.mask)[:, :prompt_len + STEPS], full_mask.astype(bool))
     real = full_mask.astype(bool)
     assert np.abs(cached - full)[real].max() <= 1e-4

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hf_builders
-from ppojax.models import load_pretrained, score_index, sequence_scores
+from ppojax.models import init_value_head, load_pretrained, score_index, sequence_scores, values_from_hidden
 
 REWARD_FAMILIES = ["llama3", "qwen2", "qwen3", "gpt2"]
 LENGTHS = (11, 16, 4)
@@ -64,3 +64,15 @@ def test_value_head_from_causal_lm_starts_at_zero(checkpoint):
     assert out.logits is None and out.scores is None
     np.testing.assert_array_equal(np.asarray(out.values), 0.0)
     assert np.abs(np.asarray(out.hidden)).max() > 0
+
+
+def test_value_head_on_a_shared_trunk(checkpoint):
+    directory, _ = checkpoint("llama3", head="reward")
+    _, critic_params = load_pretrained(directory, head="value")
+    policy_trunk, trunk_params = load_pretrained(directory, head="reward")
+    ids, mask = hf_builders.padded_batch(LENGTHS, max(LENGTHS), policy_trunk.config.vocab_size, seed=8)
+    hidden = hf_builders.jit_apply(policy_trunk, trunk_params, ids, mask).hidden
+    assert not np.asarray(values_from_hidden(init_value_head(policy_trunk.config), hidden)).any()
+    values = values_from_hidden(critic_params["value_head"], hidden)
+    expected = hf_builders.jit_apply(policy_trunk, trunk_params, ids, mask).scores
+    np.testing.assert_array_equal(np.asarray(values), np.asarray(expected))
