@@ -121,3 +121,13 @@ def test_value_model_exports_as_one_label_sequence_classifier(checkpoint, tmp_pa
     reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
     assert reloaded.config.num_labels == 1 and "lm_head.weight" not in _tensors(tmp_path)
     np.testing.assert_array_equal(reloaded.score.weight.detach().numpy(), 0.5)
+
+
+def test_loading_never_imports_torch_or_transformers(checkpoint):
+    import subprocess
+    import sys
+    directory, _ = checkpoint("qwen2")
+    code = ("import sys; from ppojax.models import load_pretrained; load_pretrained(sys.argv[1]); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported'")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    subprocess.run([sys.executable, "-c", code, directory], check=True, env=env)
