@@ -308,11 +308,18 @@ class DecoderModel:
         to every valid slot up to their own: apply a left-padded prompt to an empty cache (prefill), then
         `[B, 1]` tokens (decode; mask 0 for finished rows). `positions` default: from the masks.
         `lora`: adapters from `init_lora` (None = base model, e.g. the reference policy).
+        The cache must have room: `cache.index + S <= max_length` (not checked; the index is traced).
         """
         input_ids = jnp.asarray(input_ids, jnp.int32)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, S], found shape {input_ids.shape}")
         batch, seq = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((batch, seq), jnp.int32)
+        if jnp.shape(attention_mask) != (batch, seq):
+            raise ValueError(f"attention_mask shape {jnp.shape(attention_mask)} != input_ids shape {(batch, seq)}")
+        if cache is not None and cache.mask.shape[0] != batch:
+            raise ValueError(f"cache batch {cache.mask.shape[0]} != input batch {batch}")
         new_valid = jnp.asarray(attention_mask).astype(bool)
         if cache is None:
             slots = (jnp.arange(seq), jnp.arange(seq), new_valid, None)
@@ -367,8 +374,11 @@ def _param_shapes(model: DecoderModel) -> dict:
     return jax.eval_shape(model.init_params, jax.random.key(0))
 
 
-def init_params(model: DecoderModel, key: jax.Array) -> dict:
-    """Random params for `model` (for demos and tests); see `DecoderModel.init_params`."""
+def init_params(model: DecoderModel | ModelConfig, key: jax.Array) -> dict:
+    """Random params for `model` (a ModelConfig means `DecoderModel(config)`, an fp32 LM), for demos and
+    tests; see `DecoderModel.init_params`."""
+    if isinstance(model, ModelConfig):
+        model = DecoderModel(model)
     return model.init_params(key)
 
 

@@ -65,3 +65,13 @@ def test_cache_layout(checkpoint):
     assert cache.keys[0].dtype == jnp.bfloat16
     assert cache.index.dtype == jnp.int32 and cache.index.shape == ()
     assert cache.mask.shape == (2, 16) and not cache.mask.any()
+
+
+def test_shape_errors(checkpoint):
+    model, params = load_pretrained(checkpoint("gpt2")[0])
+    with pytest.raises(ValueError, match="input_ids must be"):
+        model.apply(params, np.ones(4, np.int32))
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        model.apply(params, np.ones((2, 4), np.int32), np.ones((2, 3), np.int32))
+    with pytest.raises(ValueError, match="cache batch"):
+        model.apply(params, np.ones((2, 4), np.int32), cache=model.init_cache(3, 8))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -15,7 +16,7 @@ import transformers
 from safetensors.numpy import load_file
 
 import hf_builders
-from ppojax.models import load_pretrained, save_pretrained
+from ppojax.models import DecoderModel, ModelConfig, init_params, load_pretrained, save_pretrained
 
 # Measured on these fixtures (2 layers, logit std 0.4-0.7, 40 tokens): ours in bf16 vs transformers fp32,
 # max |diff| 0.014-0.036 and mean 0.0024-0.0052; transformers' own bf16 vs fp32 max |diff| is 0.014-0.036.
@@ -131,3 +132,21 @@ def test_loading_never_imports_torch_or_transformers(checkpoint):
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported'")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     subprocess.run([sys.executable, "-c", code, directory], check=True, env=env)
+
+
+@pytest.mark.parametrize("model_type,extra", [("llama", dict(o_bias=True, qkv_bias=True, mlp_bias=True)),
+                                              ("qwen2", dict(qkv_bias=True, tie_word_embeddings=True))])
+def test_config_built_here_exports_to_transformers(model_type, extra, tmp_path):
+    config = ModelConfig(model_type=model_type, vocab_size=96, hidden_size=32, intermediate_size=48,
+                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128,
+                         pad_token_id=0, eos_token_ids=(1,), **extra)
+    params = init_params(config, jax.random.key(3))
+    model = DecoderModel(config)
+    save_pretrained(str(tmp_path), model, params)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids, mask = hf_builders.padded_batch((9, 6), 9, config.vocab_size, seed=16)
+    ours = np.asarray(hf_builders.jit_apply(model, params, ids, mask).logits)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(ours[real], hf_builders.torch_forward(reloaded, ids, mask)[real], atol=1e-5)
+    reloaded_model, reloaded_params = load_pretrained(str(tmp_path))
+    assert dataclasses.replace(reloaded_model.config, hf_config_json="") == config
