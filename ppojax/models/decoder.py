@@ -207,11 +207,12 @@ class _Decoder(nn.Module):
     @nn.compact
     def __call__(self, input_ids, positions, slots, layer_caches, lora):
         cfg = self.config
-        embedding = _Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed")()
+        embedding = _Weight("embedding", (cfg.vocab_size, cfg.hidden_size), _normal, self.dtype, name="embed")()
         x = jnp.take(embedding, input_ids, axis=0).astype(self.dtype)
         cos = sin = None
         if cfg.position == "learned":
-            table = _Embed(cfg.max_position_embeddings, cfg.hidden_size, self.dtype, name="pos_embed")()
+            table = _Weight("embedding", (cfg.max_position_embeddings, cfg.hidden_size), _normal, self.dtype,
+                            name="pos_embed")()
             x = x + jnp.take(table, positions, axis=0).astype(self.dtype)
         else:
             cos, sin = rope_cos_sin(cfg, positions)
@@ -223,41 +224,28 @@ class _Decoder(nn.Module):
                 x, cos, sin, slots, layer_cache, lora.get(f"layers_{i}"))
             new_caches.append(layer_cache)
         hidden = _Norm(cfg.norm, cfg.norm_eps, self.dtype, name="final_norm")(x)
-        head_out = None
         if self.head == "lm":
             if cfg.tie_word_embeddings:
-                head_out = jnp.dot(hidden, embedding.astype(self.dtype).T)
-            else:
-                kernel = _HeadKernel(cfg.hidden_size, cfg.vocab_size, _normal, self.dtype, name="lm_head")()
-                head_out = jnp.dot(hidden, kernel.astype(self.dtype))
-        elif self.head == "value":
-            head_out = values_from_hidden(
-                {"kernel": _HeadKernel(cfg.hidden_size, 1, nn.initializers.zeros, self.dtype, name="value_head")()}, hidden)
-        else:
-            head_out = values_from_hidden(
-                {"kernel": _HeadKernel(cfg.hidden_size, 1, _normal, self.dtype, name="score")()}, hidden)
-        return hidden, head_out, new_caches
+                return hidden, jnp.dot(hidden, embedding.astype(self.dtype).T), new_caches
+            kernel = _Weight("kernel", (cfg.hidden_size, cfg.vocab_size), _normal, self.dtype, name="lm_head")()
+            return hidden, jnp.dot(hidden, kernel.astype(self.dtype)), new_caches
+        # A scalar head: the critic's starts at zero, the reward model's is always loaded.
+        name, initializer = ("value_head", nn.initializers.zeros) if self.head == "value" else ("score", _normal)
+        kernel = _Weight("kernel", (cfg.hidden_size, 1), initializer, self.dtype, name=name)()
+        return hidden, values_from_hidden({"kernel": kernel}, hidden), new_caches
 
 
-class _Embed(nn.Module):
-    num_embeddings: int
-    features: int
-    dtype: Any
+class _Weight(nn.Module):
+    """A module holding one named parameter, for the nesting `embed/embedding`, `lm_head/kernel`, ..."""
 
-    @nn.compact
-    def __call__(self):
-        return self.param("embedding", _normal, (self.num_embeddings, self.features), self.dtype)
-
-
-class _HeadKernel(nn.Module):
-    in_features: int
-    features: int
+    param_name: str
+    shape: tuple[int, ...]
     initializer: Any
     dtype: Any
 
     @nn.compact
     def __call__(self):
-        return self.param("kernel", self.initializer, (self.in_features, self.features), self.dtype)
+        return self.param(self.param_name, self.initializer, self.shape, self.dtype)
 
 
 def values_from_hidden(head_params: dict, hidden: jax.Array) -> jax.Array:
