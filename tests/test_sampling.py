@@ -6,19 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
-from scipy import stats
 
+from chi_square import chi_square_pvalue
 from ppojax import sampling
-
-
-def _chi_square_pvalue(samples, probs):
-    """p-value of a chi-square goodness-of-fit test of integer samples against `probs` (bins with p > 0)."""
-    counts = np.bincount(np.asarray(samples), minlength=len(probs))
-    probs = np.asarray(probs, np.float64) / np.sum(probs, dtype=np.float64)
-    support = probs > 0
-    assert counts[~support].sum() == 0, f"sampled tokens outside the support: {np.nonzero(counts * ~support)}"
-    expected = probs[support] * len(samples)
-    return stats.chisquare(counts[support], expected).pvalue
 
 
 class MaskTest(parameterized.TestCase):
@@ -86,13 +76,13 @@ class SampleTest(parameterized.TestCase):
     def test_samples_follow_tempered_softmax(self, temperature):
         tokens, logprobs = self._samples(temperature)
         probs = np.asarray(jax.nn.softmax(self.table / temperature))
-        self.assertGreater(_chi_square_pvalue(tokens, probs), 1e-3)
+        self.assertGreater(chi_square_pvalue(tokens, probs), 1e-3)
         np.testing.assert_allclose(logprobs, np.log(probs)[tokens], rtol=1e-5, atol=1e-6)
 
     def test_chi_square_rejects_the_untempered_distribution(self):
         # The test above can fail: at T = 0.7 the samples do not fit softmax(logits).
         tokens, _ = self._samples(0.7)
-        self.assertLess(_chi_square_pvalue(tokens, np.asarray(jax.nn.softmax(self.table))), 1e-6)
+        self.assertLess(chi_square_pvalue(tokens, np.asarray(jax.nn.softmax(self.table))), 1e-6)
 
     @parameterized.parameters(True, False)
     def test_top_k_top_p_sample_the_renormalised_nucleus_but_report_full_logprobs(self, jit):
@@ -100,7 +90,7 @@ class SampleTest(parameterized.TestCase):
         # top-4: 0.3, 0.25, 0.2, 0.15 (mass 0.9); top-p 0.7 of that: mass before 0.333, 0.611, 0.833 → 3 tokens.
         kept = np.zeros(6)
         kept[[1, 3, 5]] = [0.3, 0.25, 0.2]
-        self.assertGreater(_chi_square_pvalue(tokens, kept / kept.sum()), 1e-3)
+        self.assertGreater(chi_square_pvalue(tokens, kept / kept.sum()), 1e-3)
         full = np.asarray(jax.nn.log_softmax(self.table))
         np.testing.assert_allclose(logprobs, full[tokens], rtol=1e-5, atol=1e-6)
 
