@@ -141,7 +141,7 @@ def rollout(
             jax.random.fold_in(key, step), logits, temperature, top_k=top_k, top_p=top_p
         )
 
-    cache = model.init_cache(batch, prompt_len + max_new_tokens, dtype=_cache_dtype(params))
+    cache = model.init_cache(batch, prompt_len + max_new_tokens)  # the model's compute dtype
     out = model.apply(params, prompt_ids, prompt_mask, cache=cache, lora=lora)
     tokens, logprobs = sample(0, out.logits[:, -1])
     stopped = _is_stop(tokens, stop_token_ids)
@@ -156,9 +156,9 @@ def rollout(
 
     def decode(state):
         step, cache, last, response_ids, response_logprobs, lengths, stopped = state
-        out = model.apply(params, last[:, None], jnp.ones((batch, 1), jnp.int32), cache=cache, lora=lora)
-        tokens, logprobs = sample(step, out.logits[:, -1])
         live = ~stopped  # rows still generating write this column; stopped rows keep pad and 0
+        out = model.apply(params, last[:, None], live[:, None].astype(jnp.int32), cache=cache, lora=lora)
+        tokens, logprobs = sample(step, out.logits[:, -1])
         response_ids = response_ids.at[:, step].set(jnp.where(live, tokens, pad_token_id))
         response_logprobs = response_logprobs.at[:, step].set(jnp.where(live, logprobs, 0.0))
         lengths = lengths + live.astype(jnp.int32)
@@ -172,12 +172,6 @@ def rollout(
 
 
 rollout_jit = jax.jit(rollout, static_argnames=ROLLOUT_STATIC_ARGNAMES)
-
-
-def _cache_dtype(params: Any) -> jnp.dtype:
-    """The KV cache holds the params' float dtype (bf16 params → bf16 cache)."""
-    floats = [x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return floats[0] if floats else jnp.float32
 
 
 # ----------------------------------------------------------------------------------------------------------
