@@ -10,9 +10,10 @@ The model follows the `ppojax.models` contract: `model.apply(params, ids, attent
 returns `.logits` / `.values` / `.scores` and the updated `.cache`; `model.init_cache(B, length, dtype=...)`
 returns an empty cache whose rows share one write index; positions come from the attention mask.
 
-`rollout` is pure; jit it with `jax.jit(rollout, static_argnames=ROLLOUT_STATIC_ARGNAMES)` (or use
-`rollout_jit`). Static: the model, `max_new_tokens`, `top_k` and the prompt width P (an array shape; bucket it
-with `pad_prompts`). Traced: temperature, top_p, stop and pad ids, params, the key.
+`rollout` is pure and works un-jitted; `rollout_jit` is its compiled form (or jit it yourself, e.g. inside a
+larger step, with `static_argnames=ROLLOUT_STATIC_ARGNAMES`). Static: the model, `max_new_tokens`, `top_k`, and
+the prompt width P (an array shape: bucket it with `pad_prompts`). Traced: temperature, top_p, the stop and pad
+ids, params, LoRA adapters, the key.
 """
 
 from __future__ import annotations
@@ -171,7 +172,39 @@ def rollout(
     return Rollout(response_ids, response_mask, response_logprobs, lengths, stopped)
 
 
-rollout_jit = jax.jit(rollout, static_argnames=ROLLOUT_STATIC_ARGNAMES)
+_rollout_compiled = jax.jit(rollout, static_argnames=ROLLOUT_STATIC_ARGNAMES)
+
+
+def rollout_jit(
+    model: Any,
+    params: Any,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    key: jax.Array,
+    *,
+    max_new_tokens: int,
+    temperature: jax.Array | float = 1.0,
+    top_k: int = 0,
+    top_p: jax.Array | float = 1.0,
+    stop_token_ids: jax.Array | Sequence[int],
+    pad_token_id: jax.Array | int,
+    lora: Any = None,
+) -> Rollout:
+    """`rollout`, compiled once per (model, max_new_tokens, top_k, prompt shape, number of stop ids).
+
+    The traced scalars are converted to fixed-dtype arrays and always passed, so a Python float, a NumPy
+    scalar or an omitted default reuse one program (plain `jax.jit` retraces on each of those differences).
+    """
+    return _rollout_compiled(
+        model, params, prompt_ids, prompt_mask, key,
+        max_new_tokens=max_new_tokens,
+        temperature=jnp.asarray(temperature, jnp.float32),
+        top_k=top_k,
+        top_p=jnp.asarray(top_p, jnp.float32),
+        stop_token_ids=jnp.asarray(stop_token_ids, jnp.int32).reshape(-1),
+        pad_token_id=jnp.asarray(pad_token_id, jnp.int32),
+        lora=lora,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
