@@ -18,6 +18,7 @@ ids, params, LoRA adapters, the key.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
 import jax
@@ -175,36 +176,27 @@ def rollout(
 _rollout_compiled = jax.jit(rollout, static_argnames=ROLLOUT_STATIC_ARGNAMES)
 
 
-def rollout_jit(
-    model: Any,
-    params: Any,
-    prompt_ids: jax.Array,
-    prompt_mask: jax.Array,
-    key: jax.Array,
-    *,
-    max_new_tokens: int,
-    temperature: jax.Array | float = 1.0,
-    top_k: int = 0,
-    top_p: jax.Array | float = 1.0,
-    stop_token_ids: jax.Array | Sequence[int],
-    pad_token_id: jax.Array | int,
-    lora: Any = None,
-) -> Rollout:
-    """`rollout`, compiled once per (model, max_new_tokens, top_k, prompt shape, number of stop ids).
+_ROLLOUT_SIGNATURE = inspect.signature(rollout)
 
-    The traced scalars are converted to fixed-dtype arrays and always passed, so a Python float, a NumPy
-    scalar or an omitted default reuse one program (plain `jax.jit` retraces on each of those differences).
+
+def rollout_jit(*args, **kwargs) -> Rollout:
+    """`rollout` (same arguments), compiled once per (model, max_new_tokens, top_k, prompt shape, number of
+    stop ids).
+
+    The traced scalars are converted to fixed-dtype arrays and every argument is passed, so a Python float, a
+    NumPy scalar or an omitted default reuse one program (plain `jax.jit` retraces on each of those).
     """
-    return _rollout_compiled(
-        model, params, prompt_ids, prompt_mask, key,
-        max_new_tokens=max_new_tokens,
-        temperature=jnp.asarray(temperature, jnp.float32),
-        top_k=top_k,
-        top_p=jnp.asarray(top_p, jnp.float32),
-        stop_token_ids=jnp.asarray(stop_token_ids, jnp.int32).reshape(-1),
-        pad_token_id=jnp.asarray(pad_token_id, jnp.int32),
-        lora=lora,
-    )
+    arguments = _ROLLOUT_SIGNATURE.bind(*args, **kwargs)
+    arguments.apply_defaults()
+    call = arguments.arguments
+    call["temperature"] = jnp.asarray(call["temperature"], jnp.float32)
+    call["top_p"] = jnp.asarray(call["top_p"], jnp.float32)
+    call["stop_token_ids"] = jnp.asarray(call["stop_token_ids"], jnp.int32).reshape(-1)
+    call["pad_token_id"] = jnp.asarray(call["pad_token_id"], jnp.int32)
+    return _rollout_compiled(**call)
+
+
+rollout_jit.__signature__ = _ROLLOUT_SIGNATURE
 
 
 # ----------------------------------------------------------------------------------------------------------
