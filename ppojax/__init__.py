@@ -39,7 +39,6 @@ from ppojax.rollout import (
     pad_prompts,
     response_logprobs,
     response_values,
-    rollout,
     rollout_jit,
     score,
     sequence_reward,
