@@ -1,0 +1,387 @@
+"""One configurable Flax (linen) decoder for the Llama, Qwen2, Qwen3 and GPT-2 families, with LM, value
+and reward heads and an explicit KV cache.
+
+`DecoderModel` is a frozen, hashable dataclass (config, head, dtype): pass it as a static argument to
+`jax.jit`. Its `apply(params, input_ids, attention_mask, *, cache, lora, positions)` is pure over a plain
+nested-dict params pytree; nothing is stored in the model. No dropout anywhere.
+
+Params layout (one path per tensor; `hf.py` maps these to Hugging Face names):
+
+    embed/embedding [V, H]              pos_embed/embedding [P, H]        (learned positions, GPT-2)
+    layers_{i}/attn_norm/{scale, bias}  layers_{i}/mlp_norm/{scale, bias} (bias only for LayerNorm)
+    layers_{i}/attn/{q, k, v, o}/{kernel [in, out], bias}                  (Llama / Qwen families)
+    layers_{i}/attn/{qkv, o}/{kernel, bias}                                (GPT-2: fused q/k/v)
+    layers_{i}/attn/{q_norm, k_norm}/scale [head_dim]                      (Qwen3)
+    layers_{i}/mlp/{gate, up, down}/{kernel, bias}                         (GPT-2: up = c_fc, down = c_proj)
+    final_norm/{scale, bias}
+    lm_head/kernel [H, V]      (head="lm", untied only; tied models use embed/embedding)
+    value_head/kernel [H, 1]   (head="value", zero-initialised)
+    score/kernel [H, 1]        (head="reward", HF `score.weight`)
+
+Positions come from the attention mask: `position = valid tokens before it (cache included)`, so a
+left-padded row and the same row unpadded give the same logits at real tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ppojax.models.config import ModelConfig
+from ppojax.models.rope import apply_rope, rope_cos_sin
+
+HEADS = ("lm", "value", "reward")
+_INIT_STD = 0.02
+
+
+class KVCache(NamedTuple):
+    """Decoding state, one pytree. `keys[l]`, `values[l]`: `[B, max_length, num_kv_heads, head_dim]` for
+    layer l; `index`: int32 scalar, the next slot written (shared by all rows); `mask`: `[B, max_length]`
+    bool, True at slots holding real tokens (left padding and finished rows stay False)."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    index: jax.Array
+    mask: jax.Array
+
+
+class ModelOutput(NamedTuple):
+    """`logits [B, S, V]` (compute dtype, head="lm"), `values [B, S]` float32 (head="value"),
+    `scores [B, S]` float32 per-token reward (head="reward"), `hidden [B, S, H]` the last hidden state
+    after the final norm, `cache` the updated KVCache (None when none was given)."""
+
+    logits: jax.Array | None
+    values: jax.Array | None
+    scores: jax.Array | None
+    hidden: jax.Array
+    cache: KVCache | None
+
+
+_normal = nn.initializers.normal(_INIT_STD)
+
+
+class _Dense(nn.Module):
+    features: int
+    use_bias: bool
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, lora=None):
+        kernel = self.param("kernel", _normal, (x.shape[-1], self.features), self.dtype)
+        y = jnp.dot(x, kernel.astype(self.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype).astype(self.dtype)
+        if lora is not None:
+            adapter, scale = lora
+            y = y + jnp.dot(jnp.dot(x, adapter["a"].astype(self.dtype)), adapter["b"].astype(self.dtype)) * scale
+        return y
+
+
+class _Norm(nn.Module):
+    kind: str  # "rms" | "layer"
+    eps: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        size = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (size,), self.dtype)
+        x32 = x.astype(jnp.float32)
+        if self.kind == "rms":
+            # As transformers: normalise in float32, cast back, then multiply by the weight.
+            normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+            return scale.astype(self.dtype) * normed.astype(self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (size,), self.dtype)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        normed = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def _activation(name: str, x):
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    return jax.nn.gelu(x, approximate=True)  # gelu_new / gelu_pytorch_tanh: the tanh approximation
+
+
+def attend(q, k, v, q_slots, k_slots, k_valid, scale):
+    """Causal attention over slots. q `[B, S, Hq, D]`, k/v `[B, T, Hkv, D]`; q_slots `[S]`, k_slots `[T]`
+    int32 slot numbers; k_valid `[B, T]` bool. A query sees valid keys at slots <= its own. Softmax in
+    float32; a query with no visible key (a pad position) gets a finite, meaningless output."""
+    batch, seq, num_heads, head_dim = q.shape
+    num_kv = k.shape[2]
+    q = q.reshape(batch, seq, num_kv, num_heads // num_kv, head_dim)
+    logits = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * scale
+    visible = k_valid[:, None, None, None, :] & (k_slots[None, :] <= q_slots[:, None])
+    logits = jnp.where(visible, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(batch, seq, num_heads * head_dim)
+
+
+class _Attention(nn.Module):
+    config: ModelConfig
+    layer_index: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, cos, sin, slots, layer_cache, lora):
+        cfg = self.config
+        batch, seq, _ = x.shape
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        lora = lora or {}
+        if cfg.fused_qkv:
+            qkv = _Dense(q_size + 2 * kv_size, cfg.qkv_bias, self.dtype, name="qkv")(x, lora.get("qkv"))
+            q, k, v = jnp.split(qkv, [q_size, q_size + kv_size], axis=-1)
+        else:
+            q = _Dense(q_size, cfg.qkv_bias, self.dtype, name="q")(x, lora.get("q"))
+            k = _Dense(kv_size, cfg.qkv_bias, self.dtype, name="k")(x, lora.get("k"))
+            v = _Dense(kv_size, cfg.qkv_bias, self.dtype, name="v")(x, lora.get("v"))
+        q = q.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = _Norm("rms", cfg.norm_eps, self.dtype, name="q_norm")(q)
+            k = _Norm("rms", cfg.norm_eps, self.dtype, name="k_norm")(k)
+        if cfg.position == "rope":
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q_slots, k_slots, k_valid, write_index = slots
+        if layer_cache is not None:
+            cache_k, cache_v = layer_cache
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, write_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, write_index, 0, 0))
+            layer_cache = (k, v)
+        scale = cfg.head_dim ** -0.5
+        if cfg.attn_scale_by_layer:
+            scale /= self.layer_index + 1
+        out = attend(q, k.astype(self.dtype), v.astype(self.dtype), q_slots, k_slots, k_valid, scale)
+        return _Dense(cfg.hidden_size, cfg.o_bias, self.dtype, name="o")(out, lora.get("o")), layer_cache
+
+
+class _Mlp(nn.Module):
+    config: ModelConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, lora):
+        cfg = self.config
+        lora = lora or {}
+        up = _Dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, name="up")(x, lora.get("up"))
+        if cfg.gated_mlp:
+            gate = _Dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, name="gate")(x, lora.get("gate"))
+            hidden = _activation(cfg.activation, gate) * up
+        else:
+            hidden = _activation(cfg.activation, up)
+        return _Dense(cfg.hidden_size, cfg.mlp_bias, self.dtype, name="down")(hidden, lora.get("down"))
+
+
+class _Block(nn.Module):
+    config: ModelConfig
+    layer_index: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, cos, sin, slots, layer_cache, lora):
+        cfg = self.config
+        lora = lora or {}
+        attn_in = _Norm(cfg.norm, cfg.norm_eps, self.dtype, name="attn_norm")(x)
+        attn_out, layer_cache = _Attention(cfg, self.layer_index, self.dtype, name="attn")(
+            attn_in, cos, sin, slots, layer_cache, lora.get("attn"))
+        x = x + attn_out
+        mlp_in = _Norm(cfg.norm, cfg.norm_eps, self.dtype, name="mlp_norm")(x)
+        return x + _Mlp(cfg, self.dtype, name="mlp")(mlp_in, lora.get("mlp")), layer_cache
+
+
+class _Decoder(nn.Module):
+    config: ModelConfig
+    head: str
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, input_ids, positions, slots, layer_caches, lora):
+        cfg = self.config
+        embedding = _Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed")()
+        x = jnp.take(embedding, input_ids, axis=0).astype(self.dtype)
+        cos = sin = None
+        if cfg.position == "learned":
+            table = _Embed(cfg.max_position_embeddings, cfg.hidden_size, self.dtype, name="pos_embed")()
+            x = x + jnp.take(table, positions, axis=0).astype(self.dtype)
+        else:
+            cos, sin = rope_cos_sin(cfg, positions)
+        lora = lora or {}
+        new_caches = []
+        for i in range(cfg.num_layers):
+            layer_cache = None if layer_caches is None else layer_caches[i]
+            x, layer_cache = _Block(cfg, i, self.dtype, name=f"layers_{i}")(
+                x, cos, sin, slots, layer_cache, lora.get(f"layers_{i}"))
+            new_caches.append(layer_cache)
+        hidden = _Norm(cfg.norm, cfg.norm_eps, self.dtype, name="final_norm")(x)
+        head_out = None
+        if self.head == "lm":
+            if cfg.tie_word_embeddings:
+                head_out = jnp.dot(hidden, embedding.astype(self.dtype).T)
+            else:
+                kernel = _HeadKernel(cfg.hidden_size, cfg.vocab_size, _normal, self.dtype, name="lm_head")()
+                head_out = jnp.dot(hidden, kernel.astype(self.dtype))
+        elif self.head == "value":
+            head_out = values_from_hidden(
+                {"kernel": _HeadKernel(cfg.hidden_size, 1, nn.initializers.zeros, self.dtype, name="value_head")()}, hidden)
+        else:
+            head_out = values_from_hidden(
+                {"kernel": _HeadKernel(cfg.hidden_size, 1, _normal, self.dtype, name="score")()}, hidden)
+        return hidden, head_out, new_caches
+
+
+class _Embed(nn.Module):
+    num_embeddings: int
+    features: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self):
+        return self.param("embedding", _normal, (self.num_embeddings, self.features), self.dtype)
+
+
+class _HeadKernel(nn.Module):
+    in_features: int
+    features: int
+    initializer: Any
+    dtype: Any
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", self.initializer, (self.in_features, self.features), self.dtype)
+
+
+def values_from_hidden(head_params: dict, hidden: jax.Array) -> jax.Array:
+    """A scalar head on the last hidden state: `{"kernel": [H, 1]}`, hidden `[B, S, H]` -> `[B, S]`
+    float32. The value model (`head="value"`), the reward model (`head="reward"`) and a value head on a
+    policy's shared trunk (`values_from_hidden(value_head, policy_out.hidden)`) all use this."""
+    kernel = head_params["kernel"].astype(jnp.float32)
+    return jnp.dot(hidden.astype(jnp.float32), kernel)[..., 0]
+
+
+def init_value_head(config: ModelConfig, dtype=jnp.float32) -> dict:
+    """Zero-initialised value head params `{"kernel": [H, 1]}`, for a value head on a shared trunk."""
+    return {"kernel": jnp.zeros((config.hidden_size, 1), dtype)}
+
+
+def positions_from_mask(attention_mask: jax.Array, valid_before: jax.Array | None = None) -> jax.Array:
+    """`[B, S] int32`: valid tokens before each position (cache included), pads clipped to 0."""
+    mask = attention_mask.astype(jnp.int32)
+    positions = jnp.cumsum(mask, axis=-1) - 1
+    if valid_before is not None:
+        positions = positions + valid_before[:, None]
+    return jnp.maximum(positions, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderModel:
+    """A decoder definition: static, hashable, holds no arrays. `dtype` is the compute and parameter
+    dtype (stored by name, e.g. "float32", "bfloat16")."""
+
+    config: ModelConfig
+    head: str = "lm"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, found {self.head!r}")
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
+
+    def _module(self) -> _Decoder:
+        return _Decoder(self.config, self.head, jnp.dtype(self.dtype))
+
+    def apply(self, params, input_ids, attention_mask=None, *, cache: KVCache | None = None,
+              lora=None, positions=None) -> ModelOutput:
+        """input_ids `[B, S] int32`, attention_mask `[B, S]` (1 = real token; default all ones).
+
+        Without a cache, attention is causal over this input with pads masked out. With a cache (from
+        `init_cache`), the S new tokens are written at slots `[cache.index, cache.index + S)` and attend
+        to every valid slot up to their own: apply a left-padded prompt to an empty cache (prefill), then
+        `[B, 1]` tokens (decode; mask 0 for finished rows). `positions` default: from the masks.
+        `lora`: adapters from `init_lora` (None = base model, e.g. the reference policy).
+        """
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        batch, seq = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, seq), jnp.int32)
+        new_valid = jnp.asarray(attention_mask).astype(bool)
+        if cache is None:
+            slots = (jnp.arange(seq), jnp.arange(seq), new_valid, None)
+            layer_caches = None
+            valid_before = None
+        else:
+            index = cache.index
+            valid_before = jnp.sum(cache.mask, axis=-1, dtype=jnp.int32)
+            mask = jax.lax.dynamic_update_slice(cache.mask, new_valid, (0, index))
+            max_length = cache.mask.shape[1]
+            slots = (index + jnp.arange(seq), jnp.arange(max_length), mask, index)
+            layer_caches = list(zip(cache.keys, cache.values))
+        if positions is None:
+            positions = positions_from_mask(attention_mask, valid_before)
+        lora_tree = None if lora is None else lora.per_module()
+        hidden, head_out, new_caches = self._module().apply(
+            {"params": params}, input_ids, positions, slots, layer_caches, lora_tree)
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(keys=tuple(k for k, _ in new_caches), values=tuple(v for _, v in new_caches),
+                                index=cache.index + seq, mask=slots[2])
+        return ModelOutput(
+            logits=head_out if self.head == "lm" else None,
+            values=head_out if self.head == "value" else None,
+            scores=head_out if self.head == "reward" else None,
+            hidden=hidden,
+            cache=new_cache,
+        )
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        """An empty cache: zeros, `index` 0, no valid slot."""
+        cfg = self.config
+        dtype = jnp.dtype(dtype or self.dtype)
+        shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return KVCache(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                       index=jnp.zeros((), jnp.int32), mask=jnp.zeros((batch_size, max_length), bool))
+
+    def param_shapes(self) -> dict:
+        """The params pytree as `jax.ShapeDtypeStruct`s (no allocation)."""
+        return jax.eval_shape(lambda key: self.init_params(key), jax.random.key(0))
+
+    def init_params(self, key: jax.Array) -> dict:
+        """Random params (normal(0.02) kernels and embeddings, unit norms, zero biases, zero value head)."""
+        ids = jnp.zeros((1, 1), jnp.int32)
+        slots = (jnp.arange(1), jnp.arange(1), jnp.ones((1, 1), bool), None)
+        return self._module().init(key, ids, jnp.zeros((1, 1), jnp.int32), slots, None, None)["params"]
+
+
+def init_params(model: DecoderModel, key: jax.Array) -> dict:
+    """Random params for `model` (for demos and tests); see `DecoderModel.init_params`."""
+    return model.init_params(key)
+
+
+def score_index(input_ids: jax.Array, pad_token_id: int | None) -> jax.Array:
+    """`[B] int32`: where transformers' ForSequenceClassification reads the score: the rightmost token that
+    is not `pad_token_id` (index 0 for an all-pad row). With no pad id, transformers reads the last column
+    (and refuses a batch > 1); here every row reads the last column, right for left-padded input."""
+    batch, seq = input_ids.shape
+    if pad_token_id is None:
+        return jnp.full((batch,), seq - 1, jnp.int32)
+    not_pad = (input_ids != pad_token_id).astype(jnp.int32)
+    return jnp.argmax(jnp.arange(seq, dtype=jnp.int32) * not_pad, axis=-1).astype(jnp.int32)
+
+
+def sequence_scores(model: DecoderModel, params, input_ids, attention_mask=None, *, lora=None) -> jax.Array:
+    """`[B] float32`: the reward model's score of each sequence, read where transformers reads it."""
+    if model.head not in ("reward", "value"):
+        raise ValueError(f"sequence_scores needs a head='reward' (or 'value') model, found {model.head!r}")
+    out = model.apply(params, input_ids, attention_mask, lora=lora)
+    per_token = out.scores if model.head == "reward" else out.values
+    index = score_index(jnp.asarray(input_ids), model.config.pad_token_id)
+    return jnp.take_along_axis(per_token, index[:, None], axis=-1)[:, 0]

@@ -1,0 +1,253 @@
+"""Rollout: KV-cache sampling and teacher-forced scoring as pure functions.
+
+Shapes (B rows, P prompt columns, N = max_new_tokens):
+  prompt_ids, prompt_mask:     [B, P] int32, LEFT-padded (see `pad_prompts`); mask 1 on real tokens.
+  response_ids, response_mask: [B, N] int32, RIGHT-padded with the pad id after the first stop token;
+                               the stop token itself is a response token (mask 1).
+  log-probs, values:           [B, N] float32, 0 at masked positions.
+
+The model follows the `ppojax.models` contract: `model.apply(params, ids, attention_mask, *, cache, lora)`
+returns `.logits` / `.values` / `.scores` and the updated `.cache`; `model.init_cache(B, length, dtype=...)`
+returns an empty cache whose rows share one write index; positions come from the attention mask.
+
+`rollout` is pure; jit it with `jax.jit(rollout, static_argnames=ROLLOUT_STATIC_ARGNAMES)` (or use
+`rollout_jit`). Static: the model, `max_new_tokens`, `top_k` and the prompt width P (an array shape; bucket it
+with `pad_prompts`). Traced: temperature, top_p, stop and pad ids, params, the key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from ppojax import sampling
+
+ROLLOUT_STATIC_ARGNAMES = ("model", "max_new_tokens", "top_k")
+
+
+@struct.dataclass
+class Rollout:
+    """Sampled responses, right-padded to `max_new_tokens`.
+
+    response_ids:  [B, N] int32, pad id after the first stop token.
+    response_mask: [B, N] int32, 1 on response tokens (the stop token included).
+    logprobs:      [B, N] float32 behaviour log-probs, log softmax(logits / T)[token] (untempered at T = 0),
+                   from the full distribution even when top-k / top-p restrict sampling; 0 where masked.
+    lengths:       [B] int32 number of response tokens.
+    stopped:       [B] bool, True where the row emitted a stop token.
+    """
+
+    response_ids: jax.Array
+    response_mask: jax.Array
+    logprobs: jax.Array
+    lengths: jax.Array
+    stopped: jax.Array
+
+
+@struct.dataclass
+class Scores:
+    """Teacher-forced scores of a rollout, all float32 and 0 at masked positions.
+
+    logprobs:     [B, N] policy log-probs at the sampling temperature ("old" log-probs).
+    ref_logprobs: [B, N] reference log-probs at the same temperature.
+    values:       [B, N] critic values of the state before each response token.
+    scores:       [B] reward-model score at the last real token of prompt + response.
+    """
+
+    logprobs: jax.Array
+    ref_logprobs: jax.Array
+    values: jax.Array
+    scores: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompt padding and length buckets
+
+
+def bucket_length(length: int, multiple: int = 64) -> int:
+    """The smallest positive multiple of `multiple` that is >= `length`, so a run compiles few prompt widths."""
+    if multiple <= 0:
+        raise ValueError(f"bucket multiple must be positive; found {multiple}")
+    return max(1, -(-length // multiple)) * multiple
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int, *, bucket: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists to a common bucketed width.
+
+    Returns (ids [B, P] int32, mask [B, P] int32) with P = bucket_length(longest prompt, bucket); the
+    padding is on the left so every row's last prompt token sits in column P - 1.
+    """
+    if len(prompts) == 0:
+        raise ValueError("pad_prompts got no prompts; pass at least one token list")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("pad_prompts got an empty prompt; every prompt needs at least one token")
+    width = bucket_length(max(len(p) for p in prompts), bucket)
+    ids = np.full((len(prompts), width), pad_token_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling with the KV cache
+
+
+def _is_stop(tokens: jax.Array, stop_token_ids: jax.Array) -> jax.Array:
+    """[B] bool: the token is one of the stop ids ([S] int32, possibly empty)."""
+    return jnp.any(tokens[:, None] == stop_token_ids[None, :], axis=-1)
+
+
+def rollout(
+    model: Any,
+    params: Any,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    key: jax.Array,
+    *,
+    max_new_tokens: int,
+    temperature: jax.Array | float = 1.0,
+    top_k: int = 0,
+    top_p: jax.Array | float = 1.0,
+    stop_token_ids: jax.Array | Sequence[int],
+    pad_token_id: jax.Array | int,
+    lora: Any = None,
+) -> Rollout:
+    """Sample up to `max_new_tokens` tokens per prompt: one prefill, then one decode step per token.
+
+    prompt_ids, prompt_mask: [B, P] int32, left-padded. key: a PRNG key; step t samples with
+    fold_in(key, t), so the same key gives the same responses. temperature 0 is greedy. The decode loop is a
+    `lax.while_loop` that exits as soon as every row has emitted a stop token. top_k (static) and top_p
+    restrict sampling only; the log-probs are over the full tempered distribution (see `ppojax.sampling`).
+    `stop_token_ids` may be empty (then every row runs to `max_new_tokens`).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1; found {max_new_tokens}")
+    batch, prompt_len = prompt_ids.shape
+    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+    prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
+    stop_token_ids = jnp.asarray(stop_token_ids, jnp.int32).reshape(-1)
+    pad_token_id = jnp.asarray(pad_token_id, jnp.int32)
+    temperature = jnp.asarray(temperature, jnp.float32)
+    top_p = jnp.asarray(top_p, jnp.float32)
+
+    def sample(step, logits):
+        return sampling.sample_tokens(
+            jax.random.fold_in(key, step), logits, temperature, top_k=top_k, top_p=top_p
+        )
+
+    cache = model.init_cache(batch, prompt_len + max_new_tokens)  # the model's compute dtype
+    out = model.apply(params, prompt_ids, prompt_mask, cache=cache, lora=lora)
+    tokens, logprobs = sample(0, out.logits[:, -1])
+    stopped = _is_stop(tokens, stop_token_ids)
+    response_ids = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(tokens)
+    response_logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(logprobs)
+    lengths = jnp.ones((batch,), jnp.int32)
+
+    # Loop state: (step, cache, last token, response ids, log-probs, lengths, stopped). Step t samples column t.
+    def keep_going(state):
+        step, *_, stopped = state
+        return (step < max_new_tokens) & ~jnp.all(stopped)
+
+    def decode(state):
+        step, cache, last, response_ids, response_logprobs, lengths, stopped = state
+        live = ~stopped  # rows still generating write this column; stopped rows keep pad and 0
+        out = model.apply(params, last[:, None], live[:, None].astype(jnp.int32), cache=cache, lora=lora)
+        tokens, logprobs = sample(step, out.logits[:, -1])
+        response_ids = response_ids.at[:, step].set(jnp.where(live, tokens, pad_token_id))
+        response_logprobs = response_logprobs.at[:, step].set(jnp.where(live, logprobs, 0.0))
+        lengths = lengths + live.astype(jnp.int32)
+        stopped = stopped | _is_stop(tokens, stop_token_ids)
+        return step + 1, out.cache, tokens, response_ids, response_logprobs, lengths, stopped
+
+    state = (jnp.int32(1), out.cache, tokens, response_ids, response_logprobs, lengths, stopped)
+    _, _, _, response_ids, response_logprobs, lengths, stopped = jax.lax.while_loop(keep_going, decode, state)
+    response_mask = (jnp.arange(max_new_tokens)[None, :] < lengths[:, None]).astype(jnp.int32)
+    return Rollout(response_ids, response_mask, response_logprobs, lengths, stopped)
+
+
+rollout_jit = jax.jit(rollout, static_argnames=ROLLOUT_STATIC_ARGNAMES)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Teacher-forced scoring
+
+
+def _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora):
+    """One pass over prompt + response ([B, P + N]); returns the model output."""
+    input_ids = jnp.concatenate([jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(response_ids, jnp.int32)], axis=1)
+    attention_mask = jnp.concatenate(
+        [jnp.asarray(prompt_mask, jnp.int32), jnp.asarray(response_mask, jnp.int32)], axis=1
+    )
+    return model.apply(params, input_ids, attention_mask, lora=lora)
+
+
+def _response_slice(x: jax.Array, prompt_len: int, response_len: int) -> jax.Array:
+    """Columns P-1 .. P+N-2 of [B, P+N, ...]: the outputs at the position that predicts each response token."""
+    return x[:, prompt_len - 1 : prompt_len + response_len - 1]
+
+
+def response_logprobs(
+    model, params, prompt_ids, prompt_mask, response_ids, response_mask, temperature, lora=None
+) -> jax.Array:
+    """[B, N] float32: log softmax(logits / T)[response token] (T = 0 → untempered), 0 where masked."""
+    out = _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora)
+    logits = _response_slice(out.logits, prompt_ids.shape[1], response_ids.shape[1])
+    logprobs = sampling.token_logprobs(logits, jnp.asarray(response_ids, jnp.int32), temperature)
+    return jnp.where(jnp.asarray(response_mask) > 0, logprobs, 0.0)
+
+
+def response_values(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora=None) -> jax.Array:
+    """[B, N] float32: the value head at the state before each response token (TRL's alignment), 0 where masked."""
+    out = _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora)
+    values = _response_slice(out.values, prompt_ids.shape[1], response_ids.shape[1]).astype(jnp.float32)
+    return jnp.where(jnp.asarray(response_mask) > 0, values, 0.0)
+
+
+def sequence_reward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora=None) -> jax.Array:
+    """[B] float32: the reward head at the last real token of prompt + response (found from the masks)."""
+    out = _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora)
+    mask = jnp.concatenate([jnp.asarray(prompt_mask), jnp.asarray(response_mask)], axis=1) > 0
+    last = mask.shape[1] - 1 - jnp.argmax(mask[:, ::-1], axis=1)
+    return jnp.take_along_axis(out.scores, last[:, None], axis=1)[:, 0].astype(jnp.float32)
+
+
+def score(
+    policy_model,
+    policy_params,
+    prompt_ids,
+    prompt_mask,
+    response_ids,
+    response_mask,
+    *,
+    temperature,
+    critic_model,
+    critic_params,
+    reward_model,
+    reward_params,
+    ref_params=None,
+    lora=None,
+) -> Scores:
+    """Old log-probs, reference log-probs, values and reward scores of a rollout, in float32.
+
+    The reference is the policy model with `lora=None`: with LoRA adapters, `ref_params` may be omitted and
+    the base `policy_params` serve as the reference (no second copy); without LoRA, pass `ref_params`.
+    """
+    if ref_params is None and lora is None:
+        raise ValueError(
+            "score: ref_params is None and lora is None, so the reference would be the policy itself; "
+            "pass the frozen reference params (or train with LoRA, where the base params are the reference)"
+        )
+    ref_params = policy_params if ref_params is None else ref_params
+    batch = (prompt_ids, prompt_mask, response_ids, response_mask)
+    return Scores(
+        logprobs=response_logprobs(policy_model, policy_params, *batch, temperature, lora=lora),
+        ref_logprobs=response_logprobs(policy_model, ref_params, *batch, temperature),
+        values=response_values(critic_model, critic_params, *batch),
+        scores=sequence_reward(reward_model, reward_params, *batch),
+    )

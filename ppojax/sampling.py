@@ -1,0 +1,109 @@
+"""Pure sampling transforms over next-token logits.
+
+Every function takes logits `[..., V]` (any float dtype; math is done in float32) and works jitted and
+un-jitted. The order of the transforms matches Hugging Face's: temperature, then top-k, then top-p (on the
+distribution left by top-k).
+
+Tie rules (deliberate, tested):
+  * top-k keeps every token whose logit is >= the k-th largest logit, so more than k tokens survive when
+    several tie at the boundary.
+  * top-p keeps the smallest prefix of tokens, sorted by probability, whose mass reaches `top_p`
+    (a token is kept when the mass of the tokens strictly before it is < top_p), and then every token whose
+    logit equals the smallest kept one. The most likely token is always kept. `top_p >= 1` keeps all.
+
+Log-probs of a chosen token are always taken from the full tempered distribution
+`log_softmax(logits / T)` (PPO_DETAILS items 3 and 5): the teacher-forced pass that recomputes them sees
+the full distribution too, so the first PPO ratio is exactly 1. At T = 0 (greedy) the untempered logits
+are used.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def effective_temperature(temperature: jax.Array | float) -> jax.Array:
+    """The divisor for logits: `temperature`, or 1 where it is 0 (greedy). float32 scalar."""
+    temperature = jnp.asarray(temperature, jnp.float32)
+    return jnp.where(temperature > 0, temperature, 1.0)
+
+
+def apply_temperature(logits: jax.Array, temperature: jax.Array | float) -> jax.Array:
+    """`logits / T` in float32; `T = 0` leaves the logits unchanged (greedy uses them as they are)."""
+    return logits.astype(jnp.float32) / effective_temperature(temperature)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: jax.Array | float) -> jax.Array:
+    """log softmax(logits / T)[token] in float32.
+
+    logits: [..., V]; tokens: [...] int. Returns [...] float32.
+    """
+    logprobs = jax.nn.log_softmax(apply_temperature(logits, temperature), axis=-1)
+    return jnp.take_along_axis(logprobs, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def top_k_mask(logits: jax.Array, top_k: int) -> jax.Array:
+    """Boolean [..., V]: True for tokens with logit >= the k-th largest logit. `top_k` is static; 0 keeps all."""
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 disables it); found {top_k}")
+    if top_k == 0 or top_k >= logits.shape[-1]:
+        return jnp.ones(logits.shape, bool)
+    kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    return logits >= kth_largest
+
+
+def top_p_mask(logits: jax.Array, top_p: jax.Array | float) -> jax.Array:
+    """Boolean [..., V]: the nucleus of mass `top_p` (traced scalar) of softmax(logits); see module doc for ties.
+
+    Tokens already at -inf (masked by top-k) have probability 0 and are never added to the nucleus.
+    """
+    top_p = jnp.asarray(top_p, jnp.float32)
+    logits = logits.astype(jnp.float32)
+    sorted_logits = -jnp.sort(-logits, axis=-1)  # descending
+    sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    in_nucleus = mass_before < top_p
+    in_nucleus = in_nucleus.at[..., 0].set(True)  # the most likely token always survives
+    # The smallest logit inside the nucleus; every token at or above it is kept (ties at the edge).
+    threshold = jnp.min(jnp.where(in_nucleus, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    # Rounding in the cumulative sum must not drop tail tokens when the caller asked for everything.
+    return (logits >= threshold) | (top_p >= 1.0)
+
+
+def filter_logits(
+    logits: jax.Array, temperature: jax.Array | float, *, top_k: int = 0, top_p: jax.Array | float = 1.0
+) -> jax.Array:
+    """Tempered float32 logits with the tokens outside top-k / top-p set to -inf. [..., V]."""
+    tempered = apply_temperature(logits, temperature)
+    tempered = jnp.where(top_k_mask(tempered, top_k), tempered, -jnp.inf)
+    top_p = jnp.asarray(top_p, jnp.float32)
+    # The sort behind top-p is the costliest part of a decode step on CPU: skip it when top_p >= 1.
+    return jax.lax.cond(
+        top_p < 1.0,
+        lambda x: jnp.where(top_p_mask(x, top_p), x, -jnp.inf),
+        lambda x: x,
+        tempered,
+    )
+
+
+def sample_tokens(
+    key: jax.Array,
+    logits: jax.Array,
+    temperature: jax.Array | float = 1.0,
+    *,
+    top_k: int = 0,
+    top_p: jax.Array | float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
+    """Sample one token per row and return it with its behaviour log-prob.
+
+    logits: [B, V]; temperature, top_p: traced scalars; top_k: static int (0 = off).
+    Temperature 0 is greedy (argmax of the raw logits; the first index wins a tie, as in torch).
+    Returns (tokens [B] int32, logprobs [B] float32) where logprobs = log softmax(logits / T)[token] over
+    the full distribution (not the top-k / top-p one).
+    """
+    temperature = jnp.asarray(temperature, jnp.float32)
+    sampled = jax.random.categorical(key, filter_logits(logits, temperature, top_k=top_k, top_p=top_p), axis=-1)
+    greedy = jnp.argmax(logits, axis=-1)
+    tokens = jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    return tokens, token_logprobs(logits, tokens, temperature)

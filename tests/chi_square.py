@@ -1,0 +1,16 @@
+"""Goodness-of-fit helper shared by the sampler tests."""
+
+import numpy as np
+from scipy import stats
+
+
+def chi_square_pvalue(samples, probs):
+    """p-value of a chi-square test of integer samples against `probs` (renormalised, bins with p > 0).
+
+    Fails outright if any sample falls outside the support of `probs`.
+    """
+    probs = np.asarray(probs, np.float64) / np.sum(probs, dtype=np.float64)
+    counts = np.bincount(np.asarray(samples).ravel(), minlength=len(probs))
+    support = probs > 0
+    assert counts[~support].sum() == 0, f"sampled tokens outside the support: {np.nonzero(counts * ~support)}"
+    return stats.chisquare(counts[support], probs[support] * counts.sum()).pvalue

@@ -1,0 +1,117 @@
+"""Tests for ppojax.sampling: exact masks, tie rules, the sampled distribution, greedy, keys."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+from chi_square import chi_square_pvalue
+from ppojax import sampling
+
+
+class MaskTest(parameterized.TestCase):
+    @chex.all_variants(with_pmap=False)
+    def test_top_k_keeps_exactly_the_k_largest(self):
+        logits = jnp.array([[0.1, 3.0, -1.0, 2.0, 0.5], [5.0, 4.0, 3.0, 2.0, 1.0]])
+        keep = self.variant(sampling.top_k_mask, static_argnums=1)(logits, 2)
+        np.testing.assert_array_equal(keep, [[0, 1, 0, 1, 0], [1, 1, 0, 0, 0]])
+
+    @chex.all_variants(with_pmap=False)
+    def test_top_k_keeps_all_ties_at_the_boundary(self):
+        logits = jnp.array([[1.0, 2.0, 2.0, 2.0, 0.0]])
+        keep = self.variant(sampling.top_k_mask, static_argnums=1)(logits, 2)
+        np.testing.assert_array_equal(keep, [[0, 1, 1, 1, 0]])
+
+    def test_top_k_zero_and_large_k_keep_everything(self):
+        logits = jnp.array([[1.0, -2.0, 3.0]])
+        np.testing.assert_array_equal(sampling.top_k_mask(logits, 0), [[1, 1, 1]])
+        np.testing.assert_array_equal(sampling.top_k_mask(logits, 7), [[1, 1, 1]])
+        with pytest.raises(ValueError, match="top_k"):
+            sampling.top_k_mask(logits, -1)
+
+    @chex.all_variants(with_pmap=False)
+    def test_top_p_keeps_the_smallest_prefix_reaching_p(self):
+        probs = jnp.array([[0.1, 0.4, 0.05, 0.3, 0.15]])
+        logits = jnp.log(probs)
+        top_p_mask = self.variant(sampling.top_p_mask)
+        # sorted: 0.4, 0.3, 0.15, 0.1, 0.05; mass before each: 0, 0.4, 0.7, 0.85, 0.95
+        np.testing.assert_array_equal(top_p_mask(logits, 0.3), [[0, 1, 0, 0, 0]])
+        np.testing.assert_array_equal(top_p_mask(logits, 0.5), [[0, 1, 0, 1, 0]])
+        np.testing.assert_array_equal(top_p_mask(logits, 0.7), [[0, 1, 0, 1, 0]])  # 0.4 + 0.3 reaches 0.7
+        np.testing.assert_array_equal(top_p_mask(logits, 0.71), [[0, 1, 0, 1, 1]])
+        np.testing.assert_array_equal(top_p_mask(logits, 0.9), [[1, 1, 0, 1, 1]])
+        np.testing.assert_array_equal(top_p_mask(logits, 0.96), [[1, 1, 1, 1, 1]])
+        np.testing.assert_array_equal(top_p_mask(logits, 0.0), [[0, 1, 0, 0, 0]])  # the argmax survives
+
+    @chex.all_variants(with_pmap=False)
+    def test_top_p_keeps_ties_at_the_edge_and_everything_at_one(self):
+        logits = jnp.log(jnp.array([[0.4, 0.2, 0.2, 0.2, 1e-12]]))
+        top_p_mask = self.variant(sampling.top_p_mask)
+        np.testing.assert_array_equal(top_p_mask(logits, 0.5), [[1, 1, 1, 1, 0]])
+        np.testing.assert_array_equal(top_p_mask(logits, 1.0), [[1, 1, 1, 1, 1]])
+
+    def test_filter_applies_temperature_then_top_k_then_top_p(self):
+        logits = jnp.log(jnp.array([[0.5, 0.25, 0.125, 0.0625, 0.0625]]))
+        # T = 0.5 squares the probabilities: 0.25, 0.0625, 0.0156, 0.0039, 0.0039 (unnormalised);
+        # top-k 3 keeps the first three; top-p 0.9 of their renormalised mass (0.76, 0.19, 0.05) keeps two.
+        filtered = sampling.filter_logits(logits, 0.5, top_k=3, top_p=0.9)
+        np.testing.assert_array_equal(jnp.isfinite(filtered), [[1, 1, 0, 0, 0]])
+        np.testing.assert_allclose(filtered[0, :2], logits[0, :2] / 0.5, rtol=1e-6)
+
+
+class SampleTest(parameterized.TestCase):
+    table = np.log(np.array([0.02, 0.3, 0.08, 0.25, 0.15, 0.2], np.float32)) + 1.7
+
+    def _samples(self, temperature, *, top_k=0, top_p=1.0, n=20_000, jit=True):
+        logits = jnp.broadcast_to(jnp.asarray(self.table), (n, len(self.table)))
+        fn = sampling.sample_tokens
+        if jit:
+            fn = jax.jit(fn, static_argnames="top_k")
+        tokens, logprobs = fn(jax.random.key(0), logits, temperature, top_k=top_k, top_p=top_p)
+        return np.asarray(tokens), np.asarray(logprobs)
+
+    @parameterized.parameters(1.0, 0.7, 2.0)
+    def test_samples_follow_tempered_softmax(self, temperature):
+        tokens, logprobs = self._samples(temperature)
+        probs = np.asarray(jax.nn.softmax(self.table / temperature))
+        self.assertGreater(chi_square_pvalue(tokens, probs), 1e-3)
+        np.testing.assert_allclose(logprobs, np.log(probs)[tokens], rtol=1e-5, atol=1e-6)
+
+    def test_chi_square_rejects_the_untempered_distribution(self):
+        # The test above can fail: at T = 0.7 the samples do not fit softmax(logits).
+        tokens, _ = self._samples(0.7)
+        self.assertLess(chi_square_pvalue(tokens, np.asarray(jax.nn.softmax(self.table))), 1e-6)
+
+    @parameterized.parameters(True, False)
+    def test_top_k_top_p_sample_the_renormalised_nucleus_but_report_full_logprobs(self, jit):
+        tokens, logprobs = self._samples(1.0, top_k=4, top_p=0.7, n=5000, jit=jit)
+        # top-4: 0.3, 0.25, 0.2, 0.15 (mass 0.9); top-p 0.7 of that: mass before 0.333, 0.611, 0.833 → 3 tokens.
+        kept = np.zeros(6)
+        kept[[1, 3, 5]] = [0.3, 0.25, 0.2]
+        self.assertGreater(chi_square_pvalue(tokens, kept / kept.sum()), 1e-3)
+        full = np.asarray(jax.nn.log_softmax(self.table))
+        np.testing.assert_allclose(logprobs, full[tokens], rtol=1e-5, atol=1e-6)
+
+    @chex.all_variants(with_pmap=False)
+    def test_temperature_zero_is_greedy_with_untempered_logprobs(self):
+        logits = jnp.array([[0.0, 2.0, 2.0, -1.0], [3.0, 0.0, 1.0, 5.0]])
+        tokens, logprobs = self.variant(sampling.sample_tokens)(jax.random.key(3), logits, 0.0)
+        np.testing.assert_array_equal(tokens, [1, 3])  # first index wins a tie, as torch.argmax
+        np.testing.assert_allclose(logprobs, jax.nn.log_softmax(logits)[jnp.arange(2), tokens], rtol=1e-6)
+
+    def test_same_key_same_samples_different_key_different(self):
+        logits = jnp.zeros((64, 50))
+        first, _ = sampling.sample_tokens(jax.random.key(1), logits)
+        again, _ = sampling.sample_tokens(jax.random.key(1), logits)
+        other, _ = sampling.sample_tokens(jax.random.key(2), logits)
+        np.testing.assert_array_equal(first, again)
+        self.assertFalse(np.array_equal(first, other))
+
+    def test_token_logprobs_divides_by_temperature(self):
+        logits = jnp.array([[1.0, 2.0, 0.5]], jnp.bfloat16)
+        got = sampling.token_logprobs(logits, jnp.array([2]), 0.5)
+        self.assertEqual(got.dtype, jnp.float32)
+        want = jax.nn.log_softmax(jnp.array([2.0, 4.0, 1.0]))[2]
+        np.testing.assert_allclose(got[0], want, rtol=1e-6)
