@@ -10,13 +10,15 @@ The model follows the `ppojax.models` contract: `model.apply(params, ids, attent
 returns `.logits` / `.values` / `.scores` and the updated `.cache`; `model.init_cache(B, length, dtype=...)`
 returns an empty cache whose rows share one write index; positions come from the attention mask.
 
-`rollout` is pure; jit it with `jax.jit(rollout, static_argnames=ROLLOUT_STATIC_ARGNAMES)` (or use
-`rollout_jit`). Static: the model, `max_new_tokens`, `top_k` and the prompt width P (an array shape; bucket it
-with `pad_prompts`). Traced: temperature, top_p, stop and pad ids, params, the key.
+`rollout` is pure and works un-jitted; `rollout_jit` is its compiled form (or jit it yourself, e.g. inside a
+larger step, with `static_argnames=ROLLOUT_STATIC_ARGNAMES`). Static: the model, `max_new_tokens`, `top_k`, and
+the prompt width P (an array shape: bucket it with `pad_prompts`). Traced: temperature, top_p, the stop and pad
+ids, params, LoRA adapters, the key.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
 import jax
@@ -171,7 +173,30 @@ def rollout(
     return Rollout(response_ids, response_mask, response_logprobs, lengths, stopped)
 
 
-rollout_jit = jax.jit(rollout, static_argnames=ROLLOUT_STATIC_ARGNAMES)
+_rollout_compiled = jax.jit(rollout, static_argnames=ROLLOUT_STATIC_ARGNAMES)
+
+
+_ROLLOUT_SIGNATURE = inspect.signature(rollout)
+
+
+def rollout_jit(*args, **kwargs) -> Rollout:
+    """`rollout` (same arguments), compiled once per (model, max_new_tokens, top_k, prompt shape, number of
+    stop ids).
+
+    The traced scalars are converted to fixed-dtype arrays and every argument is passed, so a Python float, a
+    NumPy scalar or an omitted default reuse one program (plain `jax.jit` retraces on each of those).
+    """
+    arguments = _ROLLOUT_SIGNATURE.bind(*args, **kwargs)
+    arguments.apply_defaults()
+    call = arguments.arguments
+    call["temperature"] = jnp.asarray(call["temperature"], jnp.float32)
+    call["top_p"] = jnp.asarray(call["top_p"], jnp.float32)
+    call["stop_token_ids"] = jnp.asarray(call["stop_token_ids"], jnp.int32).reshape(-1)
+    call["pad_token_id"] = jnp.asarray(call["pad_token_id"], jnp.int32)
+    return _rollout_compiled(**call)
+
+
+rollout_jit.__signature__ = _ROLLOUT_SIGNATURE
 
 
 # ----------------------------------------------------------------------------------------------------------

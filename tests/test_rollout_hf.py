@@ -15,6 +15,7 @@ import transformers
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "models"))
 import hf_builders  # noqa: E402
+from rollout_testing import jit_for_tests  # noqa: E402
 
 from ppojax import rollout as R  # noqa: E402
 from ppojax.models import DecoderModel, load_pretrained  # noqa: E402
@@ -23,8 +24,8 @@ PAD = hf_builders.PAD_ID
 PROMPT_LENGTHS = (5, 2, 7, 3)
 N = 8
 
-rollout_jit = jax.jit(R.rollout, static_argnames=R.ROLLOUT_STATIC_ARGNAMES)
-response_logprobs_jit = jax.jit(R.response_logprobs, static_argnums=0)
+rollout_jit = jit_for_tests(R.rollout, static_argnames=R.ROLLOUT_STATIC_ARGNAMES)
+response_logprobs_jit = jit_for_tests(R.response_logprobs, static_argnums=0)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def _hf_greedy(torch_model, ids, mask, stop):
 
 
 @pytest.mark.parametrize("name", ["llama3", "qwen2", "qwen3", "gpt2"])
-def test_greedy_rollout_equals_transformers_generate(build, name):
+def test_greedy_rollout_equals_transformers_generate_and_logprobs_equal_teacher_forced(build, name):
     torch_model, model, params = build(name)
     ids, mask = _prompts(model.config.vocab_size)
     full, _ = _hf_greedy(torch_model, ids, mask, stop=None)
@@ -71,7 +72,7 @@ def test_greedy_rollout_equals_transformers_generate(build, name):
     stopped_rows = np.array([stop in row for row in full])
     assert stopped_rows.any() and not stopped_rows.all()
 
-    out = rollout_jit(model, params, ids, mask, jax.random.key(0), max_new_tokens=N, temperature=0.0,
+    out = rollout_jit(model, params, ids, mask, jax.random.key(0), max_new_tokens=N, temperature=0.0, top_p=1.0,
                       stop_token_ids=[stop], pad_token_id=PAD)
     width = expected.shape[1]
     np.testing.assert_array_equal(out.response_ids[:, :width], expected)
@@ -88,16 +89,12 @@ def test_greedy_rollout_equals_transformers_generate(build, name):
     teacher = response_logprobs_jit(model, params, ids, mask, out.response_ids, out.response_mask, 0.0)
     np.testing.assert_allclose(teacher, out.logprobs, atol=1e-5, rtol=0)
 
-
-@pytest.mark.parametrize("name", ["qwen2", "gpt2"])
-def test_sampled_behaviour_logprobs_equal_teacher_forced(build, name):
-    _, model, params = build(name)
-    ids, mask = _prompts(model.config.vocab_size)
-    out = rollout_jit(model, params, ids, mask, jax.random.key(1), max_new_tokens=N, temperature=0.7, top_p=0.9,
-                      stop_token_ids=[5, 6, 7], pad_token_id=PAD)
-    teacher = response_logprobs_jit(model, params, ids, mask, out.response_ids, out.response_mask, 0.7)
-    np.testing.assert_allclose(teacher, out.logprobs, atol=1e-5, rtol=0)
-    np.testing.assert_array_equal(np.asarray(out.logprobs)[np.asarray(out.response_mask) == 0], 0.0)
+    # Sampled (same compiled programs: temperature and top_p are traced): behaviour = teacher-forced.
+    sampled = rollout_jit(model, params, ids, mask, jax.random.key(1), max_new_tokens=N, temperature=0.7,
+                          top_p=0.9, stop_token_ids=[stop], pad_token_id=PAD)
+    teacher = response_logprobs_jit(model, params, ids, mask, sampled.response_ids, sampled.response_mask, 0.7)
+    np.testing.assert_allclose(teacher, sampled.logprobs, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(sampled.logprobs)[np.asarray(sampled.response_mask) == 0], 0.0)
 
 
 def test_reward_and_values_on_real_heads(build):
@@ -110,8 +107,8 @@ def test_reward_and_values_on_real_heads(build):
     out = rollout_jit(policy, policy_params, ids, mask, jax.random.key(2), max_new_tokens=N,
                       stop_token_ids=[5, 6, 7, 8, 9], pad_token_id=PAD)
     batch = (ids, mask, out.response_ids, out.response_mask)
-    reward = R.sequence_reward(reward_model, reward_params, *batch)
-    values = R.response_values(critic, critic_params, *batch)
+    reward = jit_for_tests(R.sequence_reward, static_argnums=0)(reward_model, reward_params, *batch)
+    values = jit_for_tests(R.response_values, static_argnums=0)(critic, critic_params, *batch)
 
     full_ids = np.concatenate([ids, np.asarray(out.response_ids)], 1).astype(np.int64)
     full_mask = np.concatenate([mask, np.asarray(out.response_mask)], 1).astype(np.int64)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from chi_square import chi_square_pvalue
+from rollout_testing import chi_square_pvalue, jit_for_tests
 from ppojax import sampling
 
 
@@ -68,7 +68,7 @@ class SampleTest(parameterized.TestCase):
         logits = jnp.broadcast_to(jnp.asarray(self.table), (n, len(self.table)))
         fn = sampling.sample_tokens
         if jit:
-            fn = jax.jit(fn, static_argnames="top_k")
+            fn = jit_for_tests(fn, static_argnames="top_k")
         tokens, logprobs = fn(jax.random.key(0), logits, temperature, top_k=top_k, top_p=top_p)
         return np.asarray(tokens), np.asarray(logprobs)
 

@@ -66,15 +66,15 @@ class ModelConfig:
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise CheckpointError(
-                    f"unsupported model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+                f"unsupported model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         if self.num_heads % self.num_kv_heads:
             raise CheckpointError(
-                    f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.rope_type not in ROPE_TYPES:
             raise CheckpointError(f"unsupported rope_type {self.rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
         if self.activation not in ACTIVATIONS:
             raise CheckpointError(
-                    f"unsupported activation {self.activation!r}; supported: {', '.join(ACTIVATIONS)}")
+                f"unsupported activation {self.activation!r}; supported: {', '.join(ACTIVATIONS)}")
 
     @property
     def eos_token_id(self) -> int | None:
@@ -125,7 +125,7 @@ def _rope_fields(reader: _Reader, default_theta: float) -> dict[str, Any]:
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise CheckpointError(
-                f"{reader.source}: unsupported rope_type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+            f"{reader.source}: unsupported rope_type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
     if merged.get("partial_rotary_factor", 1.0) != 1.0:
         raise CheckpointError(f"{reader.source}: partial_rotary_factor != 1 is not supported")
     fields = {"rope_type": rope_type, "rope_theta": float(theta)}
@@ -151,14 +151,14 @@ def from_hf_config(raw: dict, source: str = "config.json") -> ModelConfig:
     model_type = reader.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
-                f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+            f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     common = dict(
-            model_type=model_type,
-            vocab_size=reader.integer("vocab_size"),
-            pad_token_id=reader.get("pad_token_id"),
-            bos_token_id=reader.get("bos_token_id"),
-            eos_token_ids=_as_id_tuple(reader.get("eos_token_id")),
-            hf_config_json=json.dumps(raw, sort_keys=True),
+        model_type=model_type,
+        vocab_size=reader.integer("vocab_size"),
+        pad_token_id=reader.get("pad_token_id"),
+        bos_token_id=reader.get("bos_token_id"),
+        eos_token_ids=_as_id_tuple(reader.get("eos_token_id")),
+        hf_config_json=json.dumps(raw, sort_keys=True),
     )
     if model_type == "gpt2":
         hidden = reader.integer("n_embd", aliases=("hidden_size",))
@@ -168,25 +168,25 @@ def from_hf_config(raw: dict, source: str = "config.json") -> ModelConfig:
         if reader.get("add_cross_attention", False):
             raise CheckpointError(f"{source}: add_cross_attention=true is not supported")
         return ModelConfig(
-                **common,
-                hidden_size=hidden,
-                intermediate_size=reader.integer("n_inner", 4 * hidden),
-                num_layers=reader.integer("n_layer", aliases=("num_hidden_layers",)),
-                num_heads=heads,
-                num_kv_heads=heads,
-                head_dim=hidden // heads,
-                max_position_embeddings=reader.integer("n_positions", 1024, aliases=("max_position_embeddings",)),
-                norm="layer",
-                norm_eps=float(reader.get("layer_norm_epsilon", 1e-5)),
-                activation=reader.get("activation_function", "gelu_new"),
-                gated_mlp=False,
-                position="learned",
-                qkv_bias=True,
-                o_bias=True,
-                mlp_bias=True,
-                fused_qkv=True,
-                attn_scale_by_layer=bool(reader.get("scale_attn_by_inverse_layer_idx", False)),
-                tie_word_embeddings=bool(reader.get("tie_word_embeddings", True)),
+            **common,
+            hidden_size=hidden,
+            intermediate_size=reader.integer("n_inner", 4 * hidden),
+            num_layers=reader.integer("n_layer", aliases=("num_hidden_layers",)),
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=hidden // heads,
+            max_position_embeddings=reader.integer("n_positions", 1024, aliases=("max_position_embeddings",)),
+            norm="layer",
+            norm_eps=float(reader.get("layer_norm_epsilon", 1e-5)),
+            activation=reader.get("activation_function", "gelu_new"),
+            gated_mlp=False,
+            position="learned",
+            qkv_bias=True,
+            o_bias=True,
+            mlp_bias=True,
+            fused_qkv=True,
+            attn_scale_by_layer=bool(reader.get("scale_attn_by_inverse_layer_idx", False)),
+            tie_word_embeddings=bool(reader.get("tie_word_embeddings", True)),
         )
     if not reader.get("scale_attn_weights", True):
         raise CheckpointError(f"{source}: scale_attn_weights=false is not supported")
@@ -198,27 +198,31 @@ def from_hf_config(raw: dict, source: str = "config.json") -> ModelConfig:
     default_head_dim = 128 if model_type == "qwen3" else hidden // heads
     attention_bias = bool(reader.get("attention_bias", False))
     return ModelConfig(
-            **common,
-            hidden_size=hidden,
-            intermediate_size=reader.integer("intermediate_size"),
-            num_layers=reader.integer("num_hidden_layers"),
-            num_heads=heads,
-            num_kv_heads=reader.integer("num_key_value_heads", heads),
-            head_dim=reader.integer("head_dim", default_head_dim),
-            max_position_embeddings=reader.integer(
-                    "max_position_embeddings", 2048 if model_type == "llama" else 32768),
-            norm="rms",
-            norm_eps=float(reader.get("rms_norm_eps", 1e-6)),
-            activation=reader.get("hidden_act", "silu"),
-            gated_mlp=True,
-            position="rope",
-            **_rope_fields(reader, 10000.0),
-            qkv_bias=True if model_type == "qwen2" else attention_bias,
-            o_bias=False if model_type == "qwen2" else attention_bias,
-            mlp_bias=bool(reader.get("mlp_bias", False)) if model_type == "llama" else False,
-            qk_norm=model_type == "qwen3",
-            tie_word_embeddings=bool(reader.get("tie_word_embeddings", False)),
+        **common,
+        hidden_size=hidden,
+        intermediate_size=reader.integer("intermediate_size"),
+        num_layers=reader.integer("num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=reader.integer("num_key_value_heads", heads),
+        head_dim=reader.integer("head_dim", default_head_dim),
+        max_position_embeddings=reader.integer(
+            "max_position_embeddings", 2048 if model_type == "llama" else 32768),
+        norm="rms",
+        norm_eps=float(reader.get("rms_norm_eps", 1e-6)),
+        activation=reader.get("hidden_act", "silu"),
+        gated_mlp=True,
+        position="rope",
+        **_rope_fields(reader, 10000.0),
+        qkv_bias=True if model_type == "qwen2" else attention_bias,
+        o_bias=False if model_type == "qwen2" else attention_bias,
+        mlp_bias=bool(reader.get("mlp_bias", False)) if model_type == "llama" else False,
+        qk_norm=model_type == "qwen3",
+        tie_word_embeddings=bool(reader.get("tie_word_embeddings", False)),
     )
+
+
+def _id_or_list(ids: tuple[int, ...]):
+    return None if not ids else ids[0] if len(ids) == 1 else list(ids)
 
 
 _ARCHITECTURE_NAMES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "gpt2": "GPT2"}
@@ -233,23 +237,22 @@ def to_hf_config(config: ModelConfig, head: str) -> dict:
     prefix = _ARCHITECTURE_NAMES[config.model_type]
     suffix = "LMHeadModel" if config.model_type == "gpt2" else "ForCausalLM"
     raw.update(
-            model_type=config.model_type,
-            architectures=[prefix + (suffix if head == "lm" else "ForSequenceClassification")],
-            vocab_size=config.vocab_size,
-            tie_word_embeddings=config.tie_word_embeddings,
-            pad_token_id=config.pad_token_id,
-            bos_token_id=config.bos_token_id,
-            eos_token_id=(None if not config.eos_token_ids else
-                                        config.eos_token_ids[0] if len(config.eos_token_ids) == 1 else list(config.eos_token_ids)),
+        model_type=config.model_type,
+        architectures=[prefix + (suffix if head == "lm" else "ForSequenceClassification")],
+        vocab_size=config.vocab_size,
+        tie_word_embeddings=config.tie_word_embeddings,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=_id_or_list(config.eos_token_ids),
     )
     if head != "lm":
         raw.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     if config.model_type == "gpt2":
         raw.update(
-                n_embd=config.hidden_size, n_inner=config.intermediate_size, n_layer=config.num_layers,
-                n_head=config.num_heads, n_positions=config.max_position_embeddings,
-                layer_norm_epsilon=config.norm_eps, activation_function=config.activation,
-                scale_attn_by_inverse_layer_idx=config.attn_scale_by_layer)
+            n_embd=config.hidden_size, n_inner=config.intermediate_size, n_layer=config.num_layers,
+            n_head=config.num_heads, n_positions=config.max_position_embeddings,
+            layer_norm_epsilon=config.norm_eps, activation_function=config.activation,
+            scale_attn_by_inverse_layer_idx=config.attn_scale_by_layer)
         return raw
     rope = {"rope_type": config.rope_type, "rope_theta": config.rope_theta}
     if config.rope_type != "default":
@@ -258,11 +261,11 @@ def to_hf_config(config: ModelConfig, head: str) -> dict:
         rope.update(low_freq_factor=config.rope_low_freq_factor, high_freq_factor=config.rope_high_freq_factor,
                                 original_max_position_embeddings=config.rope_original_max_position_embeddings)
     raw.update(
-            hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-            num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
-            max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.norm_eps,
-            hidden_act=config.activation, rope_parameters=rope)
+        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.norm_eps,
+        hidden_act=config.activation, rope_parameters=rope)
     if config.model_type in ("llama", "qwen3"):
         raw["attention_bias"] = config.qkv_bias
     if config.model_type == "llama":

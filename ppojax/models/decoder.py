@@ -25,6 +25,7 @@ left-padded row and the same row unpadded give the same logits at real tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -206,11 +207,12 @@ class _Decoder(nn.Module):
     @nn.compact
     def __call__(self, input_ids, positions, slots, layer_caches, lora):
         cfg = self.config
-        embedding = _Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed")()
+        embedding = _Weight("embedding", (cfg.vocab_size, cfg.hidden_size), _normal, self.dtype, name="embed")()
         x = jnp.take(embedding, input_ids, axis=0).astype(self.dtype)
         cos = sin = None
         if cfg.position == "learned":
-            table = _Embed(cfg.max_position_embeddings, cfg.hidden_size, self.dtype, name="pos_embed")()
+            table = _Weight("embedding", (cfg.max_position_embeddings, cfg.hidden_size), _normal, self.dtype,
+                            name="pos_embed")()
             x = x + jnp.take(table, positions, axis=0).astype(self.dtype)
         else:
             cos, sin = rope_cos_sin(cfg, positions)
@@ -222,41 +224,28 @@ class _Decoder(nn.Module):
                 x, cos, sin, slots, layer_cache, lora.get(f"layers_{i}"))
             new_caches.append(layer_cache)
         hidden = _Norm(cfg.norm, cfg.norm_eps, self.dtype, name="final_norm")(x)
-        head_out = None
         if self.head == "lm":
             if cfg.tie_word_embeddings:
-                head_out = jnp.dot(hidden, embedding.astype(self.dtype).T)
-            else:
-                kernel = _HeadKernel(cfg.hidden_size, cfg.vocab_size, _normal, self.dtype, name="lm_head")()
-                head_out = jnp.dot(hidden, kernel.astype(self.dtype))
-        elif self.head == "value":
-            head_out = values_from_hidden(
-                {"kernel": _HeadKernel(cfg.hidden_size, 1, nn.initializers.zeros, self.dtype, name="value_head")()}, hidden)
-        else:
-            head_out = values_from_hidden(
-                {"kernel": _HeadKernel(cfg.hidden_size, 1, _normal, self.dtype, name="score")()}, hidden)
-        return hidden, head_out, new_caches
+                return hidden, jnp.dot(hidden, embedding.astype(self.dtype).T), new_caches
+            kernel = _Weight("kernel", (cfg.hidden_size, cfg.vocab_size), _normal, self.dtype, name="lm_head")()
+            return hidden, jnp.dot(hidden, kernel.astype(self.dtype)), new_caches
+        # A scalar head: the critic's starts at zero, the reward model's is always loaded.
+        name, initializer = ("value_head", nn.initializers.zeros) if self.head == "value" else ("score", _normal)
+        kernel = _Weight("kernel", (cfg.hidden_size, 1), initializer, self.dtype, name=name)()
+        return hidden, values_from_hidden({"kernel": kernel}, hidden), new_caches
 
 
-class _Embed(nn.Module):
-    num_embeddings: int
-    features: int
-    dtype: Any
+class _Weight(nn.Module):
+    """A module holding one named parameter, for the nesting `embed/embedding`, `lm_head/kernel`, ..."""
 
-    @nn.compact
-    def __call__(self):
-        return self.param("embedding", _normal, (self.num_embeddings, self.features), self.dtype)
-
-
-class _HeadKernel(nn.Module):
-    in_features: int
-    features: int
+    param_name: str
+    shape: tuple[int, ...]
     initializer: Any
     dtype: Any
 
     @nn.compact
     def __call__(self):
-        return self.param("kernel", self.initializer, (self.in_features, self.features), self.dtype)
+        return self.param(self.param_name, self.initializer, self.shape, self.dtype)
 
 
 def values_from_hidden(head_params: dict, hidden: jax.Array) -> jax.Array:
@@ -307,11 +296,18 @@ class DecoderModel:
         to every valid slot up to their own: apply a left-padded prompt to an empty cache (prefill), then
         `[B, 1]` tokens (decode; mask 0 for finished rows). `positions` default: from the masks.
         `lora`: adapters from `init_lora` (None = base model, e.g. the reference policy).
+        The cache must have room: `cache.index + S <= max_length` (not checked; the index is traced).
         """
         input_ids = jnp.asarray(input_ids, jnp.int32)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, S], found shape {input_ids.shape}")
         batch, seq = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((batch, seq), jnp.int32)
+        if jnp.shape(attention_mask) != (batch, seq):
+            raise ValueError(f"attention_mask shape {jnp.shape(attention_mask)} != input_ids shape {(batch, seq)}")
+        if cache is not None and cache.mask.shape[0] != batch:
+            raise ValueError(f"cache batch {cache.mask.shape[0]} != input batch {batch}")
         new_valid = jnp.asarray(attention_mask).astype(bool)
         if cache is None:
             slots = (jnp.arange(seq), jnp.arange(seq), new_valid, None)
@@ -351,8 +347,8 @@ class DecoderModel:
                        index=jnp.zeros((), jnp.int32), mask=jnp.zeros((batch_size, max_length), bool))
 
     def param_shapes(self) -> dict:
-        """The params pytree as `jax.ShapeDtypeStruct`s (no allocation)."""
-        return jax.eval_shape(lambda key: self.init_params(key), jax.random.key(0))
+        """The params pytree as `jax.ShapeDtypeStruct`s (no allocation; traced once per model)."""
+        return _param_shapes(self)
 
     def init_params(self, key: jax.Array) -> dict:
         """Random params (normal(0.02) kernels and embeddings, unit norms, zero biases, zero value head)."""
@@ -361,8 +357,16 @@ class DecoderModel:
         return self._module().init(key, ids, jnp.zeros((1, 1), jnp.int32), slots, None, None)["params"]
 
 
-def init_params(model: DecoderModel, key: jax.Array) -> dict:
-    """Random params for `model` (for demos and tests); see `DecoderModel.init_params`."""
+@functools.lru_cache(maxsize=64)
+def _param_shapes(model: DecoderModel) -> dict:
+    return jax.eval_shape(model.init_params, jax.random.key(0))
+
+
+def init_params(model: DecoderModel | ModelConfig, key: jax.Array) -> dict:
+    """Random params for `model` (a ModelConfig means `DecoderModel(config)`, an fp32 LM), for demos and
+    tests; see `DecoderModel.init_params`."""
+    if isinstance(model, ModelConfig):
+        model = DecoderModel(model)
     return model.init_params(key)
 
 

@@ -249,5 +249,8 @@ def save_pretrained(path: str, model: DecoderModel, params: dict, tokenizer=None
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)
     save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
+    stale_index = os.path.join(path, INDEX_FILE)
+    if os.path.exists(stale_index):  # it would take precedence over the file just written
+        os.remove(stale_index)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)

@@ -33,6 +33,10 @@ CONFIGS = {
         num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, max_position_embeddings=2048)),
     "gpt2": (transformers.GPT2Config, dict(
         vocab_size=130, n_embd=32, n_layer=2, n_head=4, n_positions=1024, bos_token_id=1, eos_token_id=2)),
+    # GPT-2 variants: per-layer attention scaling, exact GELU, explicit n_inner.
+    "gpt2_variant": (transformers.GPT2Config, dict(
+        vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_inner=48, n_positions=600,
+        scale_attn_by_inverse_layer_idx=True, activation_function="gelu")),
 }
 
 CAUSAL_LM = {
@@ -101,3 +105,11 @@ def torch_forward(model, ids, mask, *, positions: bool = True):
         kwargs["position_ids"] = torch.from_numpy(mask_positions(mask))
     with torch.no_grad():
         return model(**kwargs).logits.float().numpy()
+
+
+def _apply(model, params, ids, mask, lora=None):
+    return model.apply(params, ids, mask, lora=lora)
+
+
+# One jitted entry point for the tests; the model definition is the static argument.
+jit_apply = __import__("jax").jit(_apply, static_argnums=0)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import hf_builders
-from ppojax.models import DecoderModel, load_pretrained
+from ppojax.models import from_hf_config, load_pretrained
+from ppojax.models.rope import inverse_frequencies
 
 LONG_LENGTHS = (520, 400, 517)  # left-padded to 520
 
@@ -40,20 +41,19 @@ def test_fixture_configs_exercise_the_features():
 
 
 @pytest.mark.parametrize("name", ["llama3", "llama_linear", "llama_dynamic"])
-def test_rope_scaling_changes_logits(checkpoint, name):
-    """Guards the parity test: ignoring the scaling would be caught (the difference is far above 1e-4)."""
-    directory, _ = checkpoint(name)
-    model, params = load_pretrained(directory)
-    unscaled = DecoderModel(dataclasses.replace(model.config, rope_type="default"), model.head)
-    ids, mask = hf_builders.padded_batch(LONG_LENGTHS, max(LONG_LENGTHS), model.config.vocab_size, seed=1)
-    apply = jax.jit(lambda m, *a: m.apply(*a), static_argnums=0)
-    difference = np.abs(np.asarray(apply(model, params, ids, mask).logits)
-                        - np.asarray(apply(unscaled, params, ids, mask).logits))
-    assert difference[mask.astype(bool)].max() > 1e-2
+def test_rope_scaling_changes_the_rotation(name):
+    """Guards the parity test: at the tested positions the scaled rotation angles differ from unscaled
+    ones by far more than the 1e-4 logit tolerance could hide."""
+    config = from_hf_config(hf_builders.make_config(name).to_dict())
+    unscaled = dataclasses.replace(config, rope_type="default")
+    positions = np.arange(max(LONG_LENGTHS))[None]
+    angles = positions[..., None] * np.asarray(inverse_frequencies(config, positions))
+    unscaled_angles = positions[..., None] * np.asarray(inverse_frequencies(unscaled, positions))
+    assert np.abs(np.sin(angles) - np.sin(unscaled_angles)).max() > 0.5
 
 
 def test_unjitted_apply_matches_transformers(checkpoint):
-    directory, torch_model = checkpoint("qwen2")
+    directory, torch_model = checkpoint("gpt2")
     model, params = load_pretrained(directory)
     ids, mask = hf_builders.padded_batch((12, 7), 12, model.config.vocab_size, seed=2)
     diff, _ = _max_diff_at_real_tokens(model, params, torch_model, ids, mask, model.apply)
@@ -66,6 +66,6 @@ def test_left_padding_does_not_change_real_token_logits(checkpoint):
     ids, mask = hf_builders.padded_batch((9,), 9, model.config.vocab_size, seed=3)
     padded_ids = np.concatenate([np.zeros((1, 5), ids.dtype), ids], axis=1)
     padded_mask = np.concatenate([np.zeros((1, 5), mask.dtype), mask], axis=1)
-    plain = np.asarray(model.apply(params, ids, mask).logits)
-    padded = np.asarray(model.apply(params, padded_ids, padded_mask).logits)[:, 5:]
+    plain = np.asarray(hf_builders.jit_apply(model, params, ids, mask).logits)
+    padded = np.asarray(hf_builders.jit_apply(model, params, padded_ids, padded_mask).logits)[:, 5:]
     np.testing.assert_allclose(padded, plain, atol=1e-5)

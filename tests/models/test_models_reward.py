@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import hf_builders
-from ppojax.models import load_pretrained, score_index, sequence_scores
+from ppojax.models import init_value_head, load_pretrained, score_index, sequence_scores, values_from_hidden
 
 REWARD_FAMILIES = ["llama3", "qwen2", "qwen3", "gpt2"]
 LENGTHS = (11, 16, 4)
+jit_sequence_scores = jax.jit(sequence_scores, static_argnums=0)
 
 
 @pytest.mark.parametrize("name", REWARD_FAMILIES)
@@ -23,7 +24,7 @@ def test_sequence_scores_match_transformers(checkpoint, name, side):
     # Right padding: transformers' default positions are already right. Left padding: positions from the
     # mask, as TRL's get_reward passes them.
     reference = hf_builders.torch_forward(torch_model, ids, mask, positions=side == "left")[:, 0]
-    ours = np.asarray(jax.jit(sequence_scores, static_argnums=0)(model, params, ids, mask))
+    ours = np.asarray(jit_sequence_scores(model, params, ids, mask))
     assert np.abs(reference).std() > 0.05
     np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
 
@@ -40,7 +41,8 @@ def test_no_pad_id_reads_last_token_like_transformers(checkpoint):
     assert model.config.pad_token_id is None
     ids, mask = hf_builders.padded_batch((9,), 9, model.config.vocab_size, seed=7)
     reference = hf_builders.torch_forward(torch_model, ids, mask)[:, 0]
-    np.testing.assert_allclose(np.asarray(sequence_scores(model, params, ids, mask)), reference, atol=1e-4)
+    scores = jit_sequence_scores(model, params, ids, mask)
+    np.testing.assert_allclose(np.asarray(scores), reference, atol=1e-4)
 
 
 def test_critic_initialised_from_reward_checkpoint(checkpoint):
@@ -48,17 +50,21 @@ def test_critic_initialised_from_reward_checkpoint(checkpoint):
     reward_model, reward_params = load_pretrained(directory, head="reward")
     critic, critic_params = load_pretrained(directory, head="value")
     ids, mask = hf_builders.padded_batch(LENGTHS, max(LENGTHS), critic.config.vocab_size, seed=8)
-    values = critic.apply(critic_params, ids, mask).values
-    scores = reward_model.apply(reward_params, ids, mask).scores
+    values = hf_builders.jit_apply(critic, critic_params, ids, mask).values
+    reward_out = hf_builders.jit_apply(reward_model, reward_params, ids, mask)
     assert values.shape == ids.shape and values.dtype == np.float32
-    np.testing.assert_array_equal(np.asarray(values), np.asarray(scores))
+    np.testing.assert_array_equal(np.asarray(values), np.asarray(reward_out.scores))
+    # A value head on a shared trunk: the same head applied to another model's last hidden state.
+    assert not np.asarray(values_from_hidden(init_value_head(critic.config), reward_out.hidden)).any()
+    shared = values_from_hidden(critic_params["value_head"], reward_out.hidden)
+    np.testing.assert_array_equal(np.asarray(shared), np.asarray(reward_out.scores))
 
 
 def test_value_head_from_causal_lm_starts_at_zero(checkpoint):
     directory, _ = checkpoint("gpt2")
     critic, params = load_pretrained(directory, head="value")
     ids, mask = hf_builders.padded_batch((5, 3), 5, critic.config.vocab_size, seed=9)
-    out = critic.apply(params, ids, mask)
+    out = hf_builders.jit_apply(critic, params, ids, mask)
     assert out.logits is None and out.scores is None
     np.testing.assert_array_equal(np.asarray(out.values), 0.0)
     assert np.abs(np.asarray(out.hidden)).max() > 0

@@ -1,5 +1,6 @@
-"""Goodness-of-fit helper shared by the sampler tests."""
+"""Helpers shared by the rollout and sampling tests."""
 
+import jax
 import numpy as np
 from scipy import stats
 
@@ -14,3 +15,9 @@ def chi_square_pvalue(samples, probs):
     support = probs > 0
     assert counts[~support].sum() == 0, f"sampled tokens outside the support: {np.nonzero(counts * ~support)}"
     return stats.chisquare(counts[support], probs[support] * counts.sum()).pvalue
+
+
+def jit_for_tests(fn, **kwargs):
+    """`jax.jit` with XLA's backend optimisations off: compiles 2-3x faster, and these tests check results,
+    not speed (the benchmark in experiments/bench uses the default options)."""
+    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0}, **kwargs)
