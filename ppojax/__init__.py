@@ -18,3 +18,17 @@ from ppojax.rewards import SCORE_PLACEMENTS, adjust_scores, extend_mask, last_va
 from ppojax.stats import SumCount, masked_count, masked_max, masked_mean, masked_sum, masked_var, whiten
 
 __version__ = "0.1.0.dev0"
+
+from ppojax import models
+from ppojax.models import (
+    CheckpointError,
+    DecoderModel,
+    KVCache,
+    ModelConfig,
+    init_lora,
+    init_params,
+    load_pretrained,
+    merge_lora,
+    save_pretrained,
+    sequence_scores,
+)

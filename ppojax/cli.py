@@ -21,9 +21,9 @@ def main(argv=None) -> int:
 
     if args.preset not in PRESETS:
       parser.error(f"--preset: unknown preset {args.preset!r}; expected one of {sorted(PRESETS)}")
-    cfg = demo_module.DemoConfig(iterations=args.iterations, preset=args.preset)
+    cfg = demo_module.DemoConfig(preset=args.preset)
     print(f"ppojax demo: tabular policy, vocab {cfg.vocab_size}, {cfg.response_length} tokens, preset {cfg.preset!r}")
-    history = demo_module.run(cfg, seed=args.seed)
+    history = demo_module.run(cfg, iterations=args.iterations, seed=args.seed)
     first, last = history[0], history[-1]
     print(f"score {first['score']:.3f} -> {last['score']:.3f}; KL to reference {last['kl']:.3f} nats (target {cfg.kl_target})")
   return 0

@@ -32,7 +32,6 @@ class DemoConfig:
   batch_size: int = 64
   minibatches: int = 4
   ppo_epochs: int = 4
-  iterations: int = 40
   learning_rate: float = 0.05
   kl_target: float = 2.0  # nats per sequence
   preset: str = "ppojax"
@@ -132,16 +131,16 @@ def iteration(cfg: DemoConfig, convention: Convention, state: DemoState, ref_log
   return DemoState(params, opt_state, kl_state, key), metrics
 
 
-def run(cfg: DemoConfig = DemoConfig(), seed: int = 0, log=print):
+def run(cfg: DemoConfig = DemoConfig(), iterations: int = 40, seed: int = 0, log=print):
   """Runs the demo; returns the list of per-iteration metrics (floats)."""
   convention = get_preset(cfg.preset)
   state, ref_logits = init(cfg, jax.random.PRNGKey(seed))
   history = []
-  for i in range(cfg.iterations):
+  for i in range(iterations):
     state, metrics = iteration(cfg, convention, state, ref_logits)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     history.append(metrics)
-    if log is not None and (i % 5 == 0 or i == cfg.iterations - 1):
+    if log is not None and (i % 5 == 0 or i == iterations - 1):
       log(
           f"iter {i:3d}  score {metrics['score']:.3f}  kl {metrics['kl']:.3f}  kl_coef {metrics['kl_coef']:.4f}  "
           f"length {metrics['length']:.2f}  target-token rate {metrics['target_rate']:.3f}  clipfrac {metrics['clipfrac']:.3f}"

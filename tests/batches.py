@@ -26,11 +26,17 @@ def make_mask(rng: np.random.Generator, batch: int, width: int, kind: str) -> np
 
 
 @st.composite
-def masked_batches(draw, max_batch=5, max_width=9, kinds=MASK_KINDS):
-  """(rng, batch, width, mask) with the mask drawn from one of `kinds`."""
+def masked_batches(draw, max_batch=5, max_width=9, kinds=MASK_KINDS, fixed_shape=None):
+  """(rng, batch, width, mask) with the mask drawn from one of `kinds`.
+
+  `fixed_shape` pins (batch, width) in the default profile, for tests whose un-jitted variant would
+  otherwise recompile every primitive per shape.
+  """
   seed = draw(st.integers(0, 2**31 - 1))
   if THOROUGH:
     batch, width = draw(st.integers(1, max_batch)), draw(st.integers(1, max_width))
+  elif fixed_shape is not None:
+    batch, width = fixed_shape
   else:
     batch = draw(st.sampled_from(sorted({1, 3, max_batch})))
     width = draw(st.sampled_from(sorted({1, 4, max_width})))

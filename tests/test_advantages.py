@@ -27,6 +27,9 @@ def numpy_gae(rewards, values, mask, gamma, lam):
   return advantages, returns
 
 
+_rlax_truncated_gae = jax.jit(rlax.truncated_generalized_advantage_estimation)
+
+
 def rlax_gae(rewards, values, mask, gamma, lam):
   """rlax's truncated GAE on each row's valid tokens, bootstrapping from V = 0 after the last one."""
   advantages = np.zeros(rewards.shape, np.float64)
@@ -36,7 +39,7 @@ def rlax_gae(rewards, values, mask, gamma, lam):
       continue
     r = jnp.asarray(rewards[b, idx], jnp.float32)
     v = jnp.concatenate([jnp.asarray(values[b, idx], jnp.float32), jnp.zeros(1)])
-    advantages[b, idx] = rlax.truncated_generalized_advantage_estimation(r, jnp.full_like(r, gamma), lam, v)
+    advantages[b, idx] = _rlax_truncated_gae(r, jnp.full_like(r, gamma), lam, v)
   return advantages
 
 
