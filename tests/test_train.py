@@ -65,20 +65,19 @@ def _traced_once(fn, name):
 
 
 @functools.lru_cache(maxsize=None)
-def _iteration(mode, lora=False):
+def _iteration(mode):
   """(state, models, jitted iteration) for one mode; built once per module."""
   config = _config(mode)
-  adapters = init_lora(POLICY, jax.random.key(5), rank=4, targets="all") if lora else None
-  state, models = T.init_ppo_state(config, POLICY, POLICY_PARAMS, jax.random.key(2), reward_fn=target_rate, critic_init="policy", lora=adapters)
+  state, models = T.init_ppo_state(config, POLICY, POLICY_PARAMS, jax.random.key(2), reward_fn=target_rate, critic_init="policy")
 
   def iteration(state, prompts, ref_params, reward_params):
     return T.ppo_iteration(state, prompts, ref_params, reward_params, config=config, models=models)
 
-  return state, models, _traced_once(iteration, f"iteration_{mode}_lora{lora}")
+  return state, models, _traced_once(iteration, f"iteration_{mode}")
 
 
-def _run(mode, iterations, *, key=None, lora=False):
-  state, _, iteration = _iteration(mode, lora)
+def _run(mode, iterations, *, key=None):
+  state, _, iteration = _iteration(mode)
   if key is not None:
     state = state.replace(key=key)
   history = []
@@ -119,14 +118,34 @@ def test_same_seed_is_bit_identical_and_seeds_differ():
   assert not all(np.array_equal(a, c) for a, c in zip(leaves[0], leaves[2]))
 
 
-def test_lora_trains_adapters_only_and_keeps_the_reference():
+def _decode(ids):
+  return " ".join(str(i) for i in ids)
+
+
+def _text_target_rate(prompt_texts, response_texts):
+  """The host-side twin of `target_rate`, on decoded text."""
+  assert len(prompt_texts) == len(response_texts) == BATCH
+  return [text.split().count(str(TARGET)) / N for text in response_texts]
+
+
+def test_lora_with_phases_and_a_text_reward():
+  """LoRA: only adapters are trained, the base (= reference) stays bit-identical. Run as two jitted phases
+  with a host-side text reward summed with the programmatic one."""
+  config = _config("separate")
+  adapters = init_lora(POLICY, jax.random.key(5), rank=4, targets="all")
+  initial, models = T.init_ppo_state(config, POLICY, POLICY_PARAMS, jax.random.key(2), reward_fn=target_rate, critic_init="policy", lora=adapters)
+  iteration = T.make_ppo_iteration(config, models, text_reward_fn=_text_target_rate, decode=_decode)
   base_before = jax.tree.map(np.array, POLICY_PARAMS)
-  fixed = _synthetic_minibatch(rows=8, seed=1)
-  fixed_batch = (fixed.prompt_ids, fixed.prompt_mask, fixed.response_ids, fixed.response_mask)
   ref_logprobs = jax.jit(lambda params, batch: response_logprobs(POLICY, params, *batch, 1.0))
-  ref_before = np.asarray(ref_logprobs(POLICY_PARAMS, fixed_batch))
-  initial, _, _ = _iteration("separate", lora=True)
-  state, history, experience = _run("separate", 3, lora=True)
+  state, history = initial, []
+  for i in range(3):
+    state, metrics, experience = iteration(state, PROMPTS, POLICY_PARAMS, None)
+    history.append({name: float(value) for name, value in jax.device_get(metrics).items()})
+    batch = (experience.prompt_ids, experience.prompt_mask, experience.response_ids, experience.response_mask)
+    if i == 0:
+      fixed_batch, ref_before = batch, np.asarray(ref_logprobs(POLICY_PARAMS, batch))
+  # Both reward sources count: the programmatic one in jit, the text one between the phases.
+  np.testing.assert_allclose(np.asarray(experience.scores), 2 * np.asarray(target_rate(batch[0], batch[2], batch[3])), rtol=1e-6)
   assert isinstance(state.policy, Lora)
   # Only the adapters (and the separate critic) are in the state: nothing of the base's size.
   n_adapter = sum(x.size for x in jax.tree.leaves(state.policy.adapters))
@@ -136,15 +155,14 @@ def test_lora_trains_adapters_only_and_keeps_the_reference():
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(POLICY_PARAMS)))
   np.testing.assert_array_equal(np.asarray(ref_logprobs(POLICY_PARAMS, fixed_batch)), ref_before)
   # The iteration's reference is the base with the adapters off (another program: rounding only).
-  batch = (experience.prompt_ids, experience.prompt_mask, experience.response_ids, experience.response_mask)
-  ref = np.asarray(ref_logprobs(POLICY_PARAMS, batch))
-  np.testing.assert_allclose(np.asarray(experience.ref_logprobs), ref, rtol=0, atol=2e-6)
+  np.testing.assert_allclose(np.asarray(experience.ref_logprobs), np.asarray(ref_logprobs(POLICY_PARAMS, batch)), rtol=0, atol=2e-6)
   # ...while the adapters moved and the adapted policy differs from the reference.
   moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(initial.policy), jax.tree.leaves(state.policy))]
   assert any(moved)
   adapted = response_logprobs(POLICY, POLICY_PARAMS, *batch, 1.0, lora=state.policy)
-  assert np.abs(np.asarray(adapted) - np.asarray(ref)).max() > 1e-3
+  assert np.abs(np.asarray(adapted) - np.asarray(experience.ref_logprobs)).max() > 1e-3
   assert all(abs(h["policy/first_ratio_max"] - 1.0) < 2e-6 and h["policy/first_approxkl"] < 1e-12 for h in history)
+  assert all(h["train/skipped_updates"] == 0 for h in history)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -189,7 +207,7 @@ def _reference_gradients(config, models, state, mb):
     )
     return pg + (1.0 if config.critic_mode == "separate" else conv.vf_coef) * vf
 
-  return jax.jit(jax.value_and_grad(loss))((state.policy, state.critic))
+  return jax.value_and_grad(loss)((state.policy, state.critic))  # un-jitted: a different code path
 
 
 @pytest.mark.parametrize(
@@ -214,26 +232,18 @@ def test_accumulated_gradient_equals_full_minibatch_gradient(mode, aggregation, 
   assert max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(grads[1])) > 0  # the critic gets gradient
 
 
-def test_non_finite_loss_skips_the_update():
-  config = _config("separate")
-  state, models = T.init_ppo_state(config, POLICY, POLICY_PARAMS, jax.random.key(3), reward_fn=target_rate, critic_init="policy")
-  def update(state, minibatch, ref_params):
-    return T.update_step(state, minibatch, ref_params, config=config, models=models)
-
-  step = _traced_once(update, "update_step")
-  good = _synthetic_minibatch()
-  bad = good.replace(advantages=good.advantages.at[0, 0].set(jnp.nan))  # a valid position
-  after_bad, metrics_bad = step(state, bad, POLICY_PARAMS)
-  assert float(metrics_bad["train/skipped"]) == 1.0 and int(after_bad.step) == 0
-  before = jax.tree.leaves((state.policy, state.critic, state.policy_opt_state, state.critic_opt_state))
-  after = jax.tree.leaves((after_bad.policy, after_bad.critic, after_bad.policy_opt_state, after_bad.critic_opt_state))
-  assert all(np.array_equal(a, b) for a, b in zip(before, after))
-  # The same program applies a finite update (and NaN in padding is harmless).
-  padded_nan = good.replace(advantages=jnp.where(good.policy_mask, good.advantages, jnp.nan))
-  after_good, metrics_good = step(state, padded_nan, POLICY_PARAMS)
-  assert float(metrics_good["train/skipped"]) == 0.0 and int(after_good.step) == 1
-  assert not np.array_equal(after_good.policy["embed"]["embedding"], state.policy["embed"]["embedding"])
-  assert all(np.isfinite(float(v)) for v in metrics_good.values())
+def test_non_finite_loss_skips_every_update_and_keeps_the_state():
+  """A NaN in the critic makes values, advantages and the loss NaN: every update of the iteration is skipped
+  and params and optimizer states stay bit-identical. Runs the separate-mode program already compiled."""
+  state, _, iteration = _iteration("separate")
+  kernel = state.critic["value_head"]["kernel"]
+  poisoned = state.replace(critic={**state.critic, "value_head": {"kernel": kernel.at[0, 0].set(jnp.nan)}})
+  after, metrics, _ = iteration(poisoned, PROMPTS, POLICY_PARAMS, None)
+  assert float(metrics["train/skipped_updates"]) == 4.0 and float(metrics["train/updates"]) == 4.0
+  assert int(after.step) == 0
+  before = jax.tree.leaves((poisoned.policy, poisoned.critic, poisoned.policy_opt_state, poisoned.critic_opt_state))
+  after_leaves = jax.tree.leaves((after.policy, after.critic, after.policy_opt_state, after.critic_opt_state))
+  assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(before, after_leaves))
 
 
 def test_config_validation():
