@@ -37,7 +37,7 @@ convention's values apply. Keys given explicitly override either.
 | batch_size | optimizer batch × ppo_buffer_size | TRL 0.x name for the rollout batch; must be a multiple of the optimizer batch |
 | learning_rate | 5e-5 | peak learning rate (the policy's; sft / rm: the model's) |
 | critic_learning_rate | learning_rate | ppo: the critic's learning rate |
-| lr_scheduler_type | linear | constant, linear (to 0) or cosine (to 0) |
+| lr_scheduler_type | linear | constant or linear (to 0 at the last step); cosine is not offered |
 | warmup_steps | 0 | linear warm-up optimizer steps |
 | max_grad_norm | 1.0 | clip gradients by global norm; 0 turns clipping off |
 | num_train_epochs | 3.0 | passes over the dataset (ppo: over the prompts) |
@@ -105,7 +105,7 @@ class ConfigError(ValueError):
 
 STAGES = ("sft", "rm", "ppo")
 FINETUNING_TYPES = ("full", "lora")
-SCHEDULERS = ("constant", "linear", "cosine")
+SCHEDULERS = ("constant", "linear")  # ppojax.optim schedules; LLaMA-Factory's cosine is not offered
 PROMPT_OVERFLOW = ("truncate", "refuse")
 ON_KL_EXCEEDED = ("stop", "rollback", "rollback_continue")
 RAW_TEMPLATES = ("none", "default", "empty", "raw")
