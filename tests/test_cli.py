@@ -104,3 +104,6 @@ def test_stage_end_to_end_and_resume(tiny, monkeypatch, capsys, stage, dataset, 
     assert "already has checkpoints" in capsys.readouterr().err
     assert main(["train", path, "--no-progress", "resume=true", "max_steps=4"]) == 2  # different settings
     assert "different training settings" in capsys.readouterr().err
+    # Resuming with the same settings (resume itself is not a training setting) continues from step 3: done.
+    assert main(["train", path, "--no-progress", "resume=true"]) == 0
+    assert [r["step"] for r in read_metrics_csv(str(metrics / "training_metrics.csv"))] == [1, 2, 3]
