@@ -44,3 +44,35 @@ from ppojax.rollout import (
     sequence_reward,
 )
 from ppojax.sampling import filter_logits, sample_tokens, token_logprobs, top_k_mask, top_p_mask
+
+# Training (issue 5).
+from ppojax.optim import OptimizerConfig, make_optimizer, make_schedule, scale_by_tf_adam
+from ppojax.train import (
+    Experience,
+    Minibatch,
+    PPOConfig,
+    PPOModels,
+    PPOState,
+    PreferenceBatch,
+    SequenceBatch,
+    TrainState,
+    collect,
+    critic_from_policy,
+    critic_from_reward,
+    fit_reward_normalisation,
+    init_ppo_state,
+    init_train_state,
+    kl_controller,
+    make_ppo_iteration,
+    make_ppo_phases,
+    minibatch_gradients,
+    policy_outputs,
+    ppo_iteration,
+    preference_scores,
+    reward_model_loss,
+    reward_model_step,
+    sft_loss,
+    sft_step,
+    train_on_batch,
+    update_step,
+)

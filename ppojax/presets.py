@@ -234,8 +234,12 @@ def ppo_losses(
     value_mask: jax.Array,
     logits: Optional[jax.Array] = None,
     entropy_coef: float = 0.0,
+    as_sum_count: bool = False,
 ) -> tuple[jax.Array, jax.Array, Stats]:
-  """(policy_loss, value_loss, stats) under one convention. The joint loss is pg + vf_coef · vf."""
+  """(policy_loss, value_loss, stats) under one convention. The joint loss is pg + vf_coef · vf.
+
+  as_sum_count: return both losses as `SumCount` pairs (for exact gradient accumulation).
+  """
   pg_loss, pg_stats = clipped_loss(
       logprobs,
       old_logprobs,
@@ -248,8 +252,15 @@ def ppo_losses(
       entropy_coef=entropy_coef,
       logits=logits,
       aggregation=convention.loss_aggregation,
+      as_sum_count=as_sum_count,
   )
   vf_loss, vf_stats = value_loss(
-      values, old_values, returns, value_mask, clip_eps=convention.value_clip_eps, aggregation=convention.loss_aggregation
+      values,
+      old_values,
+      returns,
+      value_mask,
+      clip_eps=convention.value_clip_eps,
+      aggregation=convention.loss_aggregation,
+      as_sum_count=as_sum_count,
   )
   return pg_loss, vf_loss, {**pg_stats, **vf_stats}

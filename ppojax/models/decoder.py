@@ -203,6 +203,7 @@ class _Decoder(nn.Module):
     config: ModelConfig
     head: str
     dtype: Any
+    remat: bool = False
 
     @nn.compact
     def __call__(self, input_ids, positions, slots, layer_caches, lora):
@@ -218,9 +219,11 @@ class _Decoder(nn.Module):
             cos, sin = rope_cos_sin(cfg, positions)
         lora = lora or {}
         new_caches = []
+        # Gradient checkpointing: a rematerialised block keeps only its input for the backward pass.
+        block = nn.remat(_Block) if self.remat else _Block
         for i in range(cfg.num_layers):
             layer_cache = None if layer_caches is None else layer_caches[i]
-            x, layer_cache = _Block(cfg, i, self.dtype, name=f"layers_{i}")(
+            x, layer_cache = block(cfg, i, self.dtype, name=f"layers_{i}")(
                 x, cos, sin, slots, layer_cache, lora.get(f"layers_{i}"))
             new_caches.append(layer_cache)
         hidden = _Norm(cfg.norm, cfg.norm_eps, self.dtype, name="final_norm")(x)
@@ -278,6 +281,7 @@ class DecoderModel:
     config: ModelConfig
     head: str = "lm"
     dtype: str = "float32"
+    remat: bool = False  # gradient checkpointing of each decoder block (same params, same outputs)
 
     def __post_init__(self):
         if self.head not in HEADS:
@@ -285,7 +289,7 @@ class DecoderModel:
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
 
     def _module(self) -> _Decoder:
-        return _Decoder(self.config, self.head, jnp.dtype(self.dtype))
+        return _Decoder(self.config, self.head, jnp.dtype(self.dtype), self.remat)
 
     def apply(self, params, input_ids, attention_mask=None, *, cache: KVCache | None = None,
               lora=None, positions=None) -> ModelOutput:

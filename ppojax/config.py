@@ -1,0 +1,564 @@
+"""Run configuration for `ppojax train CONFIG.yaml [key=value ...]`: one frozen, typed, validated record.
+
+Keys follow LLaMA-Factory's names where it has one, accept the PPO names TRL users know as aliases, and are
+checked before anything is compiled. Every problem is a `ConfigError` whose message is one line naming the
+source (file or "command line"), the key, the value found and what is allowed.
+
+Batch sizes (LLaMA-Factory / TRL 0.x semantics, all per data-parallel device):
+  micro batch     = per_device_train_batch_size          rows per forward/backward pass (TRL 0.x mini_batch_size)
+  optimizer batch = micro × gradient_accumulation_steps  rows per optimizer step (one PPO minibatch)
+  rollout batch   = optimizer batch × ppo_buffer_size    prompts sampled per PPO iteration (TRL 0.x batch_size)
+
+KL defaults: LLaMA-Factory passes no KL settings to TRL 0.x's PPOConfig, so its runs use TRL 0.x's defaults:
+an adaptive controller from init_kl_coef 0.2 towards `ppo_target` (6 nats per sequence), horizon 10000. With
+`preset` unset ppojax does the same on top of the `ppojax` convention; with `preset` set the named
+convention's values apply. Keys given explicitly override either.
+
+| key | default | meaning |
+| --- | --- | --- |
+| model_name_or_path | required | local Hugging Face directory (config.json + safetensors) of the policy / model to train |
+| stage | required | sft, rm (reward model) or ppo |
+| do_train | true | must be true: ppojax only trains (evaluation-only runs are not supported) |
+| finetuning_type | lora | full or lora |
+| lora_rank | 8 | LoRA rank (> 0) |
+| lora_alpha | 2 × lora_rank | LoRA alpha; scale = alpha / rank (LLaMA-Factory's default alpha is rank × 2) |
+| lora_target | all | all, or a comma list of projections: q k v o gate up down (HF names q_proj ... down_proj accepted) |
+| reward_model | (ppo: required) | local HF directory of the reward model (a `stage: rm` output_dir) |
+| ref_model | null | local HF directory of the reference policy; null: the initial policy (LoRA: the base, adapters off) |
+| dataset | required | a local .json (array) or .jsonl file; see ppojax/data.py for the formats |
+| dataset_dir | null | directory `dataset` is relative to (else the current directory) |
+| template | default | chat template: any name (qwen, llama3, ...) uses the tokenizer's own chat template; none / default / empty = raw text |
+| cutoff_len | 2048 | sft / rm: maximum tokens of prompt + response (longer rows are cut, counted and reported) |
+| max_prompt_length | 512 | ppo: maximum prompt tokens |
+| prompt_overflow | truncate | ppo: a longer prompt is truncate-d (its first tokens dropped, rows counted) or refuse-d (error naming the row) |
+| per_device_train_batch_size | 1 | micro batch (alias: mini_batch_size) |
+| gradient_accumulation_steps | 1 | micro batches per optimizer step |
+| ppo_buffer_size | 1 | optimizer batches per rollout batch (LLaMA-Factory: "mini-batches to make the experience buffer") |
+| batch_size | optimizer batch × ppo_buffer_size | TRL 0.x name for the rollout batch; must be a multiple of the optimizer batch |
+| learning_rate | 5e-5 | peak learning rate (the policy's; sft / rm: the model's) |
+| critic_learning_rate | learning_rate | ppo: the critic's learning rate |
+| lr_scheduler_type | linear | constant or linear (to 0 at the last step); cosine is not offered |
+| warmup_steps | 0 | linear warm-up optimizer steps |
+| max_grad_norm | 1.0 | clip gradients by global norm; 0 turns clipping off |
+| num_train_epochs | 3.0 | passes over the dataset (ppo: over the prompts) |
+| max_steps | -1 | if > 0, stop after this many iterations (ppo) / optimizer steps (sft, rm); overrides num_train_epochs |
+| ppo_epochs | 4 | optimisation passes over each rollout batch |
+| ppo_target | preset (6.0) | adaptive-KL target, nats per sequence (aliases: kl_target, target). Needs adap_kl_ctrl |
+| ppo_score_norm | false | normalise scores with running mean and std (TRL 0.x use_score_norm + use_score_scaling) |
+| ppo_whiten_rewards | preset (false) | whiten the shaped rewards before GAE, mean kept (alias: whiten_rewards) |
+| preset | null | ppojax, trl, openrlhf, verl or openai: a `ppojax.presets.Convention`; null: ppojax + LLaMA-Factory's KL defaults |
+| kl_coef | preset (0.2 when preset is null) | β, the initial KL coefficient (alias: init_kl_coef) |
+| adap_kl_ctrl | preset (true when preset is null) | adaptive KL controller (Ziegler et al.) instead of a fixed β |
+| horizon | preset (10000) | adaptive controller horizon |
+| kl_estimator | preset (k1) | k1, k2, k3 or abs (TRL 0.x kl_penalty kl / mse / abs = k1 / k2 / abs) |
+| cliprange | preset (0.2) | policy ratio clip ε |
+| cliprange_value | preset | value clip ε_v; null: no value clipping |
+| vf_coef | preset (0.1) | value-loss weight in a joint loss |
+| gamma | preset (1.0) | discount γ |
+| lam | preset | GAE λ |
+| missing_eos_penalty | preset (null) | subtracted from the score of responses without a stop token |
+| entropy_coef | 0.0 | entropy bonus weight |
+| target_kl | null | TRL 0.x early stopping: skip the rest of an iteration's updates once approx-KL exceeds 1.5 × target_kl. NOT the adaptive target (that is ppo_target) |
+| early_stop_kl | 10.0 | mean KL to the reference (nats per sequence) above which the run is stopped (see on_kl_exceeded); null: off |
+| on_kl_exceeded | rollback | stop (keep the current weights), rollback (restore the last good checkpoint and stop), or rollback_continue (restore it and go on, at most max_rollbacks times) |
+| max_rollbacks | 3 | rollback_continue: how many restores before stopping |
+| max_new_tokens | 1024 | response length in tokens (LLaMA-Factory's default) |
+| temperature | 1.0 | sampling temperature (> 0); LLaMA-Factory's chat default 0.95 is not used: PPO samples the full distribution |
+| top_p | 1.0 | nucleus sampling (0, 1]; < 1 samples a truncated distribution (PPO_DETAILS item 5) |
+| top_k | 0 | top-k sampling; 0 = off |
+| bf16 | false | bfloat16 weights and compute (losses and statistics stay float32) |
+| seed | 42 | seeds the PRNG key and the data order |
+| output_dir | required | where models, checkpoints and reports go |
+| overwrite_output_dir | false | allow a fresh run in an output_dir that already has checkpoints |
+| logging_steps | 10 | write a metrics row every N iterations / steps |
+| save_steps | 500 | save a checkpoint every N iterations / steps |
+| max_to_keep | 3 | checkpoints kept (alias: save_total_limit); null keeps all |
+| resume | false | continue from the latest checkpoint in output_dir (alias: resume_from_checkpoint) |
+| samples_every | 10 | ppo: append prompt / response / score rows to samples.jsonl every N iterations; 0: never |
+| num_samples | 4 | ppo: rows written each time |
+| tensorboard | false | also write TensorBoard event files (only if tensorboardX or tensorboard is installed) |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import typing
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import yaml
+
+from ppojax.kl import KL_ESTIMATORS
+from ppojax.presets import PRESETS, Convention
+
+
+class ConfigError(ValueError):
+    """A bad configuration or data file. The message is one line, fit to print without a traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+STAGES = ("sft", "rm", "ppo")
+FINETUNING_TYPES = ("full", "lora")
+SCHEDULERS = ("constant", "linear")  # ppojax.optim schedules; LLaMA-Factory's cosine is not offered
+PROMPT_OVERFLOW = ("truncate", "refuse")
+ON_KL_EXCEEDED = ("stop", "rollback", "rollback_continue")
+RAW_TEMPLATES = ("none", "default", "empty", "raw")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# HF module names (LLaMA-Factory's lora_target values) -> ours.
+_HF_LORA_NAMES = {
+    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
+    "down_proj": "down", "c_attn": "q", "c_fc": "up", "c_proj": "down", "qkv": "q",
+}
+
+
+def _key(default=dataclasses.MISSING, *, choices=None, low=None, high=None, low_open=False, path=None):
+    """A config key: `low`/`high` bound numbers (`low_open`: strictly above low); `path`: "dir" or "file"
+    must exist (relative paths are taken from the current directory, or `dataset_dir` for the dataset)."""
+    meta = {"choices": choices, "low": low, "high": high, "low_open": low_open, "path": path}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A validated `ppojax train` configuration (see the module docstring for every key). Paths are absolute."""
+
+    model_name_or_path: str = _key(path="dir")
+    stage: str = _key(choices=STAGES)
+    dataset: str = _key(path="file")
+    output_dir: str = _key()
+    do_train: bool = _key(True)
+    finetuning_type: str = _key("lora", choices=FINETUNING_TYPES)
+    lora_rank: int = _key(8, low=1)
+    lora_alpha: Optional[float] = _key(None, low=0.0, low_open=True)
+    lora_target: Union[str, tuple] = _key("all")
+    reward_model: Optional[str] = _key(None, path="dir")
+    ref_model: Optional[str] = _key(None, path="dir")
+    dataset_dir: Optional[str] = _key(None, path="dir")
+    template: str = _key("default")
+    cutoff_len: int = _key(2048, low=2)
+    max_prompt_length: int = _key(512, low=1)
+    prompt_overflow: str = _key("truncate", choices=PROMPT_OVERFLOW)
+    per_device_train_batch_size: int = _key(1, low=1)
+    gradient_accumulation_steps: int = _key(1, low=1)
+    ppo_buffer_size: Optional[int] = _key(None, low=1)
+    batch_size: Optional[int] = _key(None, low=1)
+    learning_rate: float = _key(5e-5, low=0.0, low_open=True)
+    critic_learning_rate: Optional[float] = _key(None, low=0.0, low_open=True)
+    lr_scheduler_type: str = _key("linear", choices=SCHEDULERS)
+    warmup_steps: int = _key(0, low=0)
+    max_grad_norm: float = _key(1.0, low=0.0)
+    num_train_epochs: float = _key(3.0, low=0.0, low_open=True)
+    max_steps: int = _key(-1)
+    ppo_epochs: int = _key(4, low=1)
+    ppo_target: Optional[float] = _key(None, low=0.0, low_open=True)
+    ppo_score_norm: bool = _key(False)
+    ppo_whiten_rewards: Optional[bool] = _key(None)
+    preset: Optional[str] = _key(None, choices=tuple(PRESETS))
+    kl_coef: Optional[float] = _key(None, low=0.0)
+    adap_kl_ctrl: Optional[bool] = _key(None)
+    horizon: Optional[float] = _key(None, low=0.0, low_open=True)
+    kl_estimator: Optional[str] = _key(None, choices=KL_ESTIMATORS)
+    cliprange: Optional[float] = _key(None, low=0.0, low_open=True)
+    cliprange_value: Optional[float] = _key(None, low=0.0, low_open=True)
+    vf_coef: Optional[float] = _key(None, low=0.0)
+    gamma: Optional[float] = _key(None, low=0.0, high=1.0)
+    lam: Optional[float] = _key(None, low=0.0, high=1.0)
+    missing_eos_penalty: Optional[float] = _key(None)
+    entropy_coef: float = _key(0.0)
+    target_kl: Optional[float] = _key(None, low=0.0, low_open=True)
+    early_stop_kl: Optional[float] = _key(10.0, low=0.0, low_open=True)
+    on_kl_exceeded: str = _key("rollback", choices=ON_KL_EXCEEDED)
+    max_rollbacks: int = _key(3, low=0)
+    max_new_tokens: int = _key(1024, low=1)
+    temperature: float = _key(1.0, low=0.0, low_open=True)
+    top_p: float = _key(1.0, low=0.0, high=1.0, low_open=True)
+    top_k: int = _key(0, low=0)
+    bf16: bool = _key(False)
+    seed: int = _key(42)
+    overwrite_output_dir: bool = _key(False)
+    logging_steps: int = _key(10, low=1)
+    save_steps: int = _key(500, low=1)
+    max_to_keep: Optional[int] = _key(3, low=1)
+    resume: bool = _key(False)
+    samples_every: int = _key(10, low=0)
+    num_samples: int = _key(4, low=1)
+    tensorboard: bool = _key(False)
+    # The keys the user gave (not a config key): an explicit null differs from "take the preset's value".
+    given_keys: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False)
+
+    # ---- derived values -------------------------------------------------------------------------------
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Rows per forward/backward pass."""
+        return self.per_device_train_batch_size
+
+    @property
+    def optimizer_batch_size(self) -> int:
+        """Rows per optimizer step (one PPO minibatch)."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def rollout_batch_size(self) -> int:
+        """Prompts per PPO iteration."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return self.optimizer_batch_size * (self.ppo_buffer_size or 1)
+
+    @property
+    def lora_scale_alpha(self) -> float:
+        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    @property
+    def raw_template(self) -> bool:
+        """True when prompts are used as raw text (no chat template)."""
+        return self.template.lower() in RAW_TEMPLATES
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.output_dir, "checkpoints")
+
+    @property
+    def convention(self) -> Convention:
+        """The preset (or ppojax with LLaMA-Factory's KL defaults) with the explicit keys applied."""
+        if self.preset is None:
+            base = PRESETS["ppojax"].replace(kl_coef=0.2, adaptive_kl=True, kl_target=6.0, kl_horizon=10000.0)
+        else:
+            base = PRESETS[self.preset]
+        changes = {field: getattr(self, key) for key, field in CONVENTION_KEYS.items() if getattr(self, key) is not None}
+        if self.cliprange_value is None and "cliprange_value" in self.given_keys:
+            changes["value_clip_eps"] = None  # an explicit null turns value clipping off
+        return base.replace(**changes) if changes else base
+
+    def to_dict(self) -> dict:
+        """The config keys and values (JSON-able; tuples become lists)."""
+        return {name: getattr(self, name) for name in _FIELDS}
+
+    def hash(self) -> str:
+        """A short hash of the settings that change the training trajectory (not logging / saving / resume)."""
+        relevant = {k: v for k, v in self.to_dict().items() if k not in _NON_TRAJECTORY_KEYS}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# Config key -> Convention field (None in the config = take the preset's value).
+CONVENTION_KEYS = {
+    "kl_coef": "kl_coef",
+    "adap_kl_ctrl": "adaptive_kl",
+    "ppo_target": "kl_target",
+    "horizon": "kl_horizon",
+    "kl_estimator": "kl_estimator",
+    "cliprange": "clip_eps",
+    "cliprange_value": "value_clip_eps",
+    "vf_coef": "vf_coef",
+    "gamma": "gamma",
+    "lam": "lam",
+    "missing_eos_penalty": "missing_eos_penalty",
+    "ppo_whiten_rewards": "whiten_rewards",
+}
+
+# Other names for the same key (TRL 0.x / OpenRLHF / HF Trainer spellings).
+ALIASES = {
+    "init_kl_coef": "kl_coef",
+    "kl_target": "ppo_target",
+    "target": "ppo_target",
+    "whiten_rewards": "ppo_whiten_rewards",
+    "mini_batch_size": "per_device_train_batch_size",
+    "save_total_limit": "max_to_keep",
+    "resume_from_checkpoint": "resume",
+}
+
+# Well-known keys of other tools that ppojax does not take, with what to do instead.
+FOREIGN_KEYS = {
+    "fp16": "fp16 is not supported; use bf16: true",
+    "kl_penalty": "use kl_estimator: k1 | k2 | k3 | abs (TRL's kl = k1, mse = k2, abs = abs; 'full' is not offered)",
+    "report_to": "use tensorboard: true (metrics CSV, summary.json and plots are always written)",
+    "lora_dropout": "ppojax uses no dropout anywhere (PPO_DETAILS item 4); remove lora_dropout",
+    "early_stopping": "set target_kl to enable TRL-style early stopping of the PPO epochs",
+    "reward_model_type": "reward_model must be a full Hugging Face directory (the output_dir of a stage: rm run)",
+    "use_score_norm": "use ppo_score_norm: true",
+    "use_score_scaling": "use ppo_score_norm: true",
+}
+
+_NON_TRAJECTORY_KEYS = frozenset({
+    "output_dir", "overwrite_output_dir", "logging_steps", "save_steps", "max_to_keep", "resume", "samples_every",
+    "num_samples", "tensorboard", "do_train",
+})
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "given_keys"}
+_REQUIRED = tuple(name for name, f in _FIELDS.items() if f.default is dataclasses.MISSING)
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Reads a YAML file, applies `key=value` overrides (values parsed as YAML scalars) and validates."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value at the top level, found a {type(raw).__name__}")
+    sources = {_canonical(k, path): path for k in raw}
+    merged = _canonical_keys(raw, path)
+    for key, value in parse_overrides(overrides).items():
+        merged[key] = value
+        sources[key] = "command line"
+    return config_from_dict(merged, source=path, sources=sources)
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """["lr=1e-6", "bf16=true"] -> {key: value}, values parsed as YAML scalars; aliases resolved."""
+    out = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or not key:
+            raise ConfigError(f"command line: override {item!r} is not key=value (e.g. learning_rate=1.0e-6)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        _merge_key(out, _canonical(key, "command line"), value, "command line", key)
+    return out
+
+
+def config_from_dict(raw: Mapping[str, Any], *, source: str = "config", sources: Optional[Mapping] = None) -> TrainConfig:
+    """Validates a mapping (aliases allowed) into a `TrainConfig`. `source` names it in error messages."""
+    raw = _canonical_keys(raw, source)
+    where = lambda key: (sources or {}).get(key, source)  # noqa: E731
+    values = {}
+    for key in _REQUIRED:
+        if raw.get(key) is None:
+            raise ConfigError(f"{source}: missing required key '{key}' ({_required_hint(key)})")
+    for key, value in raw.items():
+        values[key] = _check_value(key, value, where(key), raw)
+    config = TrainConfig(**values, given_keys=frozenset(raw))
+    _check_consistency(config, raw, where)
+    return config
+
+
+def _canonical(key: str, source: str) -> str:
+    if not isinstance(key, str):
+        raise ConfigError(f"{source}: key {key!r} is not a string")
+    key = ALIASES.get(key, key)
+    if key in _FIELDS:
+        return key
+    if key in FOREIGN_KEYS:
+        raise ConfigError(f"{source}: key '{key}' is not a ppojax key: {FOREIGN_KEYS[key]}")
+    candidates = list(_FIELDS) + list(ALIASES)
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'?" if close else "see the key table in ppojax/config.py"
+    raise ConfigError(f"{source}: unknown key '{key}'; {hint}")
+
+
+def _merge_key(out: dict, key: str, value, source: str, given_as: str):
+    if key in out and out[key] != value:
+        raise ConfigError(
+            f"{source}: '{given_as}' ({value!r}) and another spelling of '{key}' ({out[key]!r}) are both set; keep one")
+    out[key] = value
+
+
+def _canonical_keys(raw: Mapping, source: str) -> dict:
+    out: dict = {}
+    for key, value in raw.items():
+        _merge_key(out, _canonical(key, source), value, source, key)
+    return out
+
+
+def _required_hint(key: str) -> str:
+    return {
+        "model_name_or_path": "a local Hugging Face model directory",
+        "stage": f"one of {', '.join(STAGES)}",
+        "dataset": "a local .json or .jsonl file",
+        "output_dir": "where models, checkpoints and reports go",
+    }[key]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Type, range and path checks
+
+
+def _type_name(tp) -> str:
+    return {bool: "a boolean (true / false)", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _check_value(key: str, value, source: str, raw: Mapping):
+    field = _FIELDS[key]
+    meta = field.metadata
+    hint = _HINTS[key]
+    optional = typing.get_origin(hint) is Union and type(None) in typing.get_args(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: '{key}' must not be null; default is {field.default!r}")
+    if key == "lora_target":
+        return _lora_target(value, source)
+    base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    value = _coerce(key, value, base, source)
+    if meta["choices"] is not None and value not in meta["choices"]:
+        close = difflib.get_close_matches(str(value), [str(c) for c in meta["choices"]], n=1)
+        maybe = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{source}: '{key}' is {value!r}; allowed: {', '.join(map(str, meta['choices']))}{maybe}")
+    if base in (int, float):
+        _check_range(key, value, meta, source)
+    if meta["path"] is not None:
+        value = _check_path(key, value, meta["path"], source, raw)
+    return value
+
+
+def _coerce(key: str, value, base, source: str):
+    bad = ConfigError(f"{source}: '{key}' is {value!r} ({type(value).__name__}); expected {_type_name(base)}")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if isinstance(value, bool):  # YAML yes/no/true must not pass as 1/0
+        raise bad
+    if base is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if base is float:
+        if isinstance(value, (int, float)):
+            value = float(value)
+        elif isinstance(value, str):  # PyYAML reads 1e-6 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
+        else:
+            raise bad
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: '{key}' is {value!r}; expected a finite number")
+        return value
+    if base is str:
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+        if isinstance(value, str):
+            raise ConfigError(f"{source}: '{key}' is empty; expected {_type_name(str)}")
+        raise bad
+    raise bad
+
+
+def _check_range(key: str, value, meta, source: str):
+    low, high = meta["low"], meta["high"]
+    too_low = low is not None and (value <= low if meta["low_open"] else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        lo = "" if low is None else (f"> {low}" if meta["low_open"] else f">= {low}")
+        hi = "" if high is None else f"<= {high}"
+        allowed = " and ".join(x for x in (lo, hi) if x)
+        raise ConfigError(f"{source}: '{key}' is {value!r}; must be {allowed}")
+
+
+def _check_path(key: str, value: str, kind: str, source: str, raw: Mapping) -> str:
+    base = raw.get("dataset_dir") if key == "dataset" and raw.get("dataset_dir") else os.getcwd()
+    path = os.path.abspath(os.path.join(os.path.expanduser(base), os.path.expanduser(value)))
+    if kind == "dir":
+        if not os.path.isdir(path):
+            raise ConfigError(f"{source}: '{key}' is {value!r} but {path} is not a directory"
+                              f"{_dir_hint(key)}")
+        if key != "dataset_dir" and not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"{source}: '{key}' is {value!r} but {path} has no config.json "
+                              "(expected a local Hugging Face model directory; hub names are not downloaded)")
+    elif not os.path.isfile(path):
+        raise ConfigError(f"{source}: '{key}' is {value!r} but {path} is not a file (ppojax reads a local .json or "
+                          ".jsonl file; LLaMA-Factory dataset_info.json names are not looked up)")
+    return path
+
+
+def _dir_hint(key: str) -> str:
+    if key == "reward_model":
+        return " (train one first with stage: rm and point reward_model at its output_dir)"
+    if key in ("model_name_or_path", "ref_model"):
+        return " (a local Hugging Face directory; hub names are not downloaded)"
+    return ""
+
+
+def _lora_target(value, source: str):
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{source}: 'lora_target' is {value!r}; expected 'all' or a comma list of {', '.join(LORA_TARGETS)}")
+    names = [n.strip() for n in names if n.strip()]
+    if names == ["all"]:
+        return "all"
+    out = []
+    for name in names:
+        ours = _HF_LORA_NAMES.get(name, name)
+        if ours not in LORA_TARGETS:
+            raise ConfigError(f"{source}: 'lora_target' has {name!r}; allowed: all, {', '.join(LORA_TARGETS)} "
+                              "(or the HF names q_proj ... down_proj)")
+        if ours not in out:
+            out.append(ours)
+    if not out:
+        raise ConfigError(f"{source}: 'lora_target' is empty; use 'all' or a comma list of {', '.join(LORA_TARGETS)}")
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cross-key consistency
+
+
+def _check_consistency(config: TrainConfig, raw: Mapping, where):
+    c = config
+    if not c.do_train:
+        raise ConfigError(f"{where('do_train')}: 'do_train' is false; ppojax train only trains (set do_train: true)")
+    if c.stage == "ppo" and c.reward_model is None:
+        raise ConfigError(f"{where('stage')}: stage ppo needs 'reward_model' (the output_dir of a stage: rm run)")
+    step = c.optimizer_batch_size
+    product = f"per_device_train_batch_size × gradient_accumulation_steps = {c.per_device_train_batch_size} × " \
+              f"{c.gradient_accumulation_steps} = {step} rows per optimizer step"
+    if c.batch_size is not None:
+        if c.batch_size % step:
+            lower = max(step, c.batch_size // step * step)
+            raise ConfigError(
+                f"{where('batch_size')}: 'batch_size' {c.batch_size} (prompts per PPO iteration) is not divisible by "
+                f"{product}; use a multiple of {step}, e.g. {lower} or {lower + step}")
+        if c.ppo_buffer_size is not None and c.batch_size != step * c.ppo_buffer_size:
+            raise ConfigError(
+                f"{where('batch_size')}: 'batch_size' {c.batch_size} disagrees with ppo_buffer_size {c.ppo_buffer_size} × "
+                f"{step} ({product}) = {step * c.ppo_buffer_size}; set only one of batch_size and ppo_buffer_size")
+    if c.stage == "ppo":
+        conv = c.convention
+        if c.ppo_target is not None and not conv.adaptive_kl:
+            raise ConfigError(
+                f"{where('ppo_target')}: 'ppo_target' {c.ppo_target} has no effect with a fixed KL coefficient "
+                f"(preset {c.preset!r} has adap_kl_ctrl false); set adap_kl_ctrl: true or drop ppo_target")
+    if c.stage != "ppo":
+        ppo_only = sorted(k for k in raw if k in _PPO_ONLY_KEYS)
+        if ppo_only:
+            raise ConfigError(f"{where(ppo_only[0])}: '{ppo_only[0]}' is a PPO setting but stage is {c.stage!r}; "
+                              "remove it or set stage: ppo")
+    if c.finetuning_type == "full" and any(k in raw for k in ("lora_rank", "lora_alpha", "lora_target")):
+        key = next(k for k in ("lora_rank", "lora_alpha", "lora_target") if k in raw)
+        raise ConfigError(f"{where(key)}: '{key}' is set but finetuning_type is 'full'; set finetuning_type: lora or remove it")
+
+
+_PPO_ONLY_KEYS = frozenset({
+    "reward_model", "ref_model", "ppo_buffer_size", "batch_size", "ppo_epochs", "ppo_target", "ppo_score_norm",
+    "ppo_whiten_rewards", "preset", "kl_coef", "adap_kl_ctrl", "horizon", "kl_estimator", "cliprange",
+    "cliprange_value", "vf_coef", "gamma", "lam", "missing_eos_penalty", "target_kl", "early_stop_kl",
+    "on_kl_exceeded", "max_rollbacks", "max_new_tokens", "temperature", "top_p", "top_k", "max_prompt_length",
+    "prompt_overflow", "critic_learning_rate", "samples_every", "num_samples", "entropy_coef",
+})

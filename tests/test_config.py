@@ -1,0 +1,185 @@
+"""Config loading and validation: every error is one ConfigError line naming the key, value and what is allowed."""
+
+import os
+
+import pytest
+import yaml
+
+from ppojax.config import ConfigError, TrainConfig, config_from_dict, load_config, parse_overrides
+from ppojax.presets import PRESETS
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A current directory holding a fake model dir, a reward dir and a dataset, so relative paths resolve."""
+    monkeypatch.chdir(tmp_path)
+    for d in ("model", "saves/reward"):
+        os.makedirs(d)
+        with open(os.path.join(d, "config.json"), "w") as f:
+            f.write("{}")
+    with open("prompts.json", "w") as f:
+        f.write('[{"instruction": "hi", "input": ""}]')
+    with open("pairs.jsonl", "w") as f:
+        f.write('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    return tmp_path
+
+
+RM_YAML = """\
+model_name_or_path: model
+stage: rm
+finetuning_type: lora
+dataset: pairs.jsonl
+template: qwen
+output_dir: saves/reward
+"""
+
+PPO_YAML = """\
+model_name_or_path: model
+stage: ppo
+do_train: true
+finetuning_type: lora
+reward_model: saves/reward
+ppo_epochs: 4
+ppo_target: 6.0
+lora_rank: 64
+lora_target: all
+dataset: prompts.json
+template: qwen
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-6
+bf16: true
+output_dir: saves/ppo
+"""
+
+
+def write(text, name="run.yaml"):
+    with open(name, "w") as f:
+        f.write(text)
+    return name
+
+
+def error(fn, *args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def base(**changes):
+    raw = {"model_name_or_path": "model", "stage": "ppo", "dataset": "prompts.json", "output_dir": "out",
+           "reward_model": "saves/reward"}
+    raw.update(changes)
+    return raw
+
+
+def test_the_two_example_yamls_validate(workdir):
+    rm = load_config(write(RM_YAML))
+    assert rm.stage == "rm" and rm.finetuning_type == "lora" and rm.template == "qwen"
+    assert rm.model_name_or_path == str(workdir / "model") and os.path.isabs(rm.dataset)
+    ppo = load_config(write(PPO_YAML))
+    assert ppo.stage == "ppo" and ppo.learning_rate == 1e-6 and ppo.bf16 and ppo.lora_rank == 64
+    assert ppo.lora_target == "all" and ppo.lora_scale_alpha == 128.0
+    assert (ppo.micro_batch_size, ppo.optimizer_batch_size, ppo.rollout_batch_size) == (1, 8, 8)
+    # LLaMA-Factory passes no KL settings to TRL 0.x: adaptive from 0.2 towards ppo_target.
+    conv = ppo.convention
+    assert conv.adaptive_kl and conv.kl_coef == 0.2 and conv.kl_target == 6.0 and conv.kl_horizon == 10000.0
+    assert ppo.early_stop_kl == 10.0
+
+
+def test_overrides_are_yaml_scalars_and_win(workdir):
+    cfg = load_config(write(PPO_YAML), ["learning_rate=2e-6", "bf16=false", "lora_target=q_proj,v_proj", "seed=7"])
+    assert cfg.learning_rate == 2e-6 and cfg.bf16 is False and cfg.lora_target == ("q", "v") and cfg.seed == 7
+    assert parse_overrides(["init_kl_coef=0.1"]) == {"kl_coef": 0.1}
+    assert "not key=value" in error(parse_overrides, ["learning_rate"])
+
+
+def test_unknown_key_names_the_nearest(workdir):
+    msg = error(load_config, write(PPO_YAML + "ppo_epoch: 2\n"))
+    assert "run.yaml" in msg and "'ppo_epoch'" in msg and "did you mean 'ppo_epochs'" in msg
+    msg = error(load_config, write(PPO_YAML), ["learnig_rate=1e-5"])
+    assert msg.startswith("command line") and "'learning_rate'" in msg
+    assert "bf16" in error(config_from_dict, base(fp16=True))
+
+
+def test_wrong_type_names_key_value_and_expected(workdir):
+    msg = error(config_from_dict, base(ppo_epochs="four"))
+    assert "'ppo_epochs'" in msg and "'four'" in msg and "integer" in msg
+    assert "boolean" in error(config_from_dict, base(bf16="yes please"))
+    assert "integer" in error(config_from_dict, base(lora_rank=True))
+    assert "integer" in error(config_from_dict, base(ppo_epochs=1.5))
+    # PyYAML reads 1e-6 (no dot) as a string; a number field accepts it.
+    assert config_from_dict(base(learning_rate="1e-6")).learning_rate == 1e-6
+
+
+def test_out_of_range_and_choices(workdir):
+    msg = error(config_from_dict, base(learning_rate=0))
+    assert "'learning_rate'" in msg and "> 0" in msg
+    assert "<= 1.0" in error(config_from_dict, base(top_p=1.5))
+    msg = error(config_from_dict, base(stage="ppo2"))
+    assert "allowed: sft, rm, ppo" in msg and "did you mean 'ppo'" in msg
+    assert "q_proj" in error(config_from_dict, base(lora_target="qkv_proj"))
+
+
+def test_missing_required_and_paths(workdir):
+    raw = base()
+    del raw["output_dir"]
+    assert "missing required key 'output_dir'" in error(config_from_dict, raw)
+    assert "stage: rm" in error(config_from_dict, base(reward_model="saves/none"))
+    assert "config.json" in error(config_from_dict, base(model_name_or_path="saves"))
+    assert "dataset_info.json" in error(config_from_dict, base(dataset="my_ppo_prompts"))
+    raw = base()
+    del raw["reward_model"]
+    assert "needs 'reward_model'" in error(config_from_dict, raw)
+
+
+def test_inconsistent_batch_sizes_are_explained(workdir):
+    msg = error(config_from_dict, base(batch_size=10, per_device_train_batch_size=2, gradient_accumulation_steps=4))
+    assert "'batch_size' 10" in msg and "2 × 4 = 8" in msg and "multiple of 8" in msg
+    msg = error(config_from_dict, base(batch_size=16, ppo_buffer_size=3, gradient_accumulation_steps=8))
+    assert "ppo_buffer_size 3" in msg and "set only one" in msg
+    cfg = config_from_dict(base(batch_size=32, mini_batch_size=2, gradient_accumulation_steps=4))
+    assert (cfg.micro_batch_size, cfg.optimizer_batch_size, cfg.rollout_batch_size) == (2, 8, 32)
+    assert config_from_dict(base(ppo_buffer_size=4, gradient_accumulation_steps=2)).rollout_batch_size == 8
+
+
+def test_aliases_conflict(workdir):
+    msg = error(config_from_dict, base(kl_coef=0.1, init_kl_coef=0.2))
+    assert "kl_coef" in msg and "keep one" in msg
+
+
+def test_preset_with_explicit_overrides(workdir):
+    cfg = config_from_dict(base(preset="openrlhf", cliprange=0.1, lam=0.9))
+    conv = cfg.convention
+    assert conv.name == "openrlhf" and conv.clip_eps == 0.1 and conv.lam == 0.9
+    assert conv.value_clip_eps == PRESETS["openrlhf"].value_clip_eps and conv.kl_clamp == 10.0
+    assert config_from_dict(base(preset="trl")).convention == PRESETS["trl"]
+    assert config_from_dict(base(preset="trl", cliprange_value=None)).convention.value_clip_eps is None
+    # ppo_target with a fixed-β preset is a mistake, not a silent no-op.
+    msg = error(config_from_dict, base(preset="trl", ppo_target=6.0))
+    assert "no effect" in msg and "adap_kl_ctrl" in msg
+    assert config_from_dict(base(preset="trl", ppo_target=3.0, adap_kl_ctrl=True)).convention.kl_target == 3.0
+    assert "kl_estimator" in error(config_from_dict, base(kl_penalty="kl"))
+
+
+def test_stage_and_finetuning_consistency(workdir):
+    raw = base(stage="rm", ppo_epochs=2)
+    del raw["reward_model"]
+    assert "PPO setting" in error(config_from_dict, raw)
+    assert "finetuning_type is 'full'" in error(config_from_dict, base(finetuning_type="full", lora_rank=4))
+
+
+def test_frozen_and_hash(workdir):
+    cfg = config_from_dict(base())
+    with pytest.raises(Exception):
+        cfg.seed = 1
+    assert cfg.hash() == config_from_dict(base(logging_steps=3)).hash()
+    assert cfg.hash() != config_from_dict(base(seed=3)).hash()
+    assert isinstance(cfg, TrainConfig) and yaml.safe_dump(cfg.to_dict())
+
+
+def test_yaml_errors_are_one_line(workdir):
+    assert "invalid YAML" in error(load_config, write("a: [1, 2\n"))
+    assert "mapping" in error(load_config, write("- 1\n- 2\n"))
+    assert "no such config file" in error(load_config, "nope.yaml")

@@ -1,0 +1,73 @@
+"""Reports: CSV (union of columns), summary.json, training_curves.png, samples.jsonl; atomic; resume."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ppojax.reports import MetricsWriter, atomic_write, make_tensorboard_writer, read_metrics_csv
+
+
+def test_ppo_reports_written_and_parseable(tmp_path):
+    writer = MetricsWriter(str(tmp_path), "ppo", total=3, progress=True)
+    writer.log(1, {"objective/scores": 0.1, "objective/kl": 0.0, "objective/kl_coef": 0.2, "loss/policy": np.float32(0.5),
+                   "text": "ignored"})
+    writer.log(2, {"objective/scores": 0.4, "objective/kl": 1.5, "value/explained_variance": 0.3,
+                   "response/length_mean": np.array(12.0)})  # a new column mid-run
+    writer.samples(2, ["hi", "the cat"], ["yes", "sat"], [0.5, np.float32(-1.0)])
+    writer.samples(3, ["hi"], ["no"], [0.1])
+    summary = writer.close("completed", config_hash="abc")
+    d = tmp_path / "ppo_metrics"
+    assert sorted(os.listdir(d)) == ["samples.jsonl", "summary.json", "training_curves.png", "training_metrics.csv"]
+    rows = read_metrics_csv(str(d / "training_metrics.csv"))
+    assert rows[0] == {"step": 1, "objective/scores": 0.1, "objective/kl": 0.0, "objective/kl_coef": 0.2, "loss/policy": 0.5}
+    assert rows[1]["value/explained_variance"] == 0.3 and "loss/policy" not in rows[1]
+    loaded = json.loads((d / "summary.json").read_text())
+    assert loaded == json.loads(json.dumps(summary))
+    assert loaded["status"] == "completed" and loaded["last_step"] == 2 and loaded["config_hash"] == "abc"
+    assert loaded["metrics"]["objective/scores"]["first"] == 0.1 and loaded["metrics"]["objective/kl"]["max"] == 1.5
+    samples = [json.loads(line) for line in (d / "samples.jsonl").read_text().splitlines()]
+    assert samples[1] == {"step": 2, "prompt": "the cat", "response": "sat", "score": -1.0} and len(samples) == 3
+    assert (d / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [n for n in os.listdir(d) if n.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("stage,metrics", [("rm", {"loss": 0.7, "accuracy": 0.5}), ("sft", {"loss": 2.0})])
+def test_rm_and_sft_reports(tmp_path, stage, metrics):
+    writer = MetricsWriter(str(tmp_path), stage, progress=False)
+    for step in range(1, 4):
+        writer.log(step, {k: v / step for k, v in metrics.items()})
+    writer.close()
+    d = tmp_path / f"{stage}_metrics"
+    assert (d / "training_curves.png").stat().st_size > 1000
+    assert [r["step"] for r in read_metrics_csv(str(d / "training_metrics.csv"))] == [1, 2, 3]
+    assert json.loads((d / "summary.json").read_text())["metrics"]["loss"]["last"] == pytest.approx(metrics["loss"] / 3)
+
+
+def test_resume_keeps_rows_up_to_the_step_and_fresh_run_clears(tmp_path):
+    writer = MetricsWriter(str(tmp_path), "sft", progress=False)
+    for step in range(1, 6):
+        writer.log(step, {"loss": float(step)})
+    writer.close()
+    resumed = MetricsWriter(str(tmp_path), "sft", resume_step=3, progress=False)
+    resumed.log(4, {"loss": 40.0})
+    resumed.close()
+    rows = read_metrics_csv(str(tmp_path / "sft_metrics" / "training_metrics.csv"))
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    MetricsWriter(str(tmp_path), "sft", progress=False)  # a fresh run does not inherit old files
+    assert not os.path.exists(tmp_path / "sft_metrics" / "training_metrics.csv")
+
+
+def test_atomic_write_replaces_whole_files(tmp_path):
+    path = tmp_path / "x" / "f.json"
+    atomic_write(str(path), "old")
+    atomic_write(str(path), b"new")
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path / "x") == ["f.json"]
+
+
+def test_tensorboard_is_optional(tmp_path):
+    writer = MetricsWriter(str(tmp_path), "sft", tensorboard=True, progress=False)
+    assert writer.tensorboard_available == (make_tensorboard_writer(str(tmp_path / "probe")) is not None)
+    writer.log(1, {"loss": 1.0})  # works with or without a writer library
+    writer.close()
