@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,13 +127,16 @@ def rollout(
     fold_in(key, t), so the same key gives the same responses. temperature 0 is greedy. The decode loop is a
     `lax.while_loop` that exits as soon as every row has emitted a stop token. top_k (static) and top_p
     restrict sampling only; the log-probs are over the full tempered distribution (see `ppojax.sampling`).
-    `stop_token_ids` may be empty (then every row runs to `max_new_tokens`).
+    `stop_token_ids` may be empty (then every row runs to `max_new_tokens`); pad the list with -1 (never a
+    token) to keep its length, and so the compiled program, fixed when the stop set changes.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; found {max_new_tokens}")
-    batch, prompt_len = prompt_ids.shape
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
+    chex.assert_rank([prompt_ids, prompt_mask], 2)
+    chex.assert_equal_shape([prompt_ids, prompt_mask])
+    batch, prompt_len = prompt_ids.shape
     stop_token_ids = jnp.asarray(stop_token_ids, jnp.int32).reshape(-1)
     pad_token_id = jnp.asarray(pad_token_id, jnp.int32)
     temperature = jnp.asarray(temperature, jnp.float32)
@@ -205,11 +209,19 @@ rollout_jit.__signature__ = _ROLLOUT_SIGNATURE
 
 def _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora):
     """One pass over prompt + response ([B, P + N]); returns the model output."""
+    chex.assert_rank([prompt_ids, prompt_mask, response_ids, response_mask], 2)
+    chex.assert_equal_shape([prompt_ids, prompt_mask])
+    chex.assert_equal_shape([response_ids, response_mask])
     input_ids = jnp.concatenate([jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(response_ids, jnp.int32)], axis=1)
     attention_mask = jnp.concatenate(
         [jnp.asarray(prompt_mask, jnp.int32), jnp.asarray(response_mask, jnp.int32)], axis=1
     )
     return model.apply(params, input_ids, attention_mask, lora=lora)
+
+
+def _require_head(output, function: str, head: str) -> None:
+    if output is None:
+        raise ValueError(f"{function} needs a model with head={head!r}; this model's output has no such head")
 
 
 def _response_slice(x: jax.Array, prompt_len: int, response_len: int) -> jax.Array:
@@ -222,6 +234,7 @@ def response_logprobs(
 ) -> jax.Array:
     """[B, N] float32: log softmax(logits / T)[response token] (T = 0 → untempered), 0 where masked."""
     out = _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora)
+    _require_head(out.logits, "response_logprobs", "lm")
     logits = _response_slice(out.logits, prompt_ids.shape[1], response_ids.shape[1])
     logprobs = sampling.token_logprobs(logits, jnp.asarray(response_ids, jnp.int32), temperature)
     return jnp.where(jnp.asarray(response_mask) > 0, logprobs, 0.0)
@@ -230,6 +243,7 @@ def response_logprobs(
 def response_values(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora=None) -> jax.Array:
     """[B, N] float32: the value head at the state before each response token (TRL's alignment), 0 where masked."""
     out = _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora)
+    _require_head(out.values, "response_values", "value")
     values = _response_slice(out.values, prompt_ids.shape[1], response_ids.shape[1]).astype(jnp.float32)
     return jnp.where(jnp.asarray(response_mask) > 0, values, 0.0)
 
@@ -237,6 +251,7 @@ def response_values(model, params, prompt_ids, prompt_mask, response_ids, respon
 def sequence_reward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora=None) -> jax.Array:
     """[B] float32: the reward head at the last real token of prompt + response (found from the masks)."""
     out = _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora)
+    _require_head(out.scores, "sequence_reward", "reward")
     mask = jnp.concatenate([jnp.asarray(prompt_mask), jnp.asarray(response_mask)], axis=1) > 0
     last = mask.shape[1] - 1 - jnp.argmax(mask[:, ::-1], axis=1)
     return jnp.take_along_axis(out.scores, last[:, None], axis=1)[:, 0].astype(jnp.float32)

@@ -276,6 +276,15 @@ def test_score_bundles_policy_reference_critic_and_reward():
         np.testing.assert_array_equal(np.asarray(field)[~mask], 0.0)
 
 
+def test_input_guards():
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        _run(max_new_tokens=0)
+    with pytest.raises(AssertionError):
+        _run(prompt_ids=PROMPT_IDS[0], prompt_mask=PROMPT_MASK[0])
+    with pytest.raises(AssertionError):
+        R.response_logprobs(MODEL, PARAMS, PROMPT_IDS, PROMPT_MASK, PROMPT_IDS, PROMPT_MASK[:, :3], 1.0)
+
+
 def test_score_requires_a_reference():
     with pytest.raises(ValueError, match="ref_params"):
         R.score(MODEL, PARAMS, PROMPT_IDS, PROMPT_MASK, PROMPT_IDS, PROMPT_MASK, temperature=1.0,

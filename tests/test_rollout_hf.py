@@ -125,3 +125,5 @@ def test_reward_and_values_on_real_heads(build):
     want = per_token[:, ids.shape[1] - 1 : -1]
     np.testing.assert_allclose(np.asarray(values)[response_mask], want[response_mask], atol=1e-4)
     np.testing.assert_array_equal(np.asarray(values)[~response_mask], 0.0)
+    with pytest.raises(ValueError, match="head='reward'"):
+        jax.eval_shape(lambda p: R.sequence_reward(critic, p, *batch), critic_params)  # traced only

@@ -8,12 +8,19 @@ the machine's load average is printed because other work on the box skews both (
 
     python experiments/bench/bench_rollout.py [--batch 64 --prompt-len 16 --new-tokens 32 --repeats 5]
 
+With several JAX CPU devices the prompt batch is split across them (rows sharded, params replicated; the
+same jitted `rollout`, partitioned by XLA). Two single-threaded virtual devices use both cores of a 2-core box:
+
+    XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false" \
+        python experiments/bench/bench_rollout.py
+
 Not a test: timings depend on the machine and on whatever else is running.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import tempfile
@@ -23,6 +30,7 @@ import jax
 import numpy as np
 import torch
 import transformers
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ppojax.models import load_pretrained
 from ppojax.rollout import pad_prompts, rollout_jit
@@ -81,14 +89,24 @@ def main() -> None:
         model, params = load_pretrained(directory)
 
     key = jax.random.key(args.seed)
+    sample = functools.partial(rollout_jit, model, max_new_tokens=args.new_tokens, temperature=args.temperature,
+                               stop_token_ids=(), pad_token_id=PAD_ID)
+    single_device = sample(params, ids, mask, key)
+    ids_on, mask_on, params_on = ids, mask, params
+    if len(jax.devices()) > 1:
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+        ids_on, mask_on = jax.device_put(ids, rows), jax.device_put(mask, rows)
+        params_on = jax.device_put(params, replicated)
+        sharded = sample(params_on, ids_on, mask_on, key)
+        same = np.array_equal(sharded.response_ids, single_device.response_ids)
+        gap = float(np.max(np.abs(np.asarray(sharded.logprobs) - np.asarray(single_device.logprobs))))
+        print(f"batch split over {len(jax.devices())} devices: same tokens as one device: {same}, "
+              f"max log-prob difference {gap:.1e}")
     load_before = os.getloadavg()
 
     def run_ppojax():
-        out = rollout_jit(
-            model, params, ids, mask, key, max_new_tokens=args.new_tokens, temperature=args.temperature,
-            stop_token_ids=(), pad_token_id=PAD_ID,
-        )
-        jax.block_until_ready(out)
+        out = jax.block_until_ready(sample(params_on, ids_on, mask_on, key))
         assert int(out.lengths.min()) == args.new_tokens
 
     torch_ids, torch_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
