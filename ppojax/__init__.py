@@ -32,6 +32,19 @@ from ppojax.models import (
     save_pretrained,
     sequence_scores,
 )
+from ppojax.rollout import (
+    Rollout,
+    Scores,
+    bucket_length,
+    pad_prompts,
+    response_logprobs,
+    response_values,
+    rollout,
+    rollout_jit,
+    score,
+    sequence_reward,
+)
+from ppojax.sampling import filter_logits, sample_tokens, token_logprobs, top_k_mask, top_p_mask
 
 # Training (issue 5).
 from ppojax.optim import OptimizerConfig, make_optimizer, make_schedule, scale_by_tf_adam
