@@ -128,6 +128,7 @@ def _text_target_rate(prompt_texts, response_texts):
   return [text.split().count(str(TARGET)) / N for text in response_texts]
 
 
+@pytest.mark.slow
 def test_lora_with_phases_and_a_text_reward():
   """LoRA: only adapters are trained, the base (= reference) stays bit-identical. Run as two jitted phases
   with a host-side text reward summed with the programmatic one."""
@@ -244,6 +245,35 @@ def test_non_finite_loss_skips_every_update_and_keeps_the_state():
   before = jax.tree.leaves((poisoned.policy, poisoned.critic, poisoned.policy_opt_state, poisoned.critic_opt_state))
   after_leaves = jax.tree.leaves((after.policy, after.critic, after.policy_opt_state, after.critic_opt_state))
   assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(before, after_leaves))
+
+
+def test_lora_update_step_trains_adapters_only():
+  """The fast LoRA check (one jitted update_step; the full-iteration version is slow-marked above)."""
+  config = _config("separate")
+  adapters = init_lora(POLICY, jax.random.key(5), rank=4, targets=("q", "v"))
+  state, models = T.init_ppo_state(config, POLICY, POLICY_PARAMS, jax.random.key(2), reward_fn=target_rate, critic_init="policy", lora=adapters)
+  base_before = jax.tree.map(np.array, POLICY_PARAMS)
+  mb = _synthetic_minibatch()
+  batch = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
+  logprobs = jax.jit(lambda params, lora: response_logprobs(POLICY, params, *batch, 1.0, lora=lora))
+  ref_before = np.asarray(logprobs(POLICY_PARAMS, None))
+
+  def update(state, minibatch, ref_params):
+    return T.update_step(state, minibatch, ref_params, config=config, models=models)
+
+  step = _traced_once(update, "update_step_lora")
+  after = state
+  for _ in range(2):
+    after, metrics = step(after, mb, POLICY_PARAMS)
+  assert float(metrics["train/skipped"]) == 0.0 and int(after.step) == 2
+  assert isinstance(after.policy, Lora)
+  n_adapter = sum(x.size for x in jax.tree.leaves(after.policy.adapters))
+  assert sum(x.size for x in jax.tree.leaves(after.policy_opt_state)) <= 2 * n_adapter + 2 < sum(x.size for x in jax.tree.leaves(POLICY_PARAMS))
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(POLICY_PARAMS)))
+  np.testing.assert_array_equal(np.asarray(logprobs(POLICY_PARAMS, None)), ref_before)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.policy), jax.tree.leaves(after.policy)))
+  adapted = np.asarray(logprobs(POLICY_PARAMS, after.policy))
+  assert np.abs(adapted - ref_before).max() > 1e-4
 
 
 def test_config_validation():
