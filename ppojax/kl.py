@@ -20,42 +20,44 @@ def kl_penalty(
     mask: Optional[jax.Array] = None,
     clamp: Optional[float] = None,
 ) -> jax.Array:
-  """Per-token estimate of KL(π ‖ π_ref) from the log-probs of the sampled tokens.
+    """Per-token estimate of KL(π ‖ π_ref) from the log-probs of the sampled tokens.
 
-  With d = logprobs − ref_logprobs (tokens sampled from π):
-      k1  = d                      unbiased, can be negative per token
-      k2  = d² / 2                 biased, non-negative
-      k3  = exp(−d) − 1 + d        unbiased, non-negative, low variance (Schulman's k3)
-      abs = |d|
+    With d = logprobs − ref_logprobs (tokens sampled from π):
+        k1  = d                      unbiased, can be negative per token
+        k2  = d² / 2                 biased, non-negative
+        k3  = exp(−d) − 1 + d        unbiased, non-negative, low variance (Schulman's k3)
+        abs = |d|
 
-  Args:
-    logprobs: [B, T] log π(a_t) of the sampled tokens.
-    ref_logprobs: [B, T] log π_ref(a_t).
-    estimator: one of "k1", "k2", "k3", "abs".
-    mask: optional [B, T]; masked positions are 0 in the output.
-    clamp: optional bound c; the estimate is clipped to [−c, c] (OpenRLHF clamps every estimator to ±10,
-      verl clamps k3 to ±10).
+    Args:
+      logprobs: [B, T] log π(a_t) of the sampled tokens.
+      ref_logprobs: [B, T] log π_ref(a_t).
+      estimator: one of "k1", "k2", "k3", "abs".
+      mask: optional [B, T]; masked positions are 0 in the output.
+      clamp: optional bound c; the estimate is clipped to [−c, c] (OpenRLHF clamps every estimator to ±10,
+        verl clamps k3 to ±10).
 
-  Returns:
-    [B, T] float32.
-  """
-  check_same_shape("kl_penalty", logprobs=logprobs, ref_logprobs=ref_logprobs, **({} if mask is None else {"mask": mask}))
-  d = as_f32(logprobs) - as_f32(ref_logprobs)
-  if estimator == "k1":
-    kl = d
-  elif estimator == "k2":
-    kl = 0.5 * d * d
-  elif estimator == "k3":
-    kl = jnp.expm1(-d) + d
-  elif estimator == "abs":
-    kl = jnp.abs(d)
-  else:
-    raise ValueError(f"kl_penalty: estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
-  if clamp is not None:
-    kl = jnp.clip(kl, -clamp, clamp)
-  if mask is not None:
-    kl = jnp.where(as_bool_mask(mask), kl, 0.0)
-  return kl
+    Returns:
+      [B, T] float32.
+    """
+    check_same_shape(
+        "kl_penalty", logprobs=logprobs, ref_logprobs=ref_logprobs, **({} if mask is None else {"mask": mask})
+    )
+    d = as_f32(logprobs) - as_f32(ref_logprobs)
+    if estimator == "k1":
+        kl = d
+    elif estimator == "k2":
+        kl = 0.5 * d * d
+    elif estimator == "k3":
+        kl = jnp.expm1(-d) + d
+    elif estimator == "abs":
+        kl = jnp.abs(d)
+    else:
+        raise ValueError(f"kl_penalty: estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    if clamp is not None:
+        kl = jnp.clip(kl, -clamp, clamp)
+    if mask is not None:
+        kl = jnp.where(as_bool_mask(mask), kl, 0.0)
+    return kl
 
 
 def kl_from_logits(
@@ -65,96 +67,98 @@ def kl_from_logits(
     *,
     temperature: float = 1.0,
 ) -> jax.Array:
-  """Exact per-token KL(π ‖ π_ref) = Σ_v π(v) (log π(v) − log π_ref(v)) over the full vocabulary.
+    """Exact per-token KL(π ‖ π_ref) = Σ_v π(v) (log π(v) − log π_ref(v)) over the full vocabulary.
 
-  Args:
-    logits: [B, T, V] policy logits. ref_logits: [B, T, V] reference logits.
-    mask: optional [B, T]; masked positions are 0.
-    temperature: both logit sets are divided by it before the softmax.
+    Args:
+      logits: [B, T, V] policy logits. ref_logits: [B, T, V] reference logits.
+      mask: optional [B, T]; masked positions are 0.
+      temperature: both logit sets are divided by it before the softmax.
 
-  Returns:
-    [B, T] float32, ≥ 0 up to rounding.
-  """
-  check_same_shape("kl_from_logits", logits=logits, ref_logits=ref_logits)
-  if mask is not None and jnp.shape(mask) != jnp.shape(logits)[:-1]:
-    raise ValueError(f"kl_from_logits: mask has shape {jnp.shape(mask)}; expected {jnp.shape(logits)[:-1]} (logits without the vocab axis)")
-  logp = jax.nn.log_softmax(as_f32(logits) / temperature, axis=-1)
-  ref_logp = jax.nn.log_softmax(as_f32(ref_logits) / temperature, axis=-1)
-  # 0 · log 0 is 0: where π(v) underflows to 0 the term is dropped, not NaN from −inf − −inf.
-  p = jnp.exp(logp)
-  kl = jnp.sum(jnp.where(p > 0, p * (logp - ref_logp), 0.0), axis=-1)
-  if mask is not None:
-    kl = jnp.where(as_bool_mask(mask), kl, 0.0)
-  return kl
+    Returns:
+      [B, T] float32, ≥ 0 up to rounding.
+    """
+    check_same_shape("kl_from_logits", logits=logits, ref_logits=ref_logits)
+    if mask is not None and jnp.shape(mask) != jnp.shape(logits)[:-1]:
+        raise ValueError(
+            f"kl_from_logits: mask has shape {jnp.shape(mask)}; expected {jnp.shape(logits)[:-1]} (logits without the vocab axis)"
+        )
+    logp = jax.nn.log_softmax(as_f32(logits) / temperature, axis=-1)
+    ref_logp = jax.nn.log_softmax(as_f32(ref_logits) / temperature, axis=-1)
+    # 0 · log 0 is 0: where π(v) underflows to 0 the term is dropped, not NaN from −inf − −inf.
+    p = jnp.exp(logp)
+    kl = jnp.sum(jnp.where(p > 0, p * (logp - ref_logp), 0.0), axis=-1)
+    if mask is not None:
+        kl = jnp.where(as_bool_mask(mask), kl, 0.0)
+    return kl
 
 
 def sequence_kl(kl: jax.Array, mask: jax.Array) -> jax.Array:
-  """Per-sequence KL: the sum of per-token estimates over valid tokens. [B, T] -> [B]."""
-  return masked_sum(kl, mask, axis=-1)
+    """Per-sequence KL: the sum of per-token estimates over valid tokens. [B, T] -> [B]."""
+    return masked_sum(kl, mask, axis=-1)
 
 
 def kl_for_controller(kl: jax.Array, mask: jax.Array, *, mode: str) -> jax.Array:
-  """The scalar a KL controller is fed.
+    """The scalar a KL controller is fed.
 
-  mode="seq_sum": the batch mean of per-sequence summed KL (OpenAI lm-human-preferences, old TRL; the
-  classic target is 6 nats). mode="token_mean": the mean over valid tokens (OpenRLHF, verl).
-  """
-  if mode == "seq_sum":
-    return jnp.mean(sequence_kl(kl, mask))
-  if mode == "token_mean":
-    return masked_mean(kl, mask)
-  raise ValueError(f"kl_for_controller: mode must be 'seq_sum' or 'token_mean', got {mode!r}")
+    mode="seq_sum": the batch mean of per-sequence summed KL (OpenAI lm-human-preferences, old TRL; the
+    classic target is 6 nats). mode="token_mean": the mean over valid tokens (OpenRLHF, verl).
+    """
+    if mode == "seq_sum":
+        return jnp.mean(sequence_kl(kl, mask))
+    if mode == "token_mean":
+        return masked_mean(kl, mask)
+    raise ValueError(f"kl_for_controller: mode must be 'seq_sum' or 'token_mean', got {mode!r}")
 
 
 class KLControllerState(NamedTuple):
-  """State of a KL controller: the current coefficient β."""
+    """State of a KL controller: the current coefficient β."""
 
-  coef: jax.Array
+    coef: jax.Array
 
 
 class KLController(NamedTuple):
-  """An optax-style pair of pure functions.
+    """An optax-style pair of pure functions.
 
-  init() -> KLControllerState
-  update(state, kl, n_steps) -> KLControllerState
-  """
+    init() -> KLControllerState
+    update(state, kl, n_steps) -> KLControllerState
+    """
 
-  init: Callable[[], KLControllerState]
-  update: Callable[[KLControllerState, jax.Array, jax.Array], KLControllerState]
+    init: Callable[[], KLControllerState]
+    update: Callable[[KLControllerState, jax.Array, jax.Array], KLControllerState]
 
 
 def fixed_kl_controller(coef: float) -> KLController:
-  """β stays at `coef`."""
+    """β stays at `coef`."""
 
-  def init() -> KLControllerState:
-    return KLControllerState(coef=jnp.asarray(coef, jnp.float32))
+    def init() -> KLControllerState:
+        return KLControllerState(coef=jnp.asarray(coef, jnp.float32))
 
-  def update(state: KLControllerState, kl: jax.Array, n_steps: jax.Array) -> KLControllerState:
-    del kl, n_steps
-    return state
+    def update(state: KLControllerState, kl: jax.Array, n_steps: jax.Array) -> KLControllerState:
+        del kl, n_steps
+        return state
 
-  return KLController(init, update)
+    return KLController(init, update)
 
 
 def adaptive_kl_controller(init_coef: float, target: float, horizon: float) -> KLController:
-  """Ziegler et al. (2019) proportional controller.
+    """Ziegler et al. (2019) proportional controller.
 
-      error = clip(kl / target − 1, −0.2, 0.2)
-      β ← β · (1 + error · n_steps / horizon)
+        error = clip(kl / target − 1, −0.2, 0.2)
+        β ← β · (1 + error · n_steps / horizon)
 
-  `kl` is whatever measure the target is expressed in (see `kl_for_controller`); `n_steps` is the number
-  of samples (sequences) in the batch the KL was measured on.
-  """
-  if target <= 0:
-    raise ValueError(f"adaptive_kl_controller: target must be > 0, got {target}")
-  if horizon <= 0:
-    raise ValueError(f"adaptive_kl_controller: horizon must be > 0, got {horizon}")
+    `kl` is whatever measure the target is expressed in (see `kl_for_controller`); `n_steps` is the number
+    of samples (sequences) in the batch the KL was measured on.
+    """
+    if target <= 0:
+        raise ValueError(f"adaptive_kl_controller: target must be > 0, got {target}")
+    if horizon <= 0:
+        raise ValueError(f"adaptive_kl_controller: horizon must be > 0, got {horizon}")
 
-  def init() -> KLControllerState:
-    return KLControllerState(coef=jnp.asarray(init_coef, jnp.float32))
+    def init() -> KLControllerState:
+        return KLControllerState(coef=jnp.asarray(init_coef, jnp.float32))
 
-  def update(state: KLControllerState, kl: jax.Array, n_steps: jax.Array) -> KLControllerState:
-    error = jnp.clip(as_f32(kl) / target - 1.0, -0.2, 0.2)
-    return KLControllerState(coef=state.coef * (1.0 + error * as_f32(n_steps) / horizon))
+    def update(state: KLControllerState, kl: jax.Array, n_steps: jax.Array) -> KLControllerState:
+        error = jnp.clip(as_f32(kl) / target - 1.0, -0.2, 0.2)
+        return KLControllerState(coef=state.coef * (1.0 + error * as_f32(n_steps) / horizon))
 
-  return KLController(init, update)
+    return KLController(init, update)

@@ -45,53 +45,55 @@ MASK_MODES = ("response", "response_plus_one", "full_width")
 
 @dataclasses.dataclass(frozen=True)
 class Convention:
-  """One system's PPO-RLHF choices. Hashable: usable as a static jit argument."""
+    """One system's PPO-RLHF choices. Hashable: usable as a static jit argument."""
 
-  name: str
-  # Where the loss and value masks come from (see `masks_for`).
-  mask_mode: str = "response"
-  # Reward assembly.
-  score_placement: str = "last"
-  score_clip: Optional[float] = None
-  kl_in_reward: bool = True
-  kl_estimator: str = "k1"
-  kl_clamp: Optional[float] = None
-  kl_coef: float = 0.05
-  adaptive_kl: bool = False
-  kl_target: float = 6.0
-  kl_horizon: float = 10000.0
-  controller_kl: str = "seq_sum"
-  missing_eos_penalty: Optional[float] = None
-  missing_eos_score: Optional[float] = None
-  whiten_rewards: bool = False
-  # Advantages.
-  gamma: float = 1.0
-  lam: float = 0.95
-  whiten_advantages: bool = True
-  whiten_unbiased: bool = True
-  whiten_eps_mode: str = "add"
-  whiten_scope: str = "batch"  # "batch" (the rollout batch) or "minibatch"; used by the training loop.
-  # Losses.
-  clip_eps: float = 0.2
-  clip_eps_high: Optional[float] = None
-  dual_clip: Optional[float] = None
-  log_ratio_clamp: Optional[float] = None
-  value_clip_eps: Optional[float] = 0.2
-  vf_coef: float = 0.1
-  loss_aggregation: str = "token-mean"
+    name: str
+    # Where the loss and value masks come from (see `masks_for`).
+    mask_mode: str = "response"
+    # Reward assembly.
+    score_placement: str = "last"
+    score_clip: Optional[float] = None
+    kl_in_reward: bool = True
+    kl_estimator: str = "k1"
+    kl_clamp: Optional[float] = None
+    kl_coef: float = 0.05
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: float = 10000.0
+    controller_kl: str = "seq_sum"
+    missing_eos_penalty: Optional[float] = None
+    missing_eos_score: Optional[float] = None
+    whiten_rewards: bool = False
+    # Advantages.
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    whiten_unbiased: bool = True
+    whiten_eps_mode: str = "add"
+    whiten_scope: str = "batch"  # "batch" (the rollout batch) or "minibatch"; used by the training loop.
+    # Losses.
+    clip_eps: float = 0.2
+    clip_eps_high: Optional[float] = None
+    dual_clip: Optional[float] = None
+    log_ratio_clamp: Optional[float] = None
+    value_clip_eps: Optional[float] = 0.2
+    vf_coef: float = 0.1
+    loss_aggregation: str = "token-mean"
 
-  def __post_init__(self):
-    if self.mask_mode not in MASK_MODES:
-      raise ValueError(f"Convention {self.name!r}: mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
-    if self.score_placement not in SCORE_PLACEMENTS:
-      raise ValueError(
-          f"Convention {self.name!r}: score_placement must be one of {SCORE_PLACEMENTS}, got {self.score_placement!r}"
-      )
-    if self.whiten_scope not in ("batch", "minibatch"):
-      raise ValueError(f"Convention {self.name!r}: whiten_scope must be 'batch' or 'minibatch', got {self.whiten_scope!r}")
+    def __post_init__(self):
+        if self.mask_mode not in MASK_MODES:
+            raise ValueError(f"Convention {self.name!r}: mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
+        if self.score_placement not in SCORE_PLACEMENTS:
+            raise ValueError(
+                f"Convention {self.name!r}: score_placement must be one of {SCORE_PLACEMENTS}, got {self.score_placement!r}"
+            )
+        if self.whiten_scope not in ("batch", "minibatch"):
+            raise ValueError(
+                f"Convention {self.name!r}: whiten_scope must be 'batch' or 'minibatch', got {self.whiten_scope!r}"
+            )
 
-  def replace(self, **changes) -> "Convention":
-    return dataclasses.replace(self, **changes)
+    def replace(self, **changes) -> "Convention":
+        return dataclasses.replace(self, **changes)
 
 
 PRESETS = {
@@ -138,34 +140,34 @@ PRESETS = {
 
 
 def get_preset(name: str) -> Convention:
-  """The named convention: one of 'ppojax', 'trl', 'openrlhf', 'verl', 'openai'."""
-  try:
-    return PRESETS[name]
-  except KeyError:
-    raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}") from None
+    """The named convention: one of 'ppojax', 'trl', 'openrlhf', 'verl', 'openai'."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}") from None
 
 
 def masks_for(convention: Convention, response_mask: jax.Array):
-  """(policy_mask, value_mask) as bool [B, T] for a right-padded response mask."""
-  response_mask = as_bool_mask(response_mask)
-  if convention.mask_mode == "response":
-    return response_mask, response_mask
-  if convention.mask_mode == "response_plus_one":
-    return response_mask, extend_mask(response_mask)
-  full = jnp.ones_like(response_mask)
-  return full, full
+    """(policy_mask, value_mask) as bool [B, T] for a right-padded response mask."""
+    response_mask = as_bool_mask(response_mask)
+    if convention.mask_mode == "response":
+        return response_mask, response_mask
+    if convention.mask_mode == "response_plus_one":
+        return response_mask, extend_mask(response_mask)
+    full = jnp.ones_like(response_mask)
+    return full, full
 
 
 class Advantages(NamedTuple):
-  """What one rollout batch yields before the PPO epochs. All [B, T] float32 except `controller_kl`."""
+    """What one rollout batch yields before the PPO epochs. All [B, T] float32 except `controller_kl`."""
 
-  kl: jax.Array  # per-token KL estimate, 0 outside the policy mask
-  rewards: jax.Array  # shaped rewards
-  advantages: jax.Array  # whitened if the convention says so
-  returns: jax.Array  # advantages (before whitening) + values
-  policy_mask: jax.Array  # bool
-  value_mask: jax.Array  # bool
-  controller_kl: jax.Array  # scalar fed to the KL controller
+    kl: jax.Array  # per-token KL estimate, 0 outside the policy mask
+    rewards: jax.Array  # shaped rewards
+    advantages: jax.Array  # whitened if the convention says so
+    returns: jax.Array  # advantages (before whitening) + values
+    policy_mask: jax.Array  # bool
+    value_mask: jax.Array  # bool
+    controller_kl: jax.Array  # scalar fed to the KL controller
 
 
 def assemble_advantages(
@@ -179,46 +181,48 @@ def assemble_advantages(
     kl_coef: Optional[float | jax.Array] = None,
     stopped: Optional[jax.Array] = None,
 ) -> Advantages:
-  """KL → shaped rewards → GAE → whitening under one convention.
+    """KL → shaped rewards → GAE → whitening under one convention.
 
-  Args:
-    scores: [B] sequence scores. logprobs, ref_logprobs: [B, T] rollout-time log-probs (at the sampling
-      temperature). values: [B, T] critic values from the rollout. response_mask: [B, T] right-padded.
-    kl_coef: β; defaults to `convention.kl_coef` (pass the controller's `state.coef` when adaptive).
-    stopped: [B] bool, needed when the convention has a missing-EOS rule.
-  """
-  policy_mask, value_mask = masks_for(convention, response_mask)
-  beta = convention.kl_coef if kl_coef is None else kl_coef
-  kl = kl_penalty(logprobs, ref_logprobs, estimator=convention.kl_estimator, mask=policy_mask, clamp=convention.kl_clamp)
-  rewards = shape_rewards(
-      scores,
-      kl,
-      policy_mask,
-      kl_coef=beta if convention.kl_in_reward else 0.0,
-      score_placement=convention.score_placement,
-      stopped=stopped,
-      missing_eos_penalty=convention.missing_eos_penalty,
-      missing_eos_score=convention.missing_eos_score,
-      score_clip=convention.score_clip,
-  )
-  if convention.whiten_rewards:
-    rewards = whiten(rewards, value_mask, shift_mean=False, unbiased=convention.whiten_unbiased)
-  advantages, returns = compute_gae(rewards, values, value_mask, gamma=convention.gamma, lam=convention.lam)
-  if convention.whiten_advantages:
-    advantages = whiten(
-        advantages, policy_mask, unbiased=convention.whiten_unbiased, eps_mode=convention.whiten_eps_mode
+    Args:
+      scores: [B] sequence scores. logprobs, ref_logprobs: [B, T] rollout-time log-probs (at the sampling
+        temperature). values: [B, T] critic values from the rollout. response_mask: [B, T] right-padded.
+      kl_coef: β; defaults to `convention.kl_coef` (pass the controller's `state.coef` when adaptive).
+      stopped: [B] bool, needed when the convention has a missing-EOS rule.
+    """
+    policy_mask, value_mask = masks_for(convention, response_mask)
+    beta = convention.kl_coef if kl_coef is None else kl_coef
+    kl = kl_penalty(
+        logprobs, ref_logprobs, estimator=convention.kl_estimator, mask=policy_mask, clamp=convention.kl_clamp
     )
-  else:
-    advantages = jnp.where(policy_mask, advantages, 0.0)
-  return Advantages(
-      kl=kl,
-      rewards=rewards,
-      advantages=advantages,
-      returns=returns,
-      policy_mask=policy_mask,
-      value_mask=value_mask,
-      controller_kl=kl_for_controller(kl, policy_mask, mode=convention.controller_kl),
-  )
+    rewards = shape_rewards(
+        scores,
+        kl,
+        policy_mask,
+        kl_coef=beta if convention.kl_in_reward else 0.0,
+        score_placement=convention.score_placement,
+        stopped=stopped,
+        missing_eos_penalty=convention.missing_eos_penalty,
+        missing_eos_score=convention.missing_eos_score,
+        score_clip=convention.score_clip,
+    )
+    if convention.whiten_rewards:
+        rewards = whiten(rewards, value_mask, shift_mean=False, unbiased=convention.whiten_unbiased)
+    advantages, returns = compute_gae(rewards, values, value_mask, gamma=convention.gamma, lam=convention.lam)
+    if convention.whiten_advantages:
+        advantages = whiten(
+            advantages, policy_mask, unbiased=convention.whiten_unbiased, eps_mode=convention.whiten_eps_mode
+        )
+    else:
+        advantages = jnp.where(policy_mask, advantages, 0.0)
+    return Advantages(
+        kl=kl,
+        rewards=rewards,
+        advantages=advantages,
+        returns=returns,
+        policy_mask=policy_mask,
+        value_mask=value_mask,
+        controller_kl=kl_for_controller(kl, policy_mask, mode=convention.controller_kl),
+    )
 
 
 def ppo_losses(
@@ -236,31 +240,31 @@ def ppo_losses(
     entropy_coef: float = 0.0,
     as_sum_count: bool = False,
 ) -> tuple[jax.Array, jax.Array, Stats]:
-  """(policy_loss, value_loss, stats) under one convention. The joint loss is pg + vf_coef · vf.
+    """(policy_loss, value_loss, stats) under one convention. The joint loss is pg + vf_coef · vf.
 
-  as_sum_count: return both losses as `SumCount` pairs (for exact gradient accumulation).
-  """
-  pg_loss, pg_stats = clipped_loss(
-      logprobs,
-      old_logprobs,
-      advantages,
-      policy_mask,
-      clip_eps=convention.clip_eps,
-      clip_eps_high=convention.clip_eps_high,
-      dual_clip=convention.dual_clip,
-      log_ratio_clamp=convention.log_ratio_clamp,
-      entropy_coef=entropy_coef,
-      logits=logits,
-      aggregation=convention.loss_aggregation,
-      as_sum_count=as_sum_count,
-  )
-  vf_loss, vf_stats = value_loss(
-      values,
-      old_values,
-      returns,
-      value_mask,
-      clip_eps=convention.value_clip_eps,
-      aggregation=convention.loss_aggregation,
-      as_sum_count=as_sum_count,
-  )
-  return pg_loss, vf_loss, {**pg_stats, **vf_stats}
+    as_sum_count: return both losses as `SumCount` pairs (for exact gradient accumulation).
+    """
+    pg_loss, pg_stats = clipped_loss(
+        logprobs,
+        old_logprobs,
+        advantages,
+        policy_mask,
+        clip_eps=convention.clip_eps,
+        clip_eps_high=convention.clip_eps_high,
+        dual_clip=convention.dual_clip,
+        log_ratio_clamp=convention.log_ratio_clamp,
+        entropy_coef=entropy_coef,
+        logits=logits,
+        aggregation=convention.loss_aggregation,
+        as_sum_count=as_sum_count,
+    )
+    vf_loss, vf_stats = value_loss(
+        values,
+        old_values,
+        returns,
+        value_mask,
+        clip_eps=convention.value_clip_eps,
+        aggregation=convention.loss_aggregation,
+        as_sum_count=as_sum_count,
+    )
+    return pg_loss, vf_loss, {**pg_stats, **vf_stats}

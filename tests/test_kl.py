@@ -20,108 +20,107 @@ NUMPY_ESTIMATORS = {
 
 
 class KLPenaltyTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @given(masked_batches(), st.sampled_from(sorted(NUMPY_ESTIMATORS)), st.sampled_from([None, 0.5, 10.0]))
+    def test_estimators_match_formulas(self, drawn, estimator, clamp):
+        rng, batch, width, mask = drawn
+        logp = rng.normal(size=(batch, width)).astype(np.float32) - 2
+        ref = rng.normal(size=(batch, width)).astype(np.float32) - 2
+        fn = functools.partial(ppojax.kl_penalty, estimator=estimator, clamp=clamp)
+        got = self.variant(lambda a, b, m: fn(a, b, mask=m))(poison(logp, mask, rng), ref, mask)
+        expected = NUMPY_ESTIMATORS[estimator](logp.astype(np.float64) - ref)
+        if clamp is not None:
+            expected = np.clip(expected, -clamp, clamp)
+        expected = np.where(mask > 0, expected, 0.0)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @given(masked_batches(), st.sampled_from(sorted(NUMPY_ESTIMATORS)), st.sampled_from([None, 0.5, 10.0]))
-  def test_estimators_match_formulas(self, drawn, estimator, clamp):
-    rng, batch, width, mask = drawn
-    logp = rng.normal(size=(batch, width)).astype(np.float32) - 2
-    ref = rng.normal(size=(batch, width)).astype(np.float32) - 2
-    fn = functools.partial(ppojax.kl_penalty, estimator=estimator, clamp=clamp)
-    got = self.variant(lambda a, b, m: fn(a, b, mask=m))(poison(logp, mask, rng), ref, mask)
-    expected = NUMPY_ESTIMATORS[estimator](logp.astype(np.float64) - ref)
-    if clamp is not None:
-      expected = np.clip(expected, -clamp, clamp)
-    expected = np.where(mask > 0, expected, 0.0)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    @given(st.floats(-30, 30))
+    def test_k3_is_non_negative(self, d):
+        k3 = ppojax.kl_penalty(jnp.array([[d]]), jnp.array([[0.0]]), estimator="k3")
+        assert float(k3[0, 0]) >= 0.0
 
-  @given(st.floats(-30, 30))
-  def test_k3_is_non_negative(self, d):
-    k3 = ppojax.kl_penalty(jnp.array([[d]]), jnp.array([[0.0]]), estimator="k3")
-    assert float(k3[0, 0]) >= 0.0
+    @parameterized.parameters("k1", "k3")
+    def test_unbiased_estimators_approach_true_kl_on_samples(self, estimator):
+        key_p, key_q, key_s = jax.random.split(jax.random.PRNGKey(0), 3)
+        vocab = 6
+        logp = jax.nn.log_softmax(jax.random.normal(key_p, (vocab,)))
+        logq = jax.nn.log_softmax(jax.random.normal(key_q, (vocab,)))
+        true_kl = float(jnp.sum(jnp.exp(logp) * (logp - logq)))
+        samples = jax.random.categorical(key_s, logp, shape=(200, 500))
+        est = ppojax.kl_penalty(logp[samples], logq[samples], estimator=estimator)
+        per_sample_std = float(jnp.std(est))
+        standard_error = per_sample_std / np.sqrt(est.size)
+        assert abs(float(jnp.mean(est)) - true_kl) < 5 * standard_error, (float(jnp.mean(est)), true_kl)
 
-  @parameterized.parameters("k1", "k3")
-  def test_unbiased_estimators_approach_true_kl_on_samples(self, estimator):
-    key_p, key_q, key_s = jax.random.split(jax.random.PRNGKey(0), 3)
-    vocab = 6
-    logp = jax.nn.log_softmax(jax.random.normal(key_p, (vocab,)))
-    logq = jax.nn.log_softmax(jax.random.normal(key_q, (vocab,)))
-    true_kl = float(jnp.sum(jnp.exp(logp) * (logp - logq)))
-    samples = jax.random.categorical(key_s, logp, shape=(200, 500))
-    est = ppojax.kl_penalty(logp[samples], logq[samples], estimator=estimator)
-    per_sample_std = float(jnp.std(est))
-    standard_error = per_sample_std / np.sqrt(est.size)
-    assert abs(float(jnp.mean(est)) - true_kl) < 5 * standard_error, (float(jnp.mean(est)), true_kl)
-
-  def test_unknown_estimator(self):
-    with self.assertRaisesRegex(ValueError, "estimator must be one of"):
-      ppojax.kl_penalty(jnp.zeros((1, 1)), jnp.zeros((1, 1)), estimator="k4")
+    def test_unknown_estimator(self):
+        with self.assertRaisesRegex(ValueError, "estimator must be one of"):
+            ppojax.kl_penalty(jnp.zeros((1, 1)), jnp.zeros((1, 1)), estimator="k4")
 
 
 class FullKLTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @given(masked_batches(max_batch=3, max_width=4), st.sampled_from([1.0, 0.7]))
+    def test_matches_numpy(self, drawn, temperature):
+        rng, batch, width, mask = drawn
+        logits = rng.normal(size=(batch, width, 7)).astype(np.float32) * 3
+        ref_logits = rng.normal(size=(batch, width, 7)).astype(np.float32) * 3
+        got = self.variant(lambda a, b, m: ppojax.kl_from_logits(a, b, m, temperature=temperature))(
+            logits, ref_logits, mask
+        )
+        lp = logits / temperature - np.log(np.sum(np.exp(logits / temperature), -1, keepdims=True))
+        lq = ref_logits / temperature - np.log(np.sum(np.exp(ref_logits / temperature), -1, keepdims=True))
+        expected = np.where(mask > 0, np.sum(np.exp(lp) * (lp - lq), -1), 0.0)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+        assert np.all(np.asarray(got) >= -1e-6)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @given(masked_batches(max_batch=3, max_width=4), st.sampled_from([1.0, 0.7]))
-  def test_matches_numpy(self, drawn, temperature):
-    rng, batch, width, mask = drawn
-    logits = rng.normal(size=(batch, width, 7)).astype(np.float32) * 3
-    ref_logits = rng.normal(size=(batch, width, 7)).astype(np.float32) * 3
-    got = self.variant(lambda a, b, m: ppojax.kl_from_logits(a, b, m, temperature=temperature))(logits, ref_logits, mask)
-    lp = logits / temperature - np.log(np.sum(np.exp(logits / temperature), -1, keepdims=True))
-    lq = ref_logits / temperature - np.log(np.sum(np.exp(ref_logits / temperature), -1, keepdims=True))
-    expected = np.where(mask > 0, np.sum(np.exp(lp) * (lp - lq), -1), 0.0)
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
-    assert np.all(np.asarray(got) >= -1e-6)
-
-  def test_extreme_logits_stay_finite(self):
-    logits = jnp.array([[[0.0, -1e30, 5.0]]])
-    ref_logits = jnp.array([[[0.0, 3.0, -1e30]]])
-    kl = ppojax.kl_from_logits(logits, ref_logits)
-    # π puts ~0.99 of its mass where π_ref has logit −1e30: KL ≈ 0.99e30, finite, not NaN.
-    np.testing.assert_allclose(kl, 0.9933e30, rtol=1e-3)
-    kl_self = ppojax.kl_from_logits(logits, logits)
-    np.testing.assert_allclose(kl_self, 0.0, atol=1e-6)
+    def test_extreme_logits_stay_finite(self):
+        logits = jnp.array([[[0.0, -1e30, 5.0]]])
+        ref_logits = jnp.array([[[0.0, 3.0, -1e30]]])
+        kl = ppojax.kl_from_logits(logits, ref_logits)
+        # π puts ~0.99 of its mass where π_ref has logit −1e30: KL ≈ 0.99e30, finite, not NaN.
+        np.testing.assert_allclose(kl, 0.9933e30, rtol=1e-3)
+        kl_self = ppojax.kl_from_logits(logits, logits)
+        np.testing.assert_allclose(kl_self, 0.0, atol=1e-6)
 
 
 def trl_adaptive_controller(init_kl_coef, target, horizon, observations):
-  """Plain transcription of the published AdaptiveKLController (Ziegler et al.; old TRL)."""
-  value, out = init_kl_coef, []
-  for current, n_steps in observations:
-    proportional_error = np.clip(current / target - 1, -0.2, 0.2)
-    value *= 1 + proportional_error * n_steps / horizon
-    out.append(value)
-  return out
+    """Plain transcription of the published AdaptiveKLController (Ziegler et al.; old TRL)."""
+    value, out = init_kl_coef, []
+    for current, n_steps in observations:
+        proportional_error = np.clip(current / target - 1, -0.2, 0.2)
+        value *= 1 + proportional_error * n_steps / horizon
+        out.append(value)
+    return out
 
 
 class KLControllerTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @given(st.lists(st.tuples(st.floats(0.0, 30.0), st.integers(1, 512)), min_size=1, max_size=12))
+    def test_adaptive_follows_formula_step_by_step(self, observations):
+        controller = ppojax.adaptive_kl_controller(0.2, target=6.0, horizon=10000)
+        update = self.variant(controller.update)
+        state = controller.init()
+        expected = trl_adaptive_controller(0.2, 6.0, 10000, observations)
+        for (kl, n), want in zip(observations, expected):
+            state = update(state, jnp.float32(kl), jnp.int32(n))
+            np.testing.assert_allclose(state.coef, want, rtol=1e-5)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @given(st.lists(st.tuples(st.floats(0.0, 30.0), st.integers(1, 512)), min_size=1, max_size=12))
-  def test_adaptive_follows_formula_step_by_step(self, observations):
-    controller = ppojax.adaptive_kl_controller(0.2, target=6.0, horizon=10000)
-    update = self.variant(controller.update)
-    state = controller.init()
-    expected = trl_adaptive_controller(0.2, 6.0, 10000, observations)
-    for (kl, n), want in zip(observations, expected):
-      state = update(state, jnp.float32(kl), jnp.int32(n))
-      np.testing.assert_allclose(state.coef, want, rtol=1e-5)
+    def test_fixed_never_moves_and_state_is_a_pytree(self):
+        controller = ppojax.fixed_kl_controller(0.05)
+        state = jax.jit(controller.update)(controller.init(), jnp.float32(100.0), jnp.int32(64))
+        np.testing.assert_allclose(state.coef, 0.05)
+        assert len(jax.tree.leaves(state)) == 1
 
-  def test_fixed_never_moves_and_state_is_a_pytree(self):
-    controller = ppojax.fixed_kl_controller(0.05)
-    state = jax.jit(controller.update)(controller.init(), jnp.float32(100.0), jnp.int32(64))
-    np.testing.assert_allclose(state.coef, 0.05)
-    assert len(jax.tree.leaves(state)) == 1
+    def test_bad_target(self):
+        with self.assertRaisesRegex(ValueError, "target must be > 0"):
+            ppojax.adaptive_kl_controller(0.1, target=0.0, horizon=10)
 
-  def test_bad_target(self):
-    with self.assertRaisesRegex(ValueError, "target must be > 0"):
-      ppojax.adaptive_kl_controller(0.1, target=0.0, horizon=10)
-
-  def test_controller_kl_modes(self):
-    kl = jnp.array([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]])
-    mask = jnp.array([[1, 1, 0], [1, 0, 0]])
-    np.testing.assert_allclose(ppojax.kl_for_controller(kl, mask, mode="seq_sum"), (3.0 + 3.0) / 2)
-    np.testing.assert_allclose(ppojax.kl_for_controller(kl, mask, mode="token_mean"), 6.0 / 3)
+    def test_controller_kl_modes(self):
+        kl = jnp.array([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]])
+        mask = jnp.array([[1, 1, 0], [1, 0, 0]])
+        np.testing.assert_allclose(ppojax.kl_for_controller(kl, mask, mode="seq_sum"), (3.0 + 3.0) / 2)
+        np.testing.assert_allclose(ppojax.kl_for_controller(kl, mask, mode="token_mean"), 6.0 / 3)
 
 
 if __name__ == "__main__":
-  absltest.main()
+    absltest.main()
