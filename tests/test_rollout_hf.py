@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "models"))
 import hf_builders  # noqa: E402
 from rollout_testing import jit_for_tests  # noqa: E402
 
-from ppojax import rollout as R  # noqa: E402
+import importlib  # noqa: E402
+R = importlib.import_module("ppojax.rollout")  # the module: `ppojax.rollout` is also the re-exported function  # noqa: E402
 from ppojax.models import DecoderModel, load_pretrained  # noqa: E402
 
 PAD = hf_builders.PAD_ID
