@@ -87,6 +87,22 @@ def filter_logits(
     )
 
 
+def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """One draw per row from softmax(logits): logits `[..., V]` float32 (-inf = excluded; at least one finite
+    per row). Returns `[...]` int32.
+
+    Inverse CDF with one uniform per row: the token j with cdf[j-1] < r <= cdf[j], r = (1 - u) * total in
+    (0, total]. A token of probability 0 has cdf[j-1] == cdf[j] and is never drawn. Same distribution as
+    `jax.random.categorical` (Gumbel-max), which draws V uniforms per row: on CPU generating those dominated
+    the sampler (≈ 3 ms of a decode step at batch 64, vocab 1536; this sampler ≈ 0.8 ms).
+    """
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # excluded tokens: 0, the max: 1
+    cdf = jnp.cumsum(weights, axis=-1)
+    u = jax.random.uniform(key, logits.shape[:-1] + (1,), jnp.float32)
+    threshold = (1.0 - u) * cdf[..., -1:]
+    return jnp.sum(cdf < threshold, axis=-1, dtype=jnp.int32)
+
+
 def sample_tokens(
     key: jax.Array,
     logits: jax.Array,
@@ -103,7 +119,7 @@ def sample_tokens(
     the full distribution (not the top-k / top-p one).
     """
     temperature = jnp.asarray(temperature, jnp.float32)
-    sampled = jax.random.categorical(key, filter_logits(logits, temperature, top_k=top_k, top_p=top_p), axis=-1)
+    sampled = categorical(key, filter_logits(logits, temperature, top_k=top_k, top_p=top_p))
     greedy = jnp.argmax(logits, axis=-1)
     tokens = jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
     return tokens, token_logprobs(logits, tokens, temperature)

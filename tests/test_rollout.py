@@ -14,7 +14,8 @@ import pytest
 
 from rollout_testing import chi_square_pvalue, jit_for_tests
 from fake_models import BagOfWordsLM, TableLM
-from ppojax import rollout as R
+import importlib
+R = importlib.import_module("ppojax.rollout")  # the module: `ppojax.rollout` is also the re-exported function
 
 PAD = 16  # a token the fake model's greedy decoding never emits, so padding is visible
 MODEL = BagOfWordsLM()

@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "models"))
 import hf_builders  # noqa: E402
 from rollout_testing import jit_for_tests  # noqa: E402
 
-from ppojax import rollout as R  # noqa: E402
+import importlib  # noqa: E402
+R = importlib.import_module("ppojax.rollout")  # the module: `ppojax.rollout` is also the re-exported function  # noqa: E402
 from ppojax.models import DecoderModel, load_pretrained  # noqa: E402
 
 PAD = hf_builders.PAD_ID
@@ -104,8 +105,12 @@ def test_reward_and_values_on_real_heads(build):
     critic = DecoderModel(reward_model.config, "value")
     critic_params = {k: v for k, v in reward_params.items() if k != "score"} | {"value_head": reward_params["score"]}
     ids, mask = _prompts(policy.config.vocab_size)
-    out = rollout_jit(policy, policy_params, ids, mask, jax.random.key(2), max_new_tokens=N,
+    out = rollout_jit(policy, policy_params, ids, mask, jax.random.key(4), max_new_tokens=N,
                       stop_token_ids=[5, 6, 7, 8, 9], pad_token_id=PAD)
+    # transformers reads the score at the rightmost non-pad token, ppojax at the last real one (from the
+    # masks): they agree when no row's last response token is a sampled pad id; the key is chosen for that.
+    last = np.asarray(out.response_ids)[np.arange(len(ids)), np.asarray(out.lengths) - 1]
+    assert np.all(last != PAD), "test setup: a row ends in a sampled pad id; pick another key"
     batch = (ids, mask, out.response_ids, out.response_mask)
     reward = jit_for_tests(R.sequence_reward, static_argnums=0)(reward_model, reward_params, *batch)
     values = jit_for_tests(R.response_values, static_argnums=0)(critic, critic_params, *batch)

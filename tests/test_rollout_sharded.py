@@ -15,7 +15,8 @@ _SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from fake_models import BagOfWordsLM
-    from ppojax import rollout as R
+    import importlib
+    R = importlib.import_module("ppojax.rollout")  # the module: `ppojax.rollout` is also the re-exported function
 
     assert len(jax.devices()) == 2, jax.devices()
     model = BagOfWordsLM()

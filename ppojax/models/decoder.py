@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -82,6 +83,41 @@ class _Dense(nn.Module):
         return y
 
 
+class _DenseParams(nn.Module):
+    """The params of a `_Dense` (same names, shapes and initialisers), returned instead of applied, so that
+    several projections of one input can run as one matmul (`_dense_group`)."""
+
+    in_features: int
+    features: int
+    use_bias: bool
+    dtype: Any
+
+    @nn.compact
+    def __call__(self):
+        kernel = self.param("kernel", _normal, (self.in_features, self.features), self.dtype)
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+        return kernel, bias
+
+
+def _dense_group(x, params, loras, dtype):
+    """Several `_Dense` projections of the same x, as one matmul over their concatenated kernels (one larger
+    dot instead of several small ones is faster on CPU). params: [(kernel, bias or None)], loras: matching
+    (adapter, scale) or None. Returns the outputs, split back."""
+    kernel = jnp.concatenate([k.astype(dtype) for k, _ in params], axis=1)
+    y = jnp.dot(x, kernel)
+    if params[0][1] is not None:
+        y = y + jnp.concatenate([b.astype(dtype) for _, b in params]).astype(dtype)
+    sizes = [k.shape[1] for k, _ in params]
+    outs = jnp.split(y, list(itertools.accumulate(sizes))[:-1], axis=-1)
+    for i, lora in enumerate(loras):
+        if lora is not None:
+            adapter, scale = lora
+            outs[i] = outs[i] + jnp.dot(jnp.dot(x, adapter["a"].astype(dtype)), adapter["b"].astype(dtype)) * scale
+    return outs
+
+
 class _Norm(nn.Module):
     kind: str  # "rms" | "layer"
     eps: float
@@ -126,6 +162,24 @@ def attend(q, k, v, q_slots, k_slots, k_valid, scale):
     return out.reshape(batch, seq, num_heads * head_dim)
 
 
+def attend_one(q, k, v, q_slot, k_slots, k_valid, scale):
+    """`attend` for a single query position (a decode step), same arguments with S = 1. The cache is used in
+    its stored `[B, T, Hkv, D]` layout and the tiny products are multiply + reduce: an einsum would transpose
+    every layer's K and V cache to `[B, Hkv, T, D]` on every step."""
+    batch, _, num_heads, head_dim = q.shape
+    num_kv = k.shape[2]
+    group = num_heads // num_kv
+    q = q.reshape(batch, 1, num_kv, group, head_dim)
+    k = k[:, :, :, None, :]  # [B, T, Hkv, 1, D]
+    v = v[:, :, :, None, :]
+    logits = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=-1) * scale  # [B, T, Hkv, G]
+    visible = k_valid & (k_slots[None, :] <= q_slot)  # [B, T]
+    logits = jnp.where(visible[:, :, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=1).astype(v.dtype)
+    out = jnp.sum(probs[..., None] * v, axis=1)  # [B, Hkv, G, D]
+    return out.reshape(batch, 1, num_heads * head_dim)
+
+
 class _Attention(nn.Module):
     config: ModelConfig
     layer_index: int
@@ -141,9 +195,10 @@ class _Attention(nn.Module):
             qkv = _Dense(q_size + 2 * kv_size, cfg.qkv_bias, self.dtype, name="qkv")(x, lora.get("qkv"))
             q, k, v = jnp.split(qkv, [q_size, q_size + kv_size], axis=-1)
         else:
-            q = _Dense(q_size, cfg.qkv_bias, self.dtype, name="q")(x, lora.get("q"))
-            k = _Dense(kv_size, cfg.qkv_bias, self.dtype, name="k")(x, lora.get("k"))
-            v = _Dense(kv_size, cfg.qkv_bias, self.dtype, name="v")(x, lora.get("v"))
+            hidden = x.shape[-1]
+            params = [_DenseParams(hidden, size, cfg.qkv_bias, self.dtype, name=name)()
+                      for name, size in (("q", q_size), ("k", kv_size), ("v", kv_size))]
+            q, k, v = _dense_group(x, params, [lora.get(name) for name in "qkv"], self.dtype)
         q = q.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
         k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
@@ -161,7 +216,10 @@ class _Attention(nn.Module):
         scale = cfg.head_dim ** -0.5
         if cfg.attn_scale_by_layer:
             scale /= self.layer_index + 1
-        out = attend(q, k.astype(self.dtype), v.astype(self.dtype), q_slots, k_slots, k_valid, scale)
+        if seq == 1 and layer_cache is not None:
+            out = attend_one(q, k.astype(self.dtype), v.astype(self.dtype), q_slots[0], k_slots, k_valid, scale)
+        else:
+            out = attend(q, k.astype(self.dtype), v.astype(self.dtype), q_slots, k_slots, k_valid, scale)
         return _Dense(cfg.hidden_size, cfg.o_bias, self.dtype, name="o")(out, lora.get("o")), layer_cache
 
 
@@ -173,11 +231,13 @@ class _Mlp(nn.Module):
     def __call__(self, x, lora):
         cfg = self.config
         lora = lora or {}
-        up = _Dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, name="up")(x, lora.get("up"))
         if cfg.gated_mlp:
-            gate = _Dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, name="gate")(x, lora.get("gate"))
+            params = [_DenseParams(x.shape[-1], cfg.intermediate_size, cfg.mlp_bias, self.dtype, name=name)()
+                      for name in ("gate", "up")]
+            gate, up = _dense_group(x, params, [lora.get("gate"), lora.get("up")], self.dtype)
             hidden = _activation(cfg.activation, gate) * up
         else:
+            up = _Dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, name="up")(x, lora.get("up"))
             hidden = _activation(cfg.activation, up)
         return _Dense(cfg.hidden_size, cfg.mlp_bias, self.dtype, name="down")(hidden, lora.get("down"))
 
