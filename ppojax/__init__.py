@@ -32,13 +32,14 @@ from ppojax.models import (
     save_pretrained,
     sequence_scores,
 )
-from ppojax.rollout import (
+from ppojax.generation import (
     Rollout,
     Scores,
     bucket_length,
     pad_prompts,
     response_logprobs,
     response_values,
+    rollout,
     rollout_jit,
     score,
     sequence_reward,

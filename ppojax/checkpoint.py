@@ -44,8 +44,9 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, max_to_keep: Optional[int] = 3, async_save: bool = True):
         self.directory = os.path.abspath(os.path.expanduser(directory))
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               enable_async_checkpointing=async_save)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     # ---- queries -------------------------------------------------------------------------------------
@@ -84,8 +85,9 @@ class Checkpointer:
             step = self.latest_step()
             if step is None:
                 raise CheckpointRestoreError(f"{self.directory}: no complete checkpoint to restore")
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(target)),
-                                  metadata=ocp.args.JsonRestore())
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_like(target)), metadata=ocp.args.JsonRestore()
+        )
         restored = self._manager.restore(int(step), args=args)
         return restored.state, dict(restored.metadata or {})
 

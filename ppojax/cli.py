@@ -15,57 +15,63 @@ EXIT_BAD_INPUT = 2
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="ppojax", description="Pure-JAX PPO for RLHF of language models.")
-  sub = parser.add_subparsers(dest="command", required=True)
-  train = sub.add_parser("train", help="train a stage (sft, rm, ppo) from a LLaMA-Factory-style YAML config")
-  train.add_argument("config", help="YAML file of key: value settings (see ppojax/config.py for every key)")
-  train.add_argument("overrides", nargs="*", metavar="key=value", help="override a key; the value is read as YAML")
-  train.add_argument("--no-progress", action="store_true", help="no progress bar")
-  demo = sub.add_parser("demo", help="run a small, real PPO-RLHF loop on the CPU in seconds")
-  demo.add_argument("--iterations", type=int, default=40)
-  demo.add_argument("--preset", default="ppojax", help="ppojax | trl | openrlhf | verl | openai")
-  demo.add_argument("--seed", type=int, default=0)
-  args, extra = parser.parse_known_args(argv)  # key=value may also follow an option such as --no-progress
-  if args.command == "train":
-    unknown = [x for x in extra if x.startswith("-") or "=" not in x]
-    if unknown:
-      parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = list(args.overrides) + extra
-  elif extra:
-    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    parser = argparse.ArgumentParser(prog="ppojax", description="Pure-JAX PPO for RLHF of language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a stage (sft, rm, ppo) from a LLaMA-Factory-style YAML config")
+    train.add_argument("config", help="YAML file of key: value settings (see ppojax/config.py for every key)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="override a key; the value is read as YAML")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo = sub.add_parser("demo", help="run a small, real PPO-RLHF loop on the CPU in seconds")
+    demo.add_argument("--iterations", type=int, default=40)
+    demo.add_argument("--preset", default="ppojax", help="ppojax | trl | openrlhf | verl | openai")
+    demo.add_argument("--seed", type=int, default=0)
+    args, extra = parser.parse_known_args(argv)  # key=value may also follow an option such as --no-progress
+    if args.command == "train":
+        unknown = [x for x in extra if x.startswith("-") or "=" not in x]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
-  if args.command == "train":
-    return _train(args)
-  if args.command == "demo":
-    from ppojax import demo as demo_module
-    from ppojax.presets import PRESETS
+    if args.command == "train":
+        return _train(args)
+    if args.command == "demo":
+        from ppojax import demo as demo_module
+        from ppojax.presets import PRESETS
 
-    if args.preset not in PRESETS:
-      parser.error(f"--preset: unknown preset {args.preset!r}; expected one of {sorted(PRESETS)}")
-    cfg = demo_module.DemoConfig(preset=args.preset)
-    print(f"ppojax demo: tabular policy, vocab {cfg.vocab_size}, {cfg.response_length} tokens, preset {cfg.preset!r}")
-    history = demo_module.run(cfg, iterations=args.iterations, seed=args.seed)
-    first, last = history[0], history[-1]
-    print(f"score {first['score']:.3f} -> {last['score']:.3f}; KL to reference {last['kl']:.3f} nats (target {cfg.kl_target})")
-  return 0
+        if args.preset not in PRESETS:
+            parser.error(f"--preset: unknown preset {args.preset!r}; expected one of {sorted(PRESETS)}")
+        cfg = demo_module.DemoConfig(preset=args.preset)
+        print(
+            f"ppojax demo: tabular policy, vocab {cfg.vocab_size}, {cfg.response_length} tokens, preset {cfg.preset!r}"
+        )
+        history = demo_module.run(cfg, iterations=args.iterations, seed=args.seed)
+        first, last = history[0], history[-1]
+        print(
+            f"score {first['score']:.3f} -> {last['score']:.3f}; KL to reference {last['kl']:.3f} nats (target {cfg.kl_target})"
+        )
+    return 0
 
 
 def _train(args) -> int:
-  from ppojax.config import ConfigError, load_config
-  from ppojax.models import CheckpointError
+    from ppojax.config import ConfigError, load_config
+    from ppojax.models import CheckpointError
 
-  try:
-    config = load_config(args.config, args.overrides)
-    from ppojax import runner
+    try:
+        config = load_config(args.config, args.overrides)
+        from ppojax import runner
 
-    summary = runner.run(config, progress=not args.no_progress)
-  except (ConfigError, CheckpointError) as e:
-    print(f"ppojax: error: {e}", file=sys.stderr)
-    return EXIT_BAD_INPUT
-  print(f"ppojax {config.stage}: {summary['status']}; model saved to {config.output_dir}; "
-        f"reports in {config.output_dir}/{config.stage}_metrics")
-  return 0
+        summary = runner.run(config, progress=not args.no_progress)
+    except (ConfigError, CheckpointError) as e:
+        print(f"ppojax: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(
+        f"ppojax {config.stage}: {summary['status']}; model saved to {config.output_dir}; "
+        f"reports in {config.output_dir}/{config.stage}_metrics"
+    )
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

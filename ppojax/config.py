@@ -112,8 +112,17 @@ RAW_TEMPLATES = ("none", "default", "empty", "raw")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # HF module names (LLaMA-Factory's lora_target values) -> ours.
 _HF_LORA_NAMES = {
-    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
-    "down_proj": "down", "c_attn": "q", "c_fc": "up", "c_proj": "down", "qkv": "q",
+    "q_proj": "q",
+    "k_proj": "k",
+    "v_proj": "v",
+    "o_proj": "o",
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+    "c_attn": "q",
+    "c_fc": "up",
+    "c_proj": "down",
+    "qkv": "q",
 }
 
 
@@ -231,7 +240,9 @@ class TrainConfig:
             base = PRESETS["ppojax"].replace(kl_coef=0.2, adaptive_kl=True, kl_target=6.0, kl_horizon=10000.0)
         else:
             base = PRESETS[self.preset]
-        changes = {field: getattr(self, key) for key, field in CONVENTION_KEYS.items() if getattr(self, key) is not None}
+        changes = {
+            field: getattr(self, key) for key, field in CONVENTION_KEYS.items() if getattr(self, key) is not None
+        }
         if self.cliprange_value is None and "cliprange_value" in self.given_keys:
             changes["value_clip_eps"] = None  # an explicit null turns value clipping off
         return base.replace(**changes) if changes else base
@@ -288,10 +299,20 @@ FOREIGN_KEYS = {
     "use_score_scaling": "use ppo_score_norm: true",
 }
 
-_NON_TRAJECTORY_KEYS = frozenset({
-    "output_dir", "overwrite_output_dir", "logging_steps", "save_steps", "max_to_keep", "resume", "samples_every",
-    "num_samples", "tensorboard", "do_train",
-})
+_NON_TRAJECTORY_KEYS = frozenset(
+    {
+        "output_dir",
+        "overwrite_output_dir",
+        "logging_steps",
+        "save_steps",
+        "max_to_keep",
+        "resume",
+        "samples_every",
+        "num_samples",
+        "tensorboard",
+        "do_train",
+    }
+)
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "given_keys"}
 _REQUIRED = tuple(name for name, f in _FIELDS.items() if f.default is dataclasses.MISSING)
@@ -341,7 +362,9 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
     return out
 
 
-def config_from_dict(raw: Mapping[str, Any], *, source: str = "config", sources: Optional[Mapping] = None) -> TrainConfig:
+def config_from_dict(
+    raw: Mapping[str, Any], *, source: str = "config", sources: Optional[Mapping] = None
+) -> TrainConfig:
     """Validates a mapping (aliases allowed) into a `TrainConfig`. `source` names it in error messages."""
     raw = _canonical_keys(raw, source)
     where = lambda key: (sources or {}).get(key, source)  # noqa: E731
@@ -373,7 +396,8 @@ def _canonical(key: str, source: str) -> str:
 def _merge_key(out: dict, key: str, value, source: str, given_as: str):
     if key in out and out[key] != value:
         raise ConfigError(
-            f"{source}: '{given_as}' ({value!r}) and another spelling of '{key}' ({out[key]!r}) are both set; keep one")
+            f"{source}: '{given_as}' ({value!r}) and another spelling of '{key}' ({out[key]!r}) are both set; keep one"
+        )
     out[key] = value
 
 
@@ -477,14 +501,17 @@ def _check_path(key: str, value: str, kind: str, source: str, raw: Mapping) -> s
     path = os.path.abspath(os.path.join(os.path.expanduser(base), os.path.expanduser(value)))
     if kind == "dir":
         if not os.path.isdir(path):
-            raise ConfigError(f"{source}: '{key}' is {value!r} but {path} is not a directory"
-                              f"{_dir_hint(key)}")
+            raise ConfigError(f"{source}: '{key}' is {value!r} but {path} is not a directory{_dir_hint(key)}")
         if key != "dataset_dir" and not os.path.isfile(os.path.join(path, "config.json")):
-            raise ConfigError(f"{source}: '{key}' is {value!r} but {path} has no config.json "
-                              "(expected a local Hugging Face model directory; hub names are not downloaded)")
+            raise ConfigError(
+                f"{source}: '{key}' is {value!r} but {path} has no config.json "
+                "(expected a local Hugging Face model directory; hub names are not downloaded)"
+            )
     elif not os.path.isfile(path):
-        raise ConfigError(f"{source}: '{key}' is {value!r} but {path} is not a file (ppojax reads a local .json or "
-                          ".jsonl file; LLaMA-Factory dataset_info.json names are not looked up)")
+        raise ConfigError(
+            f"{source}: '{key}' is {value!r} but {path} is not a file (ppojax reads a local .json or "
+            ".jsonl file; LLaMA-Factory dataset_info.json names are not looked up)"
+        )
     return path
 
 
@@ -499,7 +526,9 @@ def _dir_hint(key: str) -> str:
 def _lora_target(value, source: str):
     names = value.split(",") if isinstance(value, str) else value
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-        raise ConfigError(f"{source}: 'lora_target' is {value!r}; expected 'all' or a comma list of {', '.join(LORA_TARGETS)}")
+        raise ConfigError(
+            f"{source}: 'lora_target' is {value!r}; expected 'all' or a comma list of {', '.join(LORA_TARGETS)}"
+        )
     names = [n.strip() for n in names if n.strip()]
     if names == ["all"]:
         return "all"
@@ -507,8 +536,10 @@ def _lora_target(value, source: str):
     for name in names:
         ours = _HF_LORA_NAMES.get(name, name)
         if ours not in LORA_TARGETS:
-            raise ConfigError(f"{source}: 'lora_target' has {name!r}; allowed: all, {', '.join(LORA_TARGETS)} "
-                              "(or the HF names q_proj ... down_proj)")
+            raise ConfigError(
+                f"{source}: 'lora_target' has {name!r}; allowed: all, {', '.join(LORA_TARGETS)} "
+                "(or the HF names q_proj ... down_proj)"
+            )
         if ours not in out:
             out.append(ours)
     if not out:
@@ -527,38 +558,77 @@ def _check_consistency(config: TrainConfig, raw: Mapping, where):
     if c.stage == "ppo" and c.reward_model is None:
         raise ConfigError(f"{where('stage')}: stage ppo needs 'reward_model' (the output_dir of a stage: rm run)")
     step = c.optimizer_batch_size
-    product = f"per_device_train_batch_size × gradient_accumulation_steps = {c.per_device_train_batch_size} × " \
-              f"{c.gradient_accumulation_steps} = {step} rows per optimizer step"
+    product = (
+        f"per_device_train_batch_size × gradient_accumulation_steps = {c.per_device_train_batch_size} × "
+        f"{c.gradient_accumulation_steps} = {step} rows per optimizer step"
+    )
     if c.batch_size is not None:
         if c.batch_size % step:
             lower = max(step, c.batch_size // step * step)
             raise ConfigError(
                 f"{where('batch_size')}: 'batch_size' {c.batch_size} (prompts per PPO iteration) is not divisible by "
-                f"{product}; use a multiple of {step}, e.g. {lower} or {lower + step}")
+                f"{product}; use a multiple of {step}, e.g. {lower} or {lower + step}"
+            )
         if c.ppo_buffer_size is not None and c.batch_size != step * c.ppo_buffer_size:
             raise ConfigError(
                 f"{where('batch_size')}: 'batch_size' {c.batch_size} disagrees with ppo_buffer_size {c.ppo_buffer_size} × "
-                f"{step} ({product}) = {step * c.ppo_buffer_size}; set only one of batch_size and ppo_buffer_size")
+                f"{step} ({product}) = {step * c.ppo_buffer_size}; set only one of batch_size and ppo_buffer_size"
+            )
     if c.stage == "ppo":
         conv = c.convention
         if c.ppo_target is not None and not conv.adaptive_kl:
             raise ConfigError(
                 f"{where('ppo_target')}: 'ppo_target' {c.ppo_target} has no effect with a fixed KL coefficient "
-                f"(preset {c.preset!r} has adap_kl_ctrl false); set adap_kl_ctrl: true or drop ppo_target")
+                f"(preset {c.preset!r} has adap_kl_ctrl false); set adap_kl_ctrl: true or drop ppo_target"
+            )
     if c.stage != "ppo":
         ppo_only = sorted(k for k in raw if k in _PPO_ONLY_KEYS)
         if ppo_only:
-            raise ConfigError(f"{where(ppo_only[0])}: '{ppo_only[0]}' is a PPO setting but stage is {c.stage!r}; "
-                              "remove it or set stage: ppo")
+            raise ConfigError(
+                f"{where(ppo_only[0])}: '{ppo_only[0]}' is a PPO setting but stage is {c.stage!r}; "
+                "remove it or set stage: ppo"
+            )
     if c.finetuning_type == "full" and any(k in raw for k in ("lora_rank", "lora_alpha", "lora_target")):
         key = next(k for k in ("lora_rank", "lora_alpha", "lora_target") if k in raw)
-        raise ConfigError(f"{where(key)}: '{key}' is set but finetuning_type is 'full'; set finetuning_type: lora or remove it")
+        raise ConfigError(
+            f"{where(key)}: '{key}' is set but finetuning_type is 'full'; set finetuning_type: lora or remove it"
+        )
 
 
-_PPO_ONLY_KEYS = frozenset({
-    "reward_model", "ref_model", "ppo_buffer_size", "batch_size", "ppo_epochs", "ppo_target", "ppo_score_norm",
-    "ppo_whiten_rewards", "preset", "kl_coef", "adap_kl_ctrl", "horizon", "kl_estimator", "cliprange",
-    "cliprange_value", "vf_coef", "gamma", "lam", "missing_eos_penalty", "target_kl", "early_stop_kl",
-    "on_kl_exceeded", "max_rollbacks", "max_new_tokens", "temperature", "top_p", "top_k", "max_prompt_length",
-    "prompt_overflow", "critic_learning_rate", "samples_every", "num_samples", "entropy_coef",
-})
+_PPO_ONLY_KEYS = frozenset(
+    {
+        "reward_model",
+        "ref_model",
+        "ppo_buffer_size",
+        "batch_size",
+        "ppo_epochs",
+        "ppo_target",
+        "ppo_score_norm",
+        "ppo_whiten_rewards",
+        "preset",
+        "kl_coef",
+        "adap_kl_ctrl",
+        "horizon",
+        "kl_estimator",
+        "cliprange",
+        "cliprange_value",
+        "vf_coef",
+        "gamma",
+        "lam",
+        "missing_eos_penalty",
+        "target_kl",
+        "early_stop_kl",
+        "on_kl_exceeded",
+        "max_rollbacks",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "max_prompt_length",
+        "prompt_overflow",
+        "critic_learning_rate",
+        "samples_every",
+        "num_samples",
+        "entropy_coef",
+    }
+)

@@ -16,7 +16,7 @@ raw) the prompt is the raw text. A response (chosen, rejected, SFT output) is it
 Every problem is a `DataError` (a `ConfigError`): one line with the file and the line (JSONL) or record index
 (JSON array).
 
-Shapes: prompts come from `ppojax.rollout.pad_prompts`: ids, mask [B, P] int32, LEFT-padded with P a multiple
+Shapes: prompts come from `ppojax.generation.pad_prompts`: ids, mask [B, P] int32, LEFT-padded with P a multiple
 of the bucket; responses (sft targets, rm chosen / rejected) are RIGHT-padded [B, N], N a multiple of the bucket.
 Batches are drawn from a per-epoch permutation of (seed, epoch); `DataPosition(epoch, offset)` resumes it.
 """
@@ -31,11 +31,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppojax.config import ConfigError, RAW_TEMPLATES
-from ppojax.rollout import pad_prompts
+from ppojax.generation import pad_prompts
 
 PAD_TOKEN = "<|ppojax_pad|>"
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-          "model": "assistant"}
+_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "model": "assistant",
+}
 
 
 class DataError(ConfigError):
@@ -105,8 +111,9 @@ def _messages(record: dict, where: str) -> list[dict]:
         role = turn.get("role", turn.get("from"))
         content = turn.get("content", turn.get("value"))
         if role not in _ROLES or not isinstance(content, str):
-            raise DataError(f"{where}: {key}[{i}] needs role (user / assistant / system) and string content; "
-                            f"found role {role!r}")
+            raise DataError(
+                f"{where}: {key}[{i}] needs role (user / assistant / system) and string content; found role {role!r}"
+            )
         out.append({"role": _ROLES[role], "content": content})
     return out
 
@@ -196,8 +203,10 @@ def encode_prompt(tokenizer, turns: list[dict], template: str, where: str = "") 
         text = "\n\n".join(t["content"] for t in turns)
         return list(tokenizer(text, add_special_tokens=True)["input_ids"])
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{where + ': ' if where else ''}template {template!r} needs the tokenizer's chat template "
-                        "but the tokenizer has none; use template: none for raw text")
+        raise DataError(
+            f"{where + ': ' if where else ''}template {template!r} needs the tokenizer's chat template "
+            "but the tokenizer has none; use template: none for raw text"
+        )
     text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -240,21 +249,26 @@ class ResponseDataset:
         return len(self.prompts)
 
 
-def load_prompts(path: str, tokenizer, *, template: str, max_prompt_length: int, overflow: str = "truncate") -> PromptDataset:
+def load_prompts(
+    path: str, tokenizer, *, template: str, max_prompt_length: int, overflow: str = "truncate"
+) -> PromptDataset:
     """PPO prompts. A prompt longer than `max_prompt_length` keeps its last tokens (overflow="truncate",
     counted in `truncated`) or is an error naming the row (overflow="refuse")."""
     if overflow not in ("truncate", "refuse"):
         raise ValueError(f"overflow must be 'truncate' or 'refuse', found {overflow!r}")
     prompts, sources, truncated = [], [], 0
     for where, record in read_records(path):
-        ids = encode_prompt(tokenizer, _prompt_turns(record, where, "instruction/input, prompt or messages"),
-                            template, where)
+        ids = encode_prompt(
+            tokenizer, _prompt_turns(record, where, "instruction/input, prompt or messages"), template, where
+        )
         if not ids:
             raise DataError(f"{where}: empty prompt (0 tokens)")
         if len(ids) > max_prompt_length:
             if overflow == "refuse":
-                raise DataError(f"{where}: prompt has {len(ids)} tokens, more than max_prompt_length "
-                                f"{max_prompt_length}; raise max_prompt_length or set prompt_overflow: truncate")
+                raise DataError(
+                    f"{where}: prompt has {len(ids)} tokens, more than max_prompt_length "
+                    f"{max_prompt_length}; raise max_prompt_length or set prompt_overflow: truncate"
+                )
             ids = ids[-max_prompt_length:]
             truncated += 1
         prompts.append(tuple(ids))
@@ -267,7 +281,7 @@ def _fit(prompt: list[int], responses: list[list[int]], cutoff_len: int):
     response token; responses lose their end. Returns (prompt, responses, was_cut)."""
     if all(len(prompt) + len(r) <= cutoff_len for r in responses):
         return tuple(prompt), tuple(tuple(r) for r in responses), False
-    prompt = prompt[-(cutoff_len - 1):] if len(prompt) > cutoff_len - 1 else prompt
+    prompt = prompt[-(cutoff_len - 1) :] if len(prompt) > cutoff_len - 1 else prompt
     room = cutoff_len - len(prompt)
     return tuple(prompt), tuple(tuple(r[:room]) for r in responses), True
 
@@ -279,8 +293,11 @@ def _response_dataset(path: str, tokenizer, template: str, cutoff_len: int, resp
         for key, text in texts:
             if not text.strip():
                 raise DataError(f"{where}: empty '{key}' response")
-        prompt, encoded, cut = _fit(encode_prompt(tokenizer, turns, template, where),
-                                    [encode_response(tokenizer, text) for _, text in texts], cutoff_len)
+        prompt, encoded, cut = _fit(
+            encode_prompt(tokenizer, turns, template, where),
+            [encode_response(tokenizer, text) for _, text in texts],
+            cutoff_len,
+        )
         truncated += cut
         prompts.append(prompt)
         responses.append(encoded)
@@ -290,14 +307,17 @@ def _response_dataset(path: str, tokenizer, template: str, cutoff_len: int, resp
 
 def load_preferences(path: str, tokenizer, *, template: str, cutoff_len: int) -> ResponseDataset:
     """Reward-model pairs: a prompt (any prompt format) with `chosen` and `rejected` responses."""
+
     def pair(record, where):
         turns = _prompt_turns(record, where, "prompt or instruction/input or messages, with chosen and rejected")
         return [(key, _text(record, key, where)) for key in ("chosen", "rejected")], turns
+
     return _response_dataset(path, tokenizer, template, cutoff_len, pair)
 
 
 def load_sft(path: str, tokenizer, *, template: str, cutoff_len: int) -> ResponseDataset:
     """SFT rows: instruction/input/output, prompt/response, or messages ending with an assistant turn."""
+
     def target(record, where):
         if "messages" in record or "conversations" in record:
             turns = _messages(record, where)
@@ -310,6 +330,7 @@ def load_sft(path: str, tokenizer, *, template: str, cutoff_len: int) -> Respons
         else:
             raise DataError(f"{where}: missing field 'output' (the SFT target)")
         return [response], _prompt_turns(record, where, "instruction/input/output, prompt/response or messages")
+
     return _response_dataset(path, tokenizer, template, cutoff_len, target)
 
 
@@ -329,8 +350,9 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-def batch_indices(num_examples: int, batch_size: int, *, seed: int,
-                  position: DataPosition = DataPosition()) -> Iterator[tuple[np.ndarray, DataPosition]]:
+def batch_indices(
+    num_examples: int, batch_size: int, *, seed: int, position: DataPosition = DataPosition()
+) -> Iterator[tuple[np.ndarray, DataPosition]]:
     """Endless (indices [batch_size], position after this batch). The last partial batch of an epoch is dropped
     so every batch has one shape (one compilation)."""
     if batch_size > num_examples:
@@ -340,7 +362,7 @@ def batch_indices(num_examples: int, batch_size: int, *, seed: int,
         if offset + batch_size > num_examples:
             epoch, offset = epoch + 1, 0
         order = epoch_order(num_examples, seed, epoch)
-        indices = order[offset: offset + batch_size]
+        indices = order[offset : offset + batch_size]
         offset += batch_size
         yield indices, DataPosition(epoch, offset)
 
@@ -354,15 +376,24 @@ class PromptBatch(NamedTuple):
     position: DataPosition
 
 
-def prompt_batches(dataset: PromptDataset, batch_size: int, *, pad_token_id: int, seed: int,
-                   position: DataPosition = DataPosition(), bucket: int = 64) -> Iterator[PromptBatch]:
+def prompt_batches(
+    dataset: PromptDataset,
+    batch_size: int,
+    *,
+    pad_token_id: int,
+    seed: int,
+    position: DataPosition = DataPosition(),
+    bucket: int = 64,
+) -> Iterator[PromptBatch]:
     """Endless left-padded prompt batches; P is bucketed (`pad_prompts`) so few prompt widths compile."""
     for indices, after in batch_indices(len(dataset), batch_size, seed=seed, position=position):
         ids, mask = pad_prompts([dataset.prompts[i] for i in indices], pad_token_id, bucket=bucket)
         yield PromptBatch(ids, mask, indices, after)
 
 
-def pad_responses(responses: Sequence[Sequence[int]], pad_token_id: int, *, bucket: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def pad_responses(
+    responses: Sequence[Sequence[int]], pad_token_id: int, *, bucket: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
     """RIGHT-padded (ids, mask) [B, N] int32 with N a multiple of `bucket`."""
     width = max(1, -(-max(len(r) for r in responses) // bucket)) * bucket
     ids = np.full((len(responses), width), pad_token_id, np.int32)
@@ -385,14 +416,20 @@ class ResponseBatch(NamedTuple):
     position: DataPosition
 
 
-def response_batches(dataset: ResponseDataset, batch_size: int, *, pad_token_id: int, seed: int,
-                     position: DataPosition = DataPosition(), bucket: int = 64) -> Iterator[ResponseBatch]:
+def response_batches(
+    dataset: ResponseDataset,
+    batch_size: int,
+    *,
+    pad_token_id: int,
+    seed: int,
+    position: DataPosition = DataPosition(),
+    bucket: int = 64,
+) -> Iterator[ResponseBatch]:
     """Endless sft / rm batches: prompts left-padded, responses right-padded, both to bucketed widths."""
     kinds = len(dataset.responses[0])
     for indices, after in batch_indices(len(dataset), batch_size, seed=seed, position=position):
         prompt_ids, prompt_mask = pad_prompts([dataset.prompts[i] for i in indices], pad_token_id, bucket=bucket)
-        responses = tuple(pad_responses([dataset.responses[i][k] for i in indices], pad_token_id, bucket=bucket)
-                          for k in range(kinds))
+        responses = tuple(
+            pad_responses([dataset.responses[i][k] for i in indices], pad_token_id, bucket=bucket) for k in range(kinds)
+        )
         yield ResponseBatch(prompt_ids, prompt_mask, responses, indices, after)
-
-

@@ -24,92 +24,92 @@ SCHEDULES = ("constant", "linear")
 
 
 class ScaleByTFAdamState(NamedTuple):
-  count: jax.Array  # int32 steps taken
-  mu: optax.Updates
-  nu: optax.Updates
+    count: jax.Array  # int32 steps taken
+    mu: optax.Updates
+    nu: optax.Updates
 
 
 def scale_by_tf_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
-  """TF-style Adam direction (ε outside the bias correction), without the learning rate.
+    """TF-style Adam direction (ε outside the bias correction), without the learning rate.
 
-  updates_t = √(1 − β2^t) / (1 − β1^t) · m_t / (√v_t + ε); chain with `optax.scale_by_learning_rate`.
-  Moments keep the dtype of the params.
-  """
+    updates_t = √(1 − β2^t) / (1 − β1^t) · m_t / (√v_t + ε); chain with `optax.scale_by_learning_rate`.
+    Moments keep the dtype of the params.
+    """
 
-  def init(params):
-    zeros = lambda p: jnp.zeros_like(p)
-    return ScaleByTFAdamState(jnp.zeros((), jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
+    def init(params):
+        zeros = lambda p: jnp.zeros_like(p)
+        return ScaleByTFAdamState(jnp.zeros((), jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
 
-  def update(updates, state, params=None):
-    del params
-    mu = jax.tree.map(lambda g, m: (b1 * m + (1.0 - b1) * g).astype(m.dtype), updates, state.mu)
-    nu = jax.tree.map(lambda g, v: (b2 * v + (1.0 - b2) * jnp.square(g)).astype(v.dtype), updates, state.nu)
-    count = state.count + 1
-    t = count.astype(jnp.float32)
-    step_scale = jnp.sqrt(1.0 - b2**t) / (1.0 - b1**t)
-    out = jax.tree.map(lambda m, v: (step_scale * m / (jnp.sqrt(v) + eps)).astype(m.dtype), mu, nu)
-    return out, ScaleByTFAdamState(count, mu, nu)
+    def update(updates, state, params=None):
+        del params
+        mu = jax.tree.map(lambda g, m: (b1 * m + (1.0 - b1) * g).astype(m.dtype), updates, state.mu)
+        nu = jax.tree.map(lambda g, v: (b2 * v + (1.0 - b2) * jnp.square(g)).astype(v.dtype), updates, state.nu)
+        count = state.count + 1
+        t = count.astype(jnp.float32)
+        step_scale = jnp.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+        out = jax.tree.map(lambda m, v: (step_scale * m / (jnp.sqrt(v) + eps)).astype(m.dtype), mu, nu)
+        return out, ScaleByTFAdamState(count, mu, nu)
 
-  return optax.GradientTransformation(init, update)
+    return optax.GradientTransformation(init, update)
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  """One optimizer: Adam (PyTorch or TF style) with decoupled weight decay, clipping and a schedule.
+    """One optimizer: Adam (PyTorch or TF style) with decoupled weight decay, clipping and a schedule.
 
-  schedule: "constant" (after warmup) or "linear" (after warmup, linearly to 0 at `total_steps`).
-  warmup_steps: linear warmup from 0 (step 0 has lr 0, as transformers' schedules).
-  max_grad_norm: clip by global norm before Adam; None disables.
-  """
+    schedule: "constant" (after warmup) or "linear" (after warmup, linearly to 0 at `total_steps`).
+    warmup_steps: linear warmup from 0 (step 0 has lr 0, as transformers' schedules).
+    max_grad_norm: clip by global norm before Adam; None disables.
+    """
 
-  learning_rate: float = 1e-5
-  schedule: str = "constant"
-  warmup_steps: int = 0
-  total_steps: int = 0
-  adam: str = "pytorch"
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
-  weight_decay: float = 0.0
-  max_grad_norm: Optional[float] = 1.0
+    learning_rate: float = 1e-5
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int = 0
+    adam: str = "pytorch"
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
 
-  def __post_init__(self):
-    if self.adam not in ADAM_STYLES:
-      raise ValueError(f"OptimizerConfig.adam must be one of {ADAM_STYLES}, got {self.adam!r}")
-    if self.schedule not in SCHEDULES:
-      raise ValueError(f"OptimizerConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-    if self.schedule == "linear" and self.total_steps <= self.warmup_steps:
-      raise ValueError(
-          f"OptimizerConfig: schedule 'linear' needs total_steps > warmup_steps, got {self.total_steps} and {self.warmup_steps}"
-      )
+    def __post_init__(self):
+        if self.adam not in ADAM_STYLES:
+            raise ValueError(f"OptimizerConfig.adam must be one of {ADAM_STYLES}, got {self.adam!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"OptimizerConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.schedule == "linear" and self.total_steps <= self.warmup_steps:
+            raise ValueError(
+                f"OptimizerConfig: schedule 'linear' needs total_steps > warmup_steps, got {self.total_steps} and {self.warmup_steps}"
+            )
 
 
 def make_schedule(config: OptimizerConfig) -> Callable[[jax.Array], jax.Array]:
-  """step -> learning rate (float32).
+    """step -> learning rate (float32).
 
-      warmup (step < W):  lr · step / W
-      constant:           lr
-      linear:             lr · max(0, (total − step) / (total − W))
-  """
-  lr, warmup = config.learning_rate, config.warmup_steps
-  after = optax.constant_schedule(lr)
-  if config.schedule == "linear":
-    after = optax.linear_schedule(lr, 0.0, config.total_steps - warmup)
-  if warmup == 0:
-    return after
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+    warmup (step < W):  lr · step / W
+    constant:           lr
+    linear:             lr · max(0, (total − step) / (total − W))
+    """
+    lr, warmup = config.learning_rate, config.warmup_steps
+    after = optax.constant_schedule(lr)
+    if config.schedule == "linear":
+        after = optax.linear_schedule(lr, 0.0, config.total_steps - warmup)
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
-  """clip by global norm → Adam (PyTorch or TF form) → decoupled weight decay → −schedule(step)."""
-  parts = []
-  if config.max_grad_norm is not None:
-    parts.append(optax.clip_by_global_norm(config.max_grad_norm))
-  if config.adam == "pytorch":
-    parts.append(optax.scale_by_adam(config.b1, config.b2, config.eps))
-  else:
-    parts.append(scale_by_tf_adam(config.b1, config.b2, config.eps))
-  if config.weight_decay:
-    parts.append(optax.add_decayed_weights(config.weight_decay))
-  parts.append(optax.scale_by_learning_rate(make_schedule(config)))
-  return optax.chain(*parts)
+    """clip by global norm → Adam (PyTorch or TF form) → decoupled weight decay → −schedule(step)."""
+    parts = []
+    if config.max_grad_norm is not None:
+        parts.append(optax.clip_by_global_norm(config.max_grad_norm))
+    if config.adam == "pytorch":
+        parts.append(optax.scale_by_adam(config.b1, config.b2, config.eps))
+    else:
+        parts.append(scale_by_tf_adam(config.b1, config.b2, config.eps))
+    if config.weight_decay:
+        parts.append(optax.add_decayed_weights(config.weight_decay))
+    parts.append(optax.scale_by_learning_rate(make_schedule(config)))
+    return optax.chain(*parts)

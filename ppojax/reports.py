@@ -88,8 +88,17 @@ class MetricsWriter:
     steps that the resumed state has not done). `total`: steps expected, for the progress bar.
     """
 
-    def __init__(self, output_dir: str, stage: str, *, total: Optional[int] = None, resume_step: Optional[int] = None,
-                 tensorboard: bool = False, progress: bool = True, plot_every: int = 10):
+    def __init__(
+        self,
+        output_dir: str,
+        stage: str,
+        *,
+        total: Optional[int] = None,
+        resume_step: Optional[int] = None,
+        tensorboard: bool = False,
+        progress: bool = True,
+        plot_every: int = 10,
+    ):
         self.stage = stage
         self.directory = os.path.join(os.path.abspath(output_dir), f"{stage}_metrics")
         os.makedirs(self.directory, exist_ok=True)
@@ -108,8 +117,10 @@ class MetricsWriter:
         self._bar = None
         if progress:
             from tqdm.auto import tqdm
-            self._bar = tqdm(total=total, initial=int(resume_step or 0), desc=f"ppojax {stage}", unit="step",
-                             dynamic_ncols=True)
+
+            self._bar = tqdm(
+                total=total, initial=int(resume_step or 0), desc=f"ppojax {stage}", unit="step", dynamic_ncols=True
+            )
         self._tb = make_tensorboard_writer(os.path.join(self.directory, "tensorboard")) if tensorboard else None
         self.tensorboard_available = self._tb is not None
 
@@ -174,8 +185,10 @@ class MetricsWriter:
 
     def samples(self, step: int, prompts: Sequence[str], responses: Sequence[str], scores: Sequence[float]) -> None:
         """Appends {"step", "prompt", "response", "score"} rows to samples.jsonl (rewritten atomically)."""
-        lines = "".join(json.dumps({"step": int(step), "prompt": p, "response": r, "score": _scalar(s)},
-                                   ensure_ascii=False) + "\n" for p, r, s in zip(prompts, responses, scores))
+        lines = "".join(
+            json.dumps({"step": int(step), "prompt": p, "response": r, "score": _scalar(s)}, ensure_ascii=False) + "\n"
+            for p, r, s in zip(prompts, responses, scores)
+        )
         old = ""
         if os.path.exists(self.samples_path):
             with open(self.samples_path, encoding="utf-8") as f:
@@ -192,17 +205,25 @@ class MetricsWriter:
             finite = values[np.isfinite(values)]
             if not len(finite):
                 continue
-            tail = finite[-max(1, len(finite) // 10):]
-            metrics[key] = {"first": finite[0], "last": finite[-1], "min": finite.min(), "max": finite.max(),
-                            "mean_last_10pct": tail.mean()}
+            tail = finite[-max(1, len(finite) // 10) :]
+            metrics[key] = {
+                "first": finite[0],
+                "last": finite[-1],
+                "min": finite.min(),
+                "max": finite.max(),
+                "mean_last_10pct": tail.mean(),
+            }
         summary = {
             "stage": self.stage,
             "status": status,
             "steps_logged": len(self.rows),
             "last_step": self.rows[-1][STEP] if self.rows else None,
             "wall_time_s": round(time.time() - self._start, 3),
-            "files": {"csv": os.path.basename(self.csv_path), "plot": os.path.basename(self.plot_path),
-                      "samples": os.path.basename(self.samples_path) if os.path.exists(self.samples_path) else None},
+            "files": {
+                "csv": os.path.basename(self.csv_path),
+                "plot": os.path.basename(self.plot_path),
+                "samples": os.path.basename(self.samples_path) if os.path.exists(self.samples_path) else None,
+            },
             "metrics": {k: {s: float(v) for s, v in d.items()} for k, d in metrics.items()},
             **extra,
         }

@@ -33,8 +33,10 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         return run_supervised(config, progress=progress)
     if config.stage == "rm":
         return run_supervised(config, progress=progress)
-    raise ConfigError("stage ppo is not yet implemented in the ppojax command; the training functions exist "
-                      "(ppojax.train.make_ppo_iteration) but the runner that wires them is still to come")
+    raise ConfigError(
+        "stage ppo is not yet implemented in the ppojax command; the training functions exist "
+        "(ppojax.train.make_ppo_iteration) but the runner that wires them is still to come"
+    )
 
 
 def check_output_dir(config: TrainConfig) -> None:
@@ -42,8 +44,10 @@ def check_output_dir(config: TrainConfig) -> None:
     directory = config.checkpoint_dir
     has_steps = os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
     if has_steps and not (config.resume or config.overwrite_output_dir):
-        raise ConfigError(f"{config.output_dir} already has checkpoints; set resume: true to continue that run or "
-                          "overwrite_output_dir: true to start over")
+        raise ConfigError(
+            f"{config.output_dir} already has checkpoints; set resume: true to continue that run or "
+            "overwrite_output_dir: true to start over"
+        )
     if has_steps and config.overwrite_output_dir and not config.resume:
         from ppojax.checkpoint import remove_checkpoints
 
@@ -82,8 +86,13 @@ def _trainable(config: TrainConfig, model: DecoderModel, params: dict):
     value head is saved with the adapters)."""
     if config.finetuning_type == "full":
         return params, None
-    lora = init_lora(model, jax.random.PRNGKey(config.seed + 1), rank=config.lora_rank, alpha=config.lora_scale_alpha,
-                     targets=config.lora_target)
+    lora = init_lora(
+        model,
+        jax.random.PRNGKey(config.seed + 1),
+        rank=config.lora_rank,
+        alpha=config.lora_scale_alpha,
+        targets=config.lora_target,
+    )
     if model.head == "reward":
         return {"lora": lora, "score": params["score"]}, params
     return lora, params
@@ -120,16 +129,24 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
     dataset = loader(config.dataset, tokenizer, template=config.template, cutoff_len=config.cutoff_len)
     batch_size = config.optimizer_batch_size
     if len(dataset) < batch_size:
-        raise ConfigError(f"{config.dataset}: {len(dataset)} examples, fewer than one optimizer batch of {batch_size} "
-                          "(per_device_train_batch_size × gradient_accumulation_steps)")
+        raise ConfigError(
+            f"{config.dataset}: {len(dataset)} examples, fewer than one optimizer batch of {batch_size} "
+            "(per_device_train_batch_size × gradient_accumulation_steps)"
+        )
     steps_per_epoch = len(dataset) // batch_size
     total = config.max_steps if config.max_steps > 0 else max(1, int(config.num_train_epochs * steps_per_epoch))
 
     model, params = load_model(config, "lm" if config.stage == "sft" else "reward")
     model, params = fit_vocabulary(model, params, tokenizer)
-    optimizer = make_optimizer(OptimizerConfig(
-        learning_rate=config.learning_rate, schedule=config.lr_scheduler_type, warmup_steps=config.warmup_steps,
-        total_steps=total, max_grad_norm=config.max_grad_norm or None))
+    optimizer = make_optimizer(
+        OptimizerConfig(
+            learning_rate=config.learning_rate,
+            schedule=config.lr_scheduler_type,
+            warmup_steps=config.warmup_steps,
+            total_steps=total,
+            max_grad_norm=config.max_grad_norm or None,
+        )
+    )
     trainable, base = _trainable(config, model, params)
     state = train.init_train_state(trainable, optimizer)
     if config.stage == "sft":
@@ -146,14 +163,23 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
         state, meta = ckpt.restore(state)
         if meta.get("config_hash") != config.hash():
             ckpt.close()
-            raise ConfigError(f"{config.checkpoint_dir}: the checkpoint was written with different training settings "
-                              f"(config hash {meta.get('config_hash')} vs {config.hash()}); resume with the same config "
-                              "or set resume: false and overwrite_output_dir: true")
+            raise ConfigError(
+                f"{config.checkpoint_dir}: the checkpoint was written with different training settings "
+                f"(config hash {meta.get('config_hash')} vs {config.hash()}); resume with the same config "
+                "or set resume: false and overwrite_output_dir: true"
+            )
         position, start = data_lib.DataPosition(*meta["data_position"]), int(meta["step"])
-    writer = MetricsWriter(config.output_dir, config.stage, total=total, resume_step=start if config.resume else None,
-                           tensorboard=config.tensorboard, progress=progress)
-    batches = data_lib.response_batches(dataset, batch_size, pad_token_id=tokenizer.pad_token_id, seed=config.seed,
-                                        position=position)
+    writer = MetricsWriter(
+        config.output_dir,
+        config.stage,
+        total=total,
+        resume_step=start if config.resume else None,
+        tensorboard=config.tensorboard,
+        progress=progress,
+    )
+    batches = data_lib.response_batches(
+        dataset, batch_size, pad_token_id=tokenizer.pad_token_id, seed=config.seed, position=position
+    )
     status = "completed"
     try:
         for step in range(start + 1, total + 1):
@@ -168,15 +194,23 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
             if step % config.logging_steps == 0 or step == total:
                 writer.log(step, {**jax.device_get(metrics), "epoch": step / steps_per_epoch})
             if step % config.save_steps == 0 or step == total:
-                ckpt.save(step, state, {"step": step, "data_position": list(batch.position),
-                                        "config_hash": config.hash(), "good": True})
+                ckpt.save(
+                    step,
+                    state,
+                    {"step": step, "data_position": list(batch.position), "config_hash": config.hash(), "good": True},
+                )
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
         ckpt.close()
-        summary = writer.close(status, config_hash=config.hash(), dataset_rows=len(dataset),
-                               truncated_rows=dataset.truncated, pad_token_id=tokenizer.pad_token_id)
+        summary = writer.close(
+            status,
+            config_hash=config.hash(),
+            dataset_rows=len(dataset),
+            truncated_rows=dataset.truncated,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     final_params, lora = _merged(state.params, base)
     save_pretrained(config.output_dir, model, final_params, tokenizer, lora=lora)
     return summary

@@ -38,7 +38,7 @@ from ppojax.models.decoder import DecoderModel, init_value_head, values_from_hid
 from ppojax.models.lora import Lora
 from ppojax.optim import OptimizerConfig, make_optimizer, make_schedule
 from ppojax.presets import PRESETS, Convention, assemble_advantages, ppo_losses
-from ppojax.rollout import _forward, _response_slice, response_logprobs, response_values, rollout, sequence_reward
+from ppojax.generation import _forward, _response_slice, response_logprobs, response_values, rollout, sequence_reward
 from ppojax.stats import as_f32, masked_count, masked_max, masked_mean, masked_var, safe_divide, whiten
 
 CRITIC_MODES = ("separate", "joint", "shared")
@@ -51,82 +51,84 @@ CRITIC_INITS = ("reward", "policy")
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
-  """Everything static about a PPO run. Frozen and hashable.
+    """Everything static about a PPO run. Frozen and hashable.
 
-  batch_size: prompts (= rollout rows) per iteration. minibatch_size: rows per optimizer step.
-  micro_batch_size: rows per forward/backward pass (gradient accumulation); None = the minibatch.
-  critic_mode:
-    "separate": a critic model with its own optimizer (`critic_optimizer`), value loss weight 1;
-    "joint":    a critic model, one optimizer (`policy_optimizer`) on pg + vf_coef · vf over both;
-    "shared":   a value head on the policy trunk, one optimizer on pg + vf_coef · vf.
-  early_stop_kl: skip the remaining updates of the iteration once a minibatch's approx-KL exceeds it.
-  master_dtype: dtype the trainable params are kept in (e.g. "float32" for fp32 master weights of a
-    bf16 model; the model casts them to its compute dtype). None keeps the params' dtype.
-  reward_gain, reward_bias: the reward model's score is gain · s + bias (see `fit_reward_normalisation`).
-  """
+    batch_size: prompts (= rollout rows) per iteration. minibatch_size: rows per optimizer step.
+    micro_batch_size: rows per forward/backward pass (gradient accumulation); None = the minibatch.
+    critic_mode:
+      "separate": a critic model with its own optimizer (`critic_optimizer`), value loss weight 1;
+      "joint":    a critic model, one optimizer (`policy_optimizer`) on pg + vf_coef · vf over both;
+      "shared":   a value head on the policy trunk, one optimizer on pg + vf_coef · vf.
+    early_stop_kl: skip the remaining updates of the iteration once a minibatch's approx-KL exceeds it.
+    master_dtype: dtype the trainable params are kept in (e.g. "float32" for fp32 master weights of a
+      bf16 model; the model casts them to its compute dtype). None keeps the params' dtype.
+    reward_gain, reward_bias: the reward model's score is gain · s + bias (see `fit_reward_normalisation`).
+    """
 
-  convention: Convention = PRESETS["ppojax"]
-  batch_size: int = 64
-  minibatch_size: int = 16
-  micro_batch_size: Optional[int] = None
-  ppo_epochs: int = 4
-  max_new_tokens: int = 32
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  stop_token_ids: tuple[int, ...] = ()
-  pad_token_id: int = 0
-  critic_mode: str = "separate"
-  policy_optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-6)
-  critic_optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5)
-  entropy_coef: float = 0.0
-  early_stop_kl: Optional[float] = None
-  master_dtype: Optional[str] = None
-  reward_gain: float = 1.0
-  reward_bias: float = 0.0
+    convention: Convention = PRESETS["ppojax"]
+    batch_size: int = 64
+    minibatch_size: int = 16
+    micro_batch_size: Optional[int] = None
+    ppo_epochs: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    critic_mode: str = "separate"
+    policy_optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-6)
+    critic_optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5)
+    entropy_coef: float = 0.0
+    early_stop_kl: Optional[float] = None
+    master_dtype: Optional[str] = None
+    reward_gain: float = 1.0
+    reward_bias: float = 0.0
 
-  def __post_init__(self):
-    object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-    if self.critic_mode not in CRITIC_MODES:
-      raise ValueError(f"PPOConfig.critic_mode must be one of {CRITIC_MODES}, got {self.critic_mode!r}")
-    if self.batch_size % self.minibatch_size:
-      raise ValueError(f"PPOConfig: batch_size {self.batch_size} is not a multiple of minibatch_size {self.minibatch_size}")
-    if self.minibatch_size % self.micro_size:
-      raise ValueError(
-          f"PPOConfig: minibatch_size {self.minibatch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
-      )
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.critic_mode not in CRITIC_MODES:
+            raise ValueError(f"PPOConfig.critic_mode must be one of {CRITIC_MODES}, got {self.critic_mode!r}")
+        if self.batch_size % self.minibatch_size:
+            raise ValueError(
+                f"PPOConfig: batch_size {self.batch_size} is not a multiple of minibatch_size {self.minibatch_size}"
+            )
+        if self.minibatch_size % self.micro_size:
+            raise ValueError(
+                f"PPOConfig: minibatch_size {self.minibatch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
+            )
 
-  @property
-  def micro_size(self) -> int:
-    return self.micro_batch_size or self.minibatch_size
+    @property
+    def micro_size(self) -> int:
+        return self.micro_batch_size or self.minibatch_size
 
-  @property
-  def minibatches(self) -> int:
-    return self.batch_size // self.minibatch_size
+    @property
+    def minibatches(self) -> int:
+        return self.batch_size // self.minibatch_size
 
-  @property
-  def micro_batches(self) -> int:
-    return self.minibatch_size // self.micro_size
+    @property
+    def micro_batches(self) -> int:
+        return self.minibatch_size // self.micro_size
 
-  @property
-  def updates_per_iteration(self) -> int:
-    """Optimizer steps per iteration (for an annealing schedule's `total_steps`)."""
-    return self.ppo_epochs * self.minibatches
+    @property
+    def updates_per_iteration(self) -> int:
+        """Optimizer steps per iteration (for an annealing schedule's `total_steps`)."""
+        return self.ppo_epochs * self.minibatches
 
-  def replace(self, **changes) -> "PPOConfig":
-    return dataclasses.replace(self, **changes)
+    def replace(self, **changes) -> "PPOConfig":
+        return dataclasses.replace(self, **changes)
 
 
 @dataclasses.dataclass(frozen=True)
 class PPOModels:
-  """The model graphs (static). `critic` is a head="value" model (None in shared mode); `reward` a
-  head="reward" model; `reward_fn(prompt_ids, response_ids, response_mask) -> [B]` a jnp function used
-  inside jit. Scores of both sources are summed."""
+    """The model graphs (static). `critic` is a head="value" model (None in shared mode); `reward` a
+    head="reward" model; `reward_fn(prompt_ids, response_ids, response_mask) -> [B]` a jnp function used
+    inside jit. Scores of both sources are summed."""
 
-  policy: DecoderModel
-  critic: Optional[DecoderModel] = None
-  reward: Optional[DecoderModel] = None
-  reward_fn: Optional[Callable[[jax.Array, jax.Array, jax.Array], jax.Array]] = None
+    policy: DecoderModel
+    critic: Optional[DecoderModel] = None
+    reward: Optional[DecoderModel] = None
+    reward_fn: Optional[Callable[[jax.Array, jax.Array, jax.Array], jax.Array]] = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -135,84 +137,84 @@ class PPOModels:
 
 @struct.dataclass
 class PPOState:
-  """What changes during PPO.
+    """What changes during PPO.
 
-  step: int32 optimizer steps applied (skipped updates do not count).
-  iteration: int32 PPO iterations done.
-  policy: full policy params, or the `Lora` adapters (then the base is `ref_params`).
-  critic: critic-model params ("separate" / "joint") or the value head `{"kernel": [H, 1]}` ("shared").
-  policy_opt_state: optimizer state of `policy` ("separate") or of the pair (policy, critic).
-  critic_opt_state: optimizer state of `critic` ("separate"), else `optax.EmptyState()`.
-  kl: KL-controller state (β). key: the PRNG key, split at every use.
-  """
+    step: int32 optimizer steps applied (skipped updates do not count).
+    iteration: int32 PPO iterations done.
+    policy: full policy params, or the `Lora` adapters (then the base is `ref_params`).
+    critic: critic-model params ("separate" / "joint") or the value head `{"kernel": [H, 1]}` ("shared").
+    policy_opt_state: optimizer state of `policy` ("separate") or of the pair (policy, critic).
+    critic_opt_state: optimizer state of `critic` ("separate"), else `optax.EmptyState()`.
+    kl: KL-controller state (β). key: the PRNG key, split at every use.
+    """
 
-  step: jax.Array
-  iteration: jax.Array
-  policy: Any
-  policy_opt_state: Any
-  critic: Any
-  critic_opt_state: Any
-  kl: KLControllerState
-  key: jax.Array
+    step: jax.Array
+    iteration: jax.Array
+    policy: Any
+    policy_opt_state: Any
+    critic: Any
+    critic_opt_state: Any
+    kl: KLControllerState
+    key: jax.Array
 
 
 @struct.dataclass
 class Experience:
-  """One collected rollout batch. [B, P] prompts (left-padded), [B, N] responses (right-padded).
+    """One collected rollout batch. [B, P] prompts (left-padded), [B, N] responses (right-padded).
 
-  behaviour_logprobs: log-probs recorded while sampling. logprobs: teacher-forced policy log-probs at the
-  sampling temperature ("old" log-probs). ref_logprobs, values: [B, N]. scores: [B] (reward model and/or
-  programmatic; text rewards are added between the phases). stopped, lengths: [B].
-  """
+    behaviour_logprobs: log-probs recorded while sampling. logprobs: teacher-forced policy log-probs at the
+    sampling temperature ("old" log-probs). ref_logprobs, values: [B, N]. scores: [B] (reward model and/or
+    programmatic; text rewards are added between the phases). stopped, lengths: [B].
+    """
 
-  prompt_ids: jax.Array
-  prompt_mask: jax.Array
-  response_ids: jax.Array
-  response_mask: jax.Array
-  behaviour_logprobs: jax.Array
-  logprobs: jax.Array
-  ref_logprobs: jax.Array
-  values: jax.Array
-  scores: jax.Array
-  stopped: jax.Array
-  lengths: jax.Array
+    prompt_ids: jax.Array
+    prompt_mask: jax.Array
+    response_ids: jax.Array
+    response_mask: jax.Array
+    behaviour_logprobs: jax.Array
+    logprobs: jax.Array
+    ref_logprobs: jax.Array
+    values: jax.Array
+    scores: jax.Array
+    stopped: jax.Array
+    lengths: jax.Array
 
 
 @struct.dataclass
 class Minibatch:
-  """Rows for one optimizer step; all [M, N] except the prompts [M, P]."""
+    """Rows for one optimizer step; all [M, N] except the prompts [M, P]."""
 
-  prompt_ids: jax.Array
-  prompt_mask: jax.Array
-  response_ids: jax.Array
-  response_mask: jax.Array
-  old_logprobs: jax.Array
-  old_values: jax.Array
-  advantages: jax.Array
-  returns: jax.Array
-  policy_mask: jax.Array
-  value_mask: jax.Array
+    prompt_ids: jax.Array
+    prompt_mask: jax.Array
+    response_ids: jax.Array
+    response_mask: jax.Array
+    old_logprobs: jax.Array
+    old_values: jax.Array
+    advantages: jax.Array
+    returns: jax.Array
+    policy_mask: jax.Array
+    value_mask: jax.Array
 
 
 class SequenceBatch(NamedTuple):
-  """Prompt [B, P] (left-padded) and response [B, N] (right-padded) ids and masks."""
+    """Prompt [B, P] (left-padded) and response [B, N] (right-padded) ids and masks."""
 
-  prompt_ids: jax.Array
-  prompt_mask: jax.Array
-  response_ids: jax.Array
-  response_mask: jax.Array
+    prompt_ids: jax.Array
+    prompt_mask: jax.Array
+    response_ids: jax.Array
+    response_mask: jax.Array
 
 
 class PreferenceBatch(NamedTuple):
-  """A prompt [B, P] with a chosen and a rejected response (each [B, N]); optional margin [B]."""
+    """A prompt [B, P] with a chosen and a rejected response (each [B, N]); optional margin [B]."""
 
-  prompt_ids: jax.Array
-  prompt_mask: jax.Array
-  chosen_ids: jax.Array
-  chosen_mask: jax.Array
-  rejected_ids: jax.Array
-  rejected_mask: jax.Array
-  margin: Optional[jax.Array] = None
+    prompt_ids: jax.Array
+    prompt_mask: jax.Array
+    chosen_ids: jax.Array
+    chosen_mask: jax.Array
+    rejected_ids: jax.Array
+    rejected_mask: jax.Array
+    margin: Optional[jax.Array] = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -220,31 +222,31 @@ class PreferenceBatch(NamedTuple):
 
 
 def critic_from_reward(reward_model: DecoderModel, reward_params: dict) -> tuple[DecoderModel, dict]:
-  """A head="value" critic initialised from the reward model, its score head becoming the value head."""
-  params = {name: sub for name, sub in reward_params.items() if name != "score"}
-  params["value_head"] = {"kernel": reward_params["score"]["kernel"]}
-  return DecoderModel(reward_model.config, head="value", dtype=reward_model.dtype), params
+    """A head="value" critic initialised from the reward model, its score head becoming the value head."""
+    params = {name: sub for name, sub in reward_params.items() if name != "score"}
+    params["value_head"] = {"kernel": reward_params["score"]["kernel"]}
+    return DecoderModel(reward_model.config, head="value", dtype=reward_model.dtype), params
 
 
 def critic_from_policy(policy_model: DecoderModel, policy_params: dict) -> tuple[DecoderModel, dict]:
-  """A head="value" critic initialised from the policy trunk with a zero value head."""
-  params = {name: sub for name, sub in policy_params.items() if name != "lm_head"}
-  dtype = policy_params["embed"]["embedding"].dtype
-  params["value_head"] = init_value_head(policy_model.config, dtype)
-  return DecoderModel(policy_model.config, head="value", dtype=policy_model.dtype), params
+    """A head="value" critic initialised from the policy trunk with a zero value head."""
+    params = {name: sub for name, sub in policy_params.items() if name != "lm_head"}
+    dtype = policy_params["embed"]["embedding"].dtype
+    params["value_head"] = init_value_head(policy_model.config, dtype)
+    return DecoderModel(policy_model.config, head="value", dtype=policy_model.dtype), params
 
 
 def kl_controller(convention: Convention) -> KLController:
-  """The convention's controller: adaptive (Ziegler) or fixed β."""
-  if convention.adaptive_kl:
-    return adaptive_kl_controller(convention.kl_coef, convention.kl_target, convention.kl_horizon)
-  return fixed_kl_controller(convention.kl_coef)
+    """The convention's controller: adaptive (Ziegler) or fixed β."""
+    if convention.adaptive_kl:
+        return adaptive_kl_controller(convention.kl_coef, convention.kl_target, convention.kl_horizon)
+    return fixed_kl_controller(convention.kl_coef)
 
 
 def _cast(tree, dtype):
-  if dtype is None:
-    return tree
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    if dtype is None:
+        return tree
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 def init_ppo_state(
@@ -259,48 +261,50 @@ def init_ppo_state(
     critic_init: str = "reward",
     lora: Optional[Lora] = None,
 ) -> tuple[PPOState, PPOModels]:
-  """The initial state and the static model bundle.
+    """The initial state and the static model bundle.
 
-  policy_params: the loaded policy (with `lora`, the frozen base: pass the same params as `ref_params`).
-  critic_init: "reward" (default; needs the reward model) or "policy" (trunk + zero value head). Shared
-    mode always starts from a zero value head on the policy trunk.
-  key: the run's PRNG key (every later random draw comes from it).
-  """
-  if critic_init not in CRITIC_INITS:
-    raise ValueError(f"init_ppo_state: critic_init must be one of {CRITIC_INITS}, got {critic_init!r}")
-  if reward_model is None and reward_fn is None:
-    raise ValueError("init_ppo_state: give a reward_model (with reward_params), a reward_fn, or both")
-  if (reward_model is None) != (reward_params is None):
-    raise ValueError("init_ppo_state: reward_model and reward_params go together")
-  critic_model = None
-  if config.critic_mode == "shared":
-    critic = init_value_head(policy_model.config, policy_params["embed"]["embedding"].dtype)
-  elif critic_init == "reward":
-    if reward_model is None:
-      raise ValueError("init_ppo_state: critic_init='reward' needs reward_model and reward_params; use critic_init='policy'")
-    critic_model, critic = critic_from_reward(reward_model, reward_params)
-  else:
-    critic_model, critic = critic_from_policy(policy_model, policy_params)
-  policy = _cast(lora if lora is not None else policy_params, config.master_dtype)
-  critic = _cast(critic, config.master_dtype)
-  policy_tx = make_optimizer(config.policy_optimizer)
-  if config.critic_mode == "separate":
-    policy_opt_state = policy_tx.init(policy)
-    critic_opt_state = make_optimizer(config.critic_optimizer).init(critic)
-  else:
-    policy_opt_state = policy_tx.init((policy, critic))
-    critic_opt_state = optax.EmptyState()
-  state = PPOState(
-      step=jnp.zeros((), jnp.int32),
-      iteration=jnp.zeros((), jnp.int32),
-      policy=policy,
-      policy_opt_state=policy_opt_state,
-      critic=critic,
-      critic_opt_state=critic_opt_state,
-      kl=kl_controller(config.convention).init(),
-      key=key,
-  )
-  return state, PPOModels(policy=policy_model, critic=critic_model, reward=reward_model, reward_fn=reward_fn)
+    policy_params: the loaded policy (with `lora`, the frozen base: pass the same params as `ref_params`).
+    critic_init: "reward" (default; needs the reward model) or "policy" (trunk + zero value head). Shared
+      mode always starts from a zero value head on the policy trunk.
+    key: the run's PRNG key (every later random draw comes from it).
+    """
+    if critic_init not in CRITIC_INITS:
+        raise ValueError(f"init_ppo_state: critic_init must be one of {CRITIC_INITS}, got {critic_init!r}")
+    if reward_model is None and reward_fn is None:
+        raise ValueError("init_ppo_state: give a reward_model (with reward_params), a reward_fn, or both")
+    if (reward_model is None) != (reward_params is None):
+        raise ValueError("init_ppo_state: reward_model and reward_params go together")
+    critic_model = None
+    if config.critic_mode == "shared":
+        critic = init_value_head(policy_model.config, policy_params["embed"]["embedding"].dtype)
+    elif critic_init == "reward":
+        if reward_model is None:
+            raise ValueError(
+                "init_ppo_state: critic_init='reward' needs reward_model and reward_params; use critic_init='policy'"
+            )
+        critic_model, critic = critic_from_reward(reward_model, reward_params)
+    else:
+        critic_model, critic = critic_from_policy(policy_model, policy_params)
+    policy = _cast(lora if lora is not None else policy_params, config.master_dtype)
+    critic = _cast(critic, config.master_dtype)
+    policy_tx = make_optimizer(config.policy_optimizer)
+    if config.critic_mode == "separate":
+        policy_opt_state = policy_tx.init(policy)
+        critic_opt_state = make_optimizer(config.critic_optimizer).init(critic)
+    else:
+        policy_opt_state = policy_tx.init((policy, critic))
+        critic_opt_state = optax.EmptyState()
+    state = PPOState(
+        step=jnp.zeros((), jnp.int32),
+        iteration=jnp.zeros((), jnp.int32),
+        policy=policy,
+        policy_opt_state=policy_opt_state,
+        critic=critic,
+        critic_opt_state=critic_opt_state,
+        kl=kl_controller(config.convention).init(),
+        key=key,
+    )
+    return state, PPOModels(policy=policy_model, critic=critic_model, reward=reward_model, reward_fn=reward_fn)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,41 +312,47 @@ def init_ppo_state(
 
 
 def _policy_params(policy, ref_params):
-  """(params, lora) for applying the policy: LoRA adapters sit on the frozen base `ref_params`."""
-  if isinstance(policy, Lora):
-    return ref_params, policy
-  return policy, None
+    """(params, lora) for applying the policy: LoRA adapters sit on the frozen base `ref_params`."""
+    if isinstance(policy, Lora):
+        return ref_params, policy
+    return policy, None
 
 
-def policy_outputs(model, params, lora, prompt_ids, prompt_mask, response_ids, response_mask, temperature, value_head=None):
-  """One teacher-forced pass of the policy over prompt + response.
+def policy_outputs(
+    model, params, lora, prompt_ids, prompt_mask, response_ids, response_mask, temperature, value_head=None
+):
+    """One teacher-forced pass of the policy over prompt + response.
 
-  Returns (logprobs [B, N] float32 (0 where masked), tempered logits [B, N, V] float32, values [B, N]
-  float32 from `value_head` on the trunk's last hidden state, or None). Collection and training both use
-  this function, so on the first minibatch the PPO ratio is 1 up to float32 rounding: XLA fuses the
-  forward differently inside a gradient program (measured here: 2e-7 in the hidden state, ≤ 1e-6 in the
-  log-probs), so "exactly 1" holds for the log-probs' function, not for their bits.
-  """
-  out = _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora)
-  prompt_len, response_len = prompt_ids.shape[1], response_ids.shape[1]
-  logits = _response_slice(out.logits, prompt_len, response_len)
-  mask = jnp.asarray(response_mask) > 0
-  logprobs = jnp.where(mask, sampling.token_logprobs(logits, jnp.asarray(response_ids, jnp.int32), temperature), 0.0)
-  values = None
-  if value_head is not None:
-    values = jnp.where(mask, values_from_hidden(value_head, _response_slice(out.hidden, prompt_len, response_len)), 0.0)
-  return logprobs, sampling.apply_temperature(logits, temperature), values
+    Returns (logprobs [B, N] float32 (0 where masked), tempered logits [B, N, V] float32, values [B, N]
+    float32 from `value_head` on the trunk's last hidden state, or None). Collection and training both use
+    this function, so on the first minibatch the PPO ratio is 1 up to float32 rounding: XLA fuses the
+    forward differently inside a gradient program (measured here: 2e-7 in the hidden state, ≤ 1e-6 in the
+    log-probs), so "exactly 1" holds for the log-probs' function, not for their bits.
+    """
+    out = _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora)
+    prompt_len, response_len = prompt_ids.shape[1], response_ids.shape[1]
+    logits = _response_slice(out.logits, prompt_len, response_len)
+    mask = jnp.asarray(response_mask) > 0
+    logprobs = jnp.where(mask, sampling.token_logprobs(logits, jnp.asarray(response_ids, jnp.int32), temperature), 0.0)
+    values = None
+    if value_head is not None:
+        values = jnp.where(
+            mask, values_from_hidden(value_head, _response_slice(out.hidden, prompt_len, response_len)), 0.0
+        )
+    return logprobs, sampling.apply_temperature(logits, temperature), values
 
 
-def _sequence_scores(config: PPOConfig, models: PPOModels, reward_params, prompt_ids, prompt_mask, response_ids, response_mask):
-  """[B] float32: gain · reward-model score + bias, plus the programmatic reward."""
-  scores = jnp.zeros((prompt_ids.shape[0],), jnp.float32)
-  if models.reward is not None:
-    raw = sequence_reward(models.reward, reward_params, prompt_ids, prompt_mask, response_ids, response_mask)
-    scores = scores + config.reward_gain * raw + config.reward_bias
-  if models.reward_fn is not None:
-    scores = scores + as_f32(models.reward_fn(prompt_ids, response_ids, response_mask))
-  return scores
+def _sequence_scores(
+    config: PPOConfig, models: PPOModels, reward_params, prompt_ids, prompt_mask, response_ids, response_mask
+):
+    """[B] float32: gain · reward-model score + bias, plus the programmatic reward."""
+    scores = jnp.zeros((prompt_ids.shape[0],), jnp.float32)
+    if models.reward is not None:
+        raw = sequence_reward(models.reward, reward_params, prompt_ids, prompt_mask, response_ids, response_mask)
+        scores = scores + config.reward_gain * raw + config.reward_bias
+    if models.reward_fn is not None:
+        scores = scores + as_f32(models.reward_fn(prompt_ids, response_ids, response_mask))
+    return scores
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -350,143 +360,156 @@ def _sequence_scores(config: PPOConfig, models: PPOModels, reward_params, prompt
 
 
 def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def _guarded_update(tx: optax.GradientTransformation, grads, opt_state, params, ok: jax.Array):
-  """optax step, or (params, opt_state) unchanged where `ok` is False (a non-finite loss or gradient)."""
-  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-  updates, new_opt_state = tx.update(grads, opt_state, params)
-  new_params = optax.apply_updates(params, updates)
-  keep = lambda new, old: jnp.where(ok, new, old)
-  return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state)
+    """optax step, or (params, opt_state) unchanged where `ok` is False (a non-finite loss or gradient)."""
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jnp.where(ok, new, old)
+    return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state)
 
 
 _POLICY_WEIGHTED = ("clipfrac", "clipfrac_lower", "dual_clipfrac", "approx_kl", "ratio_mean", "entropy")
 
 
 def _minibatch_gradients(state: PPOState, minibatch: Minibatch, ref_params, *, config: PPOConfig, models: PPOModels):
-  """(loss, grads of (policy, critic), stats) of the whole minibatch, built from micro-batches.
+    """(loss, grads of (policy, critic), stats) of the whole minibatch, built from micro-batches.
 
-  Loss = pg_sum / pg_count + c · vf_sum / vf_count with the counts of the whole minibatch (they depend on
-  the masks only), c = vf_coef ("joint", "shared") or 1 ("separate": disjoint params, so each model gets
-  its own loss's gradient). Each micro-batch contributes its sums over the same counts; the accumulated
-  gradient is the minibatch gradient. Gradients are accumulated in float32.
-  """
-  conv = config.convention
-  if conv.whiten_scope == "minibatch":
-    minibatch = minibatch.replace(
-        advantages=whiten(minibatch.advantages, minibatch.policy_mask, unbiased=conv.whiten_unbiased, eps_mode=conv.whiten_eps_mode)
-    )
-  agg = conv.loss_aggregation
-  pg_count = aggregate_loss(jnp.zeros(minibatch.policy_mask.shape), minibatch.policy_mask, agg).count
-  vf_count = aggregate_loss(jnp.zeros(minibatch.value_mask.shape), minibatch.value_mask, agg).count
-  vf_weight = 1.0 if config.critic_mode == "separate" else conv.vf_coef
-  shared = config.critic_mode == "shared"
+    Loss = pg_sum / pg_count + c · vf_sum / vf_count with the counts of the whole minibatch (they depend on
+    the masks only), c = vf_coef ("joint", "shared") or 1 ("separate": disjoint params, so each model gets
+    its own loss's gradient). Each micro-batch contributes its sums over the same counts; the accumulated
+    gradient is the minibatch gradient. Gradients are accumulated in float32.
+    """
+    conv = config.convention
+    if conv.whiten_scope == "minibatch":
+        minibatch = minibatch.replace(
+            advantages=whiten(
+                minibatch.advantages,
+                minibatch.policy_mask,
+                unbiased=conv.whiten_unbiased,
+                eps_mode=conv.whiten_eps_mode,
+            )
+        )
+    agg = conv.loss_aggregation
+    pg_count = aggregate_loss(jnp.zeros(minibatch.policy_mask.shape), minibatch.policy_mask, agg).count
+    vf_count = aggregate_loss(jnp.zeros(minibatch.value_mask.shape), minibatch.value_mask, agg).count
+    vf_weight = 1.0 if config.critic_mode == "separate" else conv.vf_coef
+    shared = config.critic_mode == "shared"
 
-  def loss_fn(trainable, mb: Minibatch):
-    policy, critic = trainable
-    params, lora = _policy_params(policy, ref_params)
-    batch = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
-    logprobs, logits, values = policy_outputs(models.policy, params, lora, *batch, config.temperature, critic if shared else None)
-    if not shared:
-      values = response_values(models.critic, critic, *batch)
-    pg, vf, stats = ppo_losses(
-        conv,
-        logprobs=logprobs,
-        old_logprobs=mb.old_logprobs,
-        advantages=mb.advantages,
-        values=values,
-        old_values=mb.old_values,
-        returns=mb.returns,
-        policy_mask=mb.policy_mask,
-        value_mask=mb.value_mask,
-        logits=logits,
-        entropy_coef=config.entropy_coef,
-        as_sum_count=True,
-    )
-    loss = safe_divide(pg.total, pg_count) + vf_weight * safe_divide(vf.total, vf_count)
-    return loss, (pg.total, vf.total, stats)
+    def loss_fn(trainable, mb: Minibatch):
+        policy, critic = trainable
+        params, lora = _policy_params(policy, ref_params)
+        batch = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
+        logprobs, logits, values = policy_outputs(
+            models.policy, params, lora, *batch, config.temperature, critic if shared else None
+        )
+        if not shared:
+            values = response_values(models.critic, critic, *batch)
+        pg, vf, stats = ppo_losses(
+            conv,
+            logprobs=logprobs,
+            old_logprobs=mb.old_logprobs,
+            advantages=mb.advantages,
+            values=values,
+            old_values=mb.old_values,
+            returns=mb.returns,
+            policy_mask=mb.policy_mask,
+            value_mask=mb.value_mask,
+            logits=logits,
+            entropy_coef=config.entropy_coef,
+            as_sum_count=True,
+        )
+        loss = safe_divide(pg.total, pg_count) + vf_weight * safe_divide(vf.total, vf_count)
+        return loss, (pg.total, vf.total, stats)
 
-  k = config.micro_batches
-  micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), minibatch)
-  trainable = (state.policy, state.critic)
-  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
+    k = config.micro_batches
+    micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), minibatch)
+    trainable = (state.policy, state.critic)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
 
-  def accumulate(acc, mb):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, mb)
-    acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
-    n_policy = masked_count(mb.policy_mask)
-    n_value = masked_count(mb.value_mask)
-    return acc, (loss, aux, n_policy, n_value)
+    def accumulate(acc, mb):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, mb)
+        acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+        n_policy = masked_count(mb.policy_mask)
+        n_value = masked_count(mb.value_mask)
+        return acc, (loss, aux, n_policy, n_value)
 
-  grads, (losses, (pg_totals, vf_totals, micro_stats), n_policy, n_value) = jax.lax.scan(accumulate, zeros, micro)
-  stats = {name: safe_divide(jnp.sum(micro_stats[name] * n_policy), jnp.sum(n_policy)) for name in _POLICY_WEIGHTED if name in micro_stats}
-  stats["ratio_max"] = jnp.max(micro_stats["ratio_max"])
-  stats["vf_clipfrac"] = safe_divide(jnp.sum(micro_stats["vf_clipfrac"] * n_value), jnp.sum(n_value))
-  stats["pg_loss"] = safe_divide(jnp.sum(pg_totals), pg_count)
-  stats["vf_loss"] = safe_divide(jnp.sum(vf_totals), vf_count)
-  return jnp.sum(losses), grads, stats
+    grads, (losses, (pg_totals, vf_totals, micro_stats), n_policy, n_value) = jax.lax.scan(accumulate, zeros, micro)
+    stats = {
+        name: safe_divide(jnp.sum(micro_stats[name] * n_policy), jnp.sum(n_policy))
+        for name in _POLICY_WEIGHTED
+        if name in micro_stats
+    }
+    stats["ratio_max"] = jnp.max(micro_stats["ratio_max"])
+    stats["vf_clipfrac"] = safe_divide(jnp.sum(micro_stats["vf_clipfrac"] * n_value), jnp.sum(n_value))
+    stats["pg_loss"] = safe_divide(jnp.sum(pg_totals), pg_count)
+    stats["vf_loss"] = safe_divide(jnp.sum(vf_totals), vf_count)
+    return jnp.sum(losses), grads, stats
 
 
 def minibatch_gradients(state: PPOState, minibatch: Minibatch, ref_params, *, config: PPOConfig, models: PPOModels):
-  """(loss, (policy_grads, critic_grads)) of one minibatch, accumulated over `config.micro_batches`
-  micro-batches (float32). Exposed for tests and custom loops; `update_step` uses it."""
-  loss, grads, _ = _minibatch_gradients(state, minibatch, ref_params, config=config, models=models)
-  return loss, grads
+    """(loss, (policy_grads, critic_grads)) of one minibatch, accumulated over `config.micro_batches`
+    micro-batches (float32). Exposed for tests and custom loops; `update_step` uses it."""
+    loss, grads, _ = _minibatch_gradients(state, minibatch, ref_params, config=config, models=models)
+    return loss, grads
 
 
 def update_step(state: PPOState, minibatch: Minibatch, ref_params, *, config: PPOConfig, models: PPOModels):
-  """One optimizer step for the policy and the critic from one minibatch. -> (state, metrics).
+    """One optimizer step for the policy and the critic from one minibatch. -> (state, metrics).
 
-  A non-finite loss or gradient skips the step: params, optimizer states and `step` stay as they were
-  and `train/skipped` is 1. Metrics are float32 scalars (see `ppo_iteration` for the names).
-  """
-  loss, (policy_grads, critic_grads), stats = _minibatch_gradients(state, minibatch, ref_params, config=config, models=models)
-  ok = jnp.isfinite(loss) & _all_finite((policy_grads, critic_grads))
-  policy_tx = make_optimizer(config.policy_optimizer)
-  if config.critic_mode == "separate":
-    policy, policy_opt_state = _guarded_update(policy_tx, policy_grads, state.policy_opt_state, state.policy, ok)
-    critic, critic_opt_state = _guarded_update(
-        make_optimizer(config.critic_optimizer), critic_grads, state.critic_opt_state, state.critic, ok
+    A non-finite loss or gradient skips the step: params, optimizer states and `step` stay as they were
+    and `train/skipped` is 1. Metrics are float32 scalars (see `ppo_iteration` for the names).
+    """
+    loss, (policy_grads, critic_grads), stats = _minibatch_gradients(
+        state, minibatch, ref_params, config=config, models=models
     )
-    critic_lr = make_schedule(config.critic_optimizer)(state.step)
-  else:
-    (policy, critic), policy_opt_state = _guarded_update(
-        policy_tx, (policy_grads, critic_grads), state.policy_opt_state, (state.policy, state.critic), ok
+    ok = jnp.isfinite(loss) & _all_finite((policy_grads, critic_grads))
+    policy_tx = make_optimizer(config.policy_optimizer)
+    if config.critic_mode == "separate":
+        policy, policy_opt_state = _guarded_update(policy_tx, policy_grads, state.policy_opt_state, state.policy, ok)
+        critic, critic_opt_state = _guarded_update(
+            make_optimizer(config.critic_optimizer), critic_grads, state.critic_opt_state, state.critic, ok
+        )
+        critic_lr = make_schedule(config.critic_optimizer)(state.step)
+    else:
+        (policy, critic), policy_opt_state = _guarded_update(
+            policy_tx, (policy_grads, critic_grads), state.policy_opt_state, (state.policy, state.critic), ok
+        )
+        critic_opt_state = state.critic_opt_state
+        critic_lr = make_schedule(config.policy_optimizer)(state.step)
+    metrics = {
+        "policy/approxkl": stats["approx_kl"],
+        "policy/clipfrac": stats["clipfrac"],
+        "policy/clipfrac_lower": stats["clipfrac_lower"],
+        "policy/ratio_mean": stats["ratio_mean"],
+        "policy/ratio_max": stats["ratio_max"],
+        "objective/entropy": stats["entropy"],
+        "loss/policy": stats["pg_loss"],
+        "loss/value": stats["vf_loss"],
+        "loss/total": loss,
+        "value/clipfrac": stats["vf_clipfrac"],
+        "grad/policy_norm": optax.tree.norm(policy_grads),
+        "grad/critic_norm": optax.tree.norm(critic_grads),
+        "lr/policy": make_schedule(config.policy_optimizer)(state.step),
+        "lr/critic": critic_lr,
+        "train/skipped": 1.0 - ok.astype(jnp.float32),
+        "train/attempted": jnp.ones((), jnp.float32),
+    }
+    if "dual_clipfrac" in stats:
+        metrics["policy/dual_clipfrac"] = stats["dual_clipfrac"]
+    metrics = {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
+    state = state.replace(
+        step=state.step + ok.astype(jnp.int32),
+        policy=policy,
+        policy_opt_state=policy_opt_state,
+        critic=critic,
+        critic_opt_state=critic_opt_state,
     )
-    critic_opt_state = state.critic_opt_state
-    critic_lr = make_schedule(config.policy_optimizer)(state.step)
-  metrics = {
-      "policy/approxkl": stats["approx_kl"],
-      "policy/clipfrac": stats["clipfrac"],
-      "policy/clipfrac_lower": stats["clipfrac_lower"],
-      "policy/ratio_mean": stats["ratio_mean"],
-      "policy/ratio_max": stats["ratio_max"],
-      "objective/entropy": stats["entropy"],
-      "loss/policy": stats["pg_loss"],
-      "loss/value": stats["vf_loss"],
-      "loss/total": loss,
-      "value/clipfrac": stats["vf_clipfrac"],
-      "grad/policy_norm": optax.tree.norm(policy_grads),
-      "grad/critic_norm": optax.tree.norm(critic_grads),
-      "lr/policy": make_schedule(config.policy_optimizer)(state.step),
-      "lr/critic": critic_lr,
-      "train/skipped": 1.0 - ok.astype(jnp.float32),
-      "train/attempted": jnp.ones((), jnp.float32),
-  }
-  if "dual_clipfrac" in stats:
-    metrics["policy/dual_clipfrac"] = stats["dual_clipfrac"]
-  metrics = {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
-  state = state.replace(
-      step=state.step + ok.astype(jnp.int32),
-      policy=policy,
-      policy_opt_state=policy_opt_state,
-      critic=critic,
-      critic_opt_state=critic_opt_state,
-  )
-  return state, metrics
+    return state, metrics
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -494,178 +517,184 @@ def update_step(state: PPOState, minibatch: Minibatch, ref_params, *, config: PP
 
 
 def collect(state: PPOState, prompts, ref_params, reward_params, *, config: PPOConfig, models: PPOModels):
-  """Phase 1: sample responses and score them. prompts: (ids, mask) [B, P] left-padded (`pad_prompts`).
+    """Phase 1: sample responses and score them. prompts: (ids, mask) [B, P] left-padded (`pad_prompts`).
 
-  Returns (state with its key advanced, Experience).
-  """
-  prompt_ids, prompt_mask = (jnp.asarray(x, jnp.int32) for x in prompts)
-  if prompt_ids.shape[0] != config.batch_size:
-    raise ValueError(f"collect: prompts have {prompt_ids.shape[0]} rows; PPOConfig.batch_size is {config.batch_size}")
-  key, rollout_key = jax.random.split(state.key)
-  params, lora = _policy_params(state.policy, ref_params)
-  sampled = rollout(
-      models.policy,
-      params,
-      prompt_ids,
-      prompt_mask,
-      rollout_key,
-      max_new_tokens=config.max_new_tokens,
-      temperature=config.temperature,
-      top_k=config.top_k,
-      top_p=config.top_p,
-      stop_token_ids=config.stop_token_ids,
-      pad_token_id=config.pad_token_id,
-      lora=lora,
-  )
-  batch = (prompt_ids, prompt_mask, sampled.response_ids, sampled.response_mask)
-  shared = config.critic_mode == "shared"
-  logprobs, _, values = policy_outputs(models.policy, params, lora, *batch, config.temperature, state.critic if shared else None)
-  if not shared:
-    values = response_values(models.critic, state.critic, *batch)
-  experience = Experience(
-      prompt_ids=prompt_ids,
-      prompt_mask=prompt_mask,
-      response_ids=sampled.response_ids,
-      response_mask=sampled.response_mask,
-      behaviour_logprobs=sampled.logprobs,
-      logprobs=logprobs,
-      ref_logprobs=response_logprobs(models.policy, ref_params, *batch, config.temperature),
-      values=values,
-      scores=_sequence_scores(config, models, reward_params, *batch),
-      stopped=sampled.stopped,
-      lengths=sampled.lengths,
-  )
-  return state.replace(key=key), experience
+    Returns (state with its key advanced, Experience).
+    """
+    prompt_ids, prompt_mask = (jnp.asarray(x, jnp.int32) for x in prompts)
+    if prompt_ids.shape[0] != config.batch_size:
+        raise ValueError(
+            f"collect: prompts have {prompt_ids.shape[0]} rows; PPOConfig.batch_size is {config.batch_size}"
+        )
+    key, rollout_key = jax.random.split(state.key)
+    params, lora = _policy_params(state.policy, ref_params)
+    sampled = rollout(
+        models.policy,
+        params,
+        prompt_ids,
+        prompt_mask,
+        rollout_key,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        stop_token_ids=config.stop_token_ids,
+        pad_token_id=config.pad_token_id,
+        lora=lora,
+    )
+    batch = (prompt_ids, prompt_mask, sampled.response_ids, sampled.response_mask)
+    shared = config.critic_mode == "shared"
+    logprobs, _, values = policy_outputs(
+        models.policy, params, lora, *batch, config.temperature, state.critic if shared else None
+    )
+    if not shared:
+        values = response_values(models.critic, state.critic, *batch)
+    experience = Experience(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=sampled.response_ids,
+        response_mask=sampled.response_mask,
+        behaviour_logprobs=sampled.logprobs,
+        logprobs=logprobs,
+        ref_logprobs=response_logprobs(models.policy, ref_params, *batch, config.temperature),
+        values=values,
+        scores=_sequence_scores(config, models, reward_params, *batch),
+        stopped=sampled.stopped,
+        lengths=sampled.lengths,
+    )
+    return state.replace(key=key), experience
 
 
 def _reduce_step_metrics(per_step: dict) -> dict:
-  """[epochs, minibatches] per-update metrics -> scalars over the attempted updates."""
-  attempted = per_step["train/attempted"]
-  out = {}
-  for name, values in per_step.items():
-    if name == "policy/ratio_max":
-      out[name] = masked_max(values, attempted > 0)
-    elif name in ("train/skipped", "train/attempted"):
-      out[name] = jnp.sum(values)
-    else:
-      out[name] = masked_mean(values, attempted > 0)
-  out["train/skipped_updates"] = out.pop("train/skipped")
-  out["train/updates"] = out.pop("train/attempted")
-  out["policy/first_ratio_max"] = per_step["policy/ratio_max"][0, 0]
-  out["policy/first_clipfrac"] = per_step["policy/clipfrac"][0, 0]
-  out["policy/first_approxkl"] = per_step["policy/approxkl"][0, 0]
-  return out
+    """[epochs, minibatches] per-update metrics -> scalars over the attempted updates."""
+    attempted = per_step["train/attempted"]
+    out = {}
+    for name, values in per_step.items():
+        if name == "policy/ratio_max":
+            out[name] = masked_max(values, attempted > 0)
+        elif name in ("train/skipped", "train/attempted"):
+            out[name] = jnp.sum(values)
+        else:
+            out[name] = masked_mean(values, attempted > 0)
+    out["train/skipped_updates"] = out.pop("train/skipped")
+    out["train/updates"] = out.pop("train/attempted")
+    out["policy/first_ratio_max"] = per_step["policy/ratio_max"][0, 0]
+    out["policy/first_clipfrac"] = per_step["policy/clipfrac"][0, 0]
+    out["policy/first_approxkl"] = per_step["policy/approxkl"][0, 0]
+    return out
 
 
 def train_on_batch(state: PPOState, experience: Experience, ref_params, *, config: PPOConfig, models: PPOModels):
-  """Phase 2: advantages, `ppo_epochs` passes of minibatch updates, KL-controller update. -> (state, metrics)."""
-  conv = config.convention
-  adv = assemble_advantages(
-      conv,
-      scores=experience.scores,
-      logprobs=experience.logprobs,
-      ref_logprobs=experience.ref_logprobs,
-      values=experience.values,
-      response_mask=experience.response_mask,
-      kl_coef=state.kl.coef,
-      stopped=experience.stopped,
-  )
-  data = Minibatch(
-      prompt_ids=experience.prompt_ids,
-      prompt_mask=experience.prompt_mask,
-      response_ids=experience.response_ids,
-      response_mask=experience.response_mask,
-      old_logprobs=experience.logprobs,
-      old_values=experience.values,
-      advantages=adv.advantages,
-      returns=adv.returns,
-      policy_mask=adv.policy_mask,
-      value_mask=adv.value_mask,
-  )
-  key, permutation_key = jax.random.split(state.key)
-  state = state.replace(key=key)
-  step = functools.partial(update_step, ref_params=ref_params, config=config, models=models)
+    """Phase 2: advantages, `ppo_epochs` passes of minibatch updates, KL-controller update. -> (state, metrics)."""
+    conv = config.convention
+    adv = assemble_advantages(
+        conv,
+        scores=experience.scores,
+        logprobs=experience.logprobs,
+        ref_logprobs=experience.ref_logprobs,
+        values=experience.values,
+        response_mask=experience.response_mask,
+        kl_coef=state.kl.coef,
+        stopped=experience.stopped,
+    )
+    data = Minibatch(
+        prompt_ids=experience.prompt_ids,
+        prompt_mask=experience.prompt_mask,
+        response_ids=experience.response_ids,
+        response_mask=experience.response_mask,
+        old_logprobs=experience.logprobs,
+        old_values=experience.values,
+        advantages=adv.advantages,
+        returns=adv.returns,
+        policy_mask=adv.policy_mask,
+        value_mask=adv.value_mask,
+    )
+    key, permutation_key = jax.random.split(state.key)
+    state = state.replace(key=key)
+    step = functools.partial(update_step, ref_params=ref_params, config=config, models=models)
 
-  def minibatch_step(carry, rows):
-    state, stop = carry
-    minibatch = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), data)
-    if config.early_stop_kl is None:
-      state, metrics = step(state, minibatch)
-    else:
-      shapes = jax.eval_shape(step, state, minibatch)[1]
-      skip = lambda state, minibatch: (state, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
-      state, metrics = jax.lax.cond(stop, skip, step, state, minibatch)
-      stop = stop | (metrics["policy/approxkl"] > config.early_stop_kl)
-    return (state, stop), metrics
+    def minibatch_step(carry, rows):
+        state, stop = carry
+        minibatch = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), data)
+        if config.early_stop_kl is None:
+            state, metrics = step(state, minibatch)
+        else:
+            shapes = jax.eval_shape(step, state, minibatch)[1]
+            skip = lambda state, minibatch: (state, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+            state, metrics = jax.lax.cond(stop, skip, step, state, minibatch)
+            stop = stop | (metrics["policy/approxkl"] > config.early_stop_kl)
+        return (state, stop), metrics
 
-  def epoch(carry, epoch_key):
-    rows = jax.random.permutation(epoch_key, config.batch_size).reshape(config.minibatches, config.minibatch_size)
-    return jax.lax.scan(minibatch_step, carry, rows)
+    def epoch(carry, epoch_key):
+        rows = jax.random.permutation(epoch_key, config.batch_size).reshape(config.minibatches, config.minibatch_size)
+        return jax.lax.scan(minibatch_step, carry, rows)
 
-  epoch_keys = jax.random.split(permutation_key, config.ppo_epochs)
-  (state, stopped_early), per_step = jax.lax.scan(epoch, (state, jnp.asarray(False)), epoch_keys)
-  kl_state = kl_controller(conv).update(state.kl, adv.controller_kl, jnp.asarray(config.batch_size, jnp.float32))
+    epoch_keys = jax.random.split(permutation_key, config.ppo_epochs)
+    (state, stopped_early), per_step = jax.lax.scan(epoch, (state, jnp.asarray(False)), epoch_keys)
+    kl_state = kl_controller(conv).update(state.kl, adv.controller_kl, jnp.asarray(config.batch_size, jnp.float32))
 
-  response_mask = experience.response_mask > 0
-  _, value_stats = value_loss(experience.values, experience.values, adv.returns, adv.value_mask, clip_eps=None)
-  max_length = experience.response_ids.shape[1]
-  metrics = {
-      **_reduce_step_metrics(per_step),
-      "objective/kl": jnp.mean(sequence_kl(adv.kl, adv.policy_mask)),
-      "objective/controller_kl": adv.controller_kl,
-      "objective/kl_coef": state.kl.coef,
-      "objective/scores": jnp.mean(experience.scores),
-      "objective/rlhf_reward": jnp.mean(jnp.sum(adv.rewards, axis=-1)),
-      "value/explained_variance": value_stats["explained_variance"],
-      "returns/mean": masked_mean(adv.returns, adv.value_mask),
-      "returns/var": masked_var(adv.returns, adv.value_mask),
-      "advantages/mean": masked_mean(adv.advantages, adv.policy_mask),
-      "advantages/var": masked_var(adv.advantages, adv.policy_mask),
-      "response/length_mean": jnp.mean(experience.lengths.astype(jnp.float32)),
-      "response/clip_ratio": jnp.mean((~experience.stopped & (experience.lengths >= max_length)).astype(jnp.float32)),
-      "response/eos_rate": jnp.mean(experience.stopped.astype(jnp.float32)),
-      "policy/logprob_gap": masked_mean(jnp.abs(experience.behaviour_logprobs - experience.logprobs), response_mask),
-      "policy/logprob_gap_max": masked_max(jnp.abs(experience.behaviour_logprobs - experience.logprobs), response_mask),
-      "train/early_stopped": stopped_early.astype(jnp.float32),
-  }
-  metrics = {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
-  return state.replace(kl=kl_state, iteration=state.iteration + 1), metrics
+    response_mask = experience.response_mask > 0
+    _, value_stats = value_loss(experience.values, experience.values, adv.returns, adv.value_mask, clip_eps=None)
+    max_length = experience.response_ids.shape[1]
+    metrics = {
+        **_reduce_step_metrics(per_step),
+        "objective/kl": jnp.mean(sequence_kl(adv.kl, adv.policy_mask)),
+        "objective/controller_kl": adv.controller_kl,
+        "objective/kl_coef": state.kl.coef,
+        "objective/scores": jnp.mean(experience.scores),
+        "objective/rlhf_reward": jnp.mean(jnp.sum(adv.rewards, axis=-1)),
+        "value/explained_variance": value_stats["explained_variance"],
+        "returns/mean": masked_mean(adv.returns, adv.value_mask),
+        "returns/var": masked_var(adv.returns, adv.value_mask),
+        "advantages/mean": masked_mean(adv.advantages, adv.policy_mask),
+        "advantages/var": masked_var(adv.advantages, adv.policy_mask),
+        "response/length_mean": jnp.mean(experience.lengths.astype(jnp.float32)),
+        "response/clip_ratio": jnp.mean((~experience.stopped & (experience.lengths >= max_length)).astype(jnp.float32)),
+        "response/eos_rate": jnp.mean(experience.stopped.astype(jnp.float32)),
+        "policy/logprob_gap": masked_mean(jnp.abs(experience.behaviour_logprobs - experience.logprobs), response_mask),
+        "policy/logprob_gap_max": masked_max(
+            jnp.abs(experience.behaviour_logprobs - experience.logprobs), response_mask
+        ),
+        "train/early_stopped": stopped_early.astype(jnp.float32),
+    }
+    metrics = {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
+    return state.replace(kl=kl_state, iteration=state.iteration + 1), metrics
 
 
 def ppo_iteration(state: PPOState, prompts, ref_params, reward_params, *, config: PPOConfig, models: PPOModels):
-  """collect → train_on_batch as one function (jit it whole). -> (state, metrics, experience).
+    """collect → train_on_batch as one function (jit it whole). -> (state, metrics, experience).
 
-  Metrics (float32 scalars): objective/{kl, controller_kl, kl_coef, entropy, scores, rlhf_reward},
-  policy/{approxkl, clipfrac, clipfrac_lower, ratio_mean, ratio_max, first_ratio_max, first_clipfrac,
-  first_approxkl, logprob_gap, logprob_gap_max}, loss/{policy, value, total}, value/{clipfrac, explained_variance},
-  returns/{mean, var}, advantages/{mean, var}, response/{length_mean, clip_ratio, eos_rate},
-  grad/{policy_norm, critic_norm}, lr/{policy, critic}, train/{updates, skipped_updates, early_stopped}.
-  Per-update metrics are averaged over the updates attempted (ratio_max: their max).
-  """
-  state, experience = collect(state, prompts, ref_params, reward_params, config=config, models=models)
-  state, metrics = train_on_batch(state, experience, ref_params, config=config, models=models)
-  return state, metrics, experience
+    Metrics (float32 scalars): objective/{kl, controller_kl, kl_coef, entropy, scores, rlhf_reward},
+    policy/{approxkl, clipfrac, clipfrac_lower, ratio_mean, ratio_max, first_ratio_max, first_clipfrac,
+    first_approxkl, logprob_gap, logprob_gap_max}, loss/{policy, value, total}, value/{clipfrac, explained_variance},
+    returns/{mean, var}, advantages/{mean, var}, response/{length_mean, clip_ratio, eos_rate},
+    grad/{policy_norm, critic_norm}, lr/{policy, critic}, train/{updates, skipped_updates, early_stopped}.
+    Per-update metrics are averaged over the updates attempted (ratio_max: their max).
+    """
+    state, experience = collect(state, prompts, ref_params, reward_params, config=config, models=models)
+    state, metrics = train_on_batch(state, experience, ref_params, config=config, models=models)
+    return state, metrics, experience
 
 
 def make_ppo_phases(config: PPOConfig, models: PPOModels):
-  """(collect, train_on_batch), each jitted with the static config and models bound:
-  collect(state, prompts, ref_params, reward_params) -> (state, experience);
-  train_on_batch(state, experience, ref_params) -> (state, metrics). For models too large for one program,
-  and for host-side rewards between the phases."""
-  return (
-      jax.jit(functools.partial(collect, config=config, models=models)),
-      jax.jit(functools.partial(train_on_batch, config=config, models=models)),
-  )
+    """(collect, train_on_batch), each jitted with the static config and models bound:
+    collect(state, prompts, ref_params, reward_params) -> (state, experience);
+    train_on_batch(state, experience, ref_params) -> (state, metrics). For models too large for one program,
+    and for host-side rewards between the phases."""
+    return (
+        jax.jit(functools.partial(collect, config=config, models=models)),
+        jax.jit(functools.partial(train_on_batch, config=config, models=models)),
+    )
 
 
 def decode_responses(experience: Experience, decode: Callable[[list[int]], str]) -> tuple[list[str], list[str]]:
-  """Host side: (prompt texts, response texts) of an experience batch, real tokens only."""
-  prompt_ids, prompt_mask, response_ids, response_mask = jax.device_get(
-      (experience.prompt_ids, experience.prompt_mask, experience.response_ids, experience.response_mask)
-  )
-  prompts = [decode([int(t) for t, m in zip(ids, mask) if m]) for ids, mask in zip(prompt_ids, prompt_mask)]
-  responses = [decode([int(t) for t, m in zip(ids, mask) if m]) for ids, mask in zip(response_ids, response_mask)]
-  return prompts, responses
+    """Host side: (prompt texts, response texts) of an experience batch, real tokens only."""
+    prompt_ids, prompt_mask, response_ids, response_mask = jax.device_get(
+        (experience.prompt_ids, experience.prompt_mask, experience.response_ids, experience.response_mask)
+    )
+    prompts = [decode([int(t) for t, m in zip(ids, mask) if m]) for ids, mask in zip(prompt_ids, prompt_mask)]
+    responses = [decode([int(t) for t, m in zip(ids, mask) if m]) for ids, mask in zip(response_ids, response_mask)]
+    return prompts, responses
 
 
 def make_ppo_iteration(
@@ -675,28 +704,28 @@ def make_ppo_iteration(
     text_reward_fn: Optional[Callable[[Sequence[str], Sequence[str]], Sequence[float]]] = None,
     decode: Optional[Callable[[list[int]], str]] = None,
 ):
-  """iteration(state, prompts, ref_params, reward_params) -> (state, metrics, experience).
+    """iteration(state, prompts, ref_params, reward_params) -> (state, metrics, experience).
 
-  Without `text_reward_fn`: one jitted program. With it: the jitted phases with the host-side reward in
-  between, `text_reward_fn(prompt_texts, response_texts) -> [B]` added to the scores; `decode(token ids)
-  -> str` (e.g. `tokenizer.decode`) turns ids into text.
-  """
-  if text_reward_fn is None:
-    return jax.jit(functools.partial(ppo_iteration, config=config, models=models))
-  if decode is None:
-    raise ValueError("make_ppo_iteration: text_reward_fn needs decode (token ids -> str), e.g. tokenizer.decode")
-  collect_jit, train_jit = make_ppo_phases(config, models)
+    Without `text_reward_fn`: one jitted program. With it: the jitted phases with the host-side reward in
+    between, `text_reward_fn(prompt_texts, response_texts) -> [B]` added to the scores; `decode(token ids)
+    -> str` (e.g. `tokenizer.decode`) turns ids into text.
+    """
+    if text_reward_fn is None:
+        return jax.jit(functools.partial(ppo_iteration, config=config, models=models))
+    if decode is None:
+        raise ValueError("make_ppo_iteration: text_reward_fn needs decode (token ids -> str), e.g. tokenizer.decode")
+    collect_jit, train_jit = make_ppo_phases(config, models)
 
-  def iteration(state, prompts, ref_params, reward_params):
-    state, experience = collect_jit(state, prompts, ref_params, reward_params)
-    text_scores = np.asarray(text_reward_fn(*decode_responses(experience, decode)), np.float32)
-    if text_scores.shape != (config.batch_size,):
-      raise ValueError(f"text_reward_fn returned shape {text_scores.shape}; expected ({config.batch_size},)")
-    experience = experience.replace(scores=experience.scores + text_scores)
-    state, metrics = train_jit(state, experience, ref_params)
-    return state, metrics, experience
+    def iteration(state, prompts, ref_params, reward_params):
+        state, experience = collect_jit(state, prompts, ref_params, reward_params)
+        text_scores = np.asarray(text_reward_fn(*decode_responses(experience, decode)), np.float32)
+        if text_scores.shape != (config.batch_size,):
+            raise ValueError(f"text_reward_fn returned shape {text_scores.shape}; expected ({config.batch_size},)")
+        experience = experience.replace(scores=experience.scores + text_scores)
+        state, metrics = train_jit(state, experience, ref_params)
+        return state, metrics, experience
 
-  return iteration
+    return iteration
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -705,86 +734,88 @@ def make_ppo_iteration(
 
 @struct.dataclass
 class TrainState:
-  """step (int32, applied steps), params (full params or `Lora` adapters), opt_state."""
+    """step (int32, applied steps), params (full params or `Lora` adapters), opt_state."""
 
-  step: jax.Array
-  params: Any
-  opt_state: Any
+    step: jax.Array
+    params: Any
+    opt_state: Any
 
 
 def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
 def sft_loss(model, params, batch: SequenceBatch, lora=None):
-  """Masked next-token cross-entropy on the response tokens only, as a SumCount (Σ −log p, tokens)."""
-  logprobs = response_logprobs(model, params, *batch, 1.0, lora=lora)
-  return aggregate_loss(-logprobs, batch.response_mask, "token-mean")
+    """Masked next-token cross-entropy on the response tokens only, as a SumCount (Σ −log p, tokens)."""
+    logprobs = response_logprobs(model, params, *batch, 1.0, lora=lora)
+    return aggregate_loss(-logprobs, batch.response_mask, "token-mean")
 
 
 def _guarded_step(state: TrainState, loss_fn, optimizer):
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  ok = jnp.isfinite(loss) & _all_finite(grads)
-  params, opt_state = _guarded_update(optimizer, grads, state.opt_state, state.params, ok)
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped": 1.0 - ok.astype(jnp.float32), **aux}
-  metrics = {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
-  return TrainState(step=state.step + ok.astype(jnp.int32), params=params, opt_state=opt_state), metrics
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    ok = jnp.isfinite(loss) & _all_finite(grads)
+    params, opt_state = _guarded_update(optimizer, grads, state.opt_state, state.params, ok)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped": 1.0 - ok.astype(jnp.float32), **aux}
+    metrics = {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
+    return TrainState(step=state.step + ok.astype(jnp.int32), params=params, opt_state=opt_state), metrics
 
 
-def sft_step(state: TrainState, batch: SequenceBatch, base_params=None, *, model, optimizer: optax.GradientTransformation):
-  """One SFT step: token-mean cross-entropy of the response given the prompt. -> (state, metrics).
+def sft_step(
+    state: TrainState, batch: SequenceBatch, base_params=None, *, model, optimizer: optax.GradientTransformation
+):
+    """One SFT step: token-mean cross-entropy of the response given the prompt. -> (state, metrics).
 
-  With `Lora` adapters as `state.params`, `base_params` is the frozen base. Metrics: loss, grad_norm, skipped.
-  """
+    With `Lora` adapters as `state.params`, `base_params` is the frozen base. Metrics: loss, grad_norm, skipped.
+    """
 
-  def loss_fn(trainable):
-    params, lora = _policy_params(trainable, base_params)
-    return sft_loss(model, params, batch, lora).value(), {}
+    def loss_fn(trainable):
+        params, lora = _policy_params(trainable, base_params)
+        return sft_loss(model, params, batch, lora).value(), {}
 
-  return _guarded_step(state, loss_fn, optimizer)
+    return _guarded_step(state, loss_fn, optimizer)
 
 
 def preference_scores(model, params, batch: PreferenceBatch, lora=None) -> tuple[jax.Array, jax.Array]:
-  """([B] chosen scores, [B] rejected scores) in one forward pass over both."""
-  prompt_ids = jnp.concatenate([batch.prompt_ids, batch.prompt_ids])
-  prompt_mask = jnp.concatenate([batch.prompt_mask, batch.prompt_mask])
-  response_ids = jnp.concatenate([batch.chosen_ids, batch.rejected_ids])
-  response_mask = jnp.concatenate([batch.chosen_mask, batch.rejected_mask])
-  scores = sequence_reward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora=lora)
-  rows = batch.prompt_ids.shape[0]
-  return scores[:rows], scores[rows:]
+    """([B] chosen scores, [B] rejected scores) in one forward pass over both."""
+    prompt_ids = jnp.concatenate([batch.prompt_ids, batch.prompt_ids])
+    prompt_mask = jnp.concatenate([batch.prompt_mask, batch.prompt_mask])
+    response_ids = jnp.concatenate([batch.chosen_ids, batch.rejected_ids])
+    response_mask = jnp.concatenate([batch.chosen_mask, batch.rejected_mask])
+    scores = sequence_reward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora=lora)
+    rows = batch.prompt_ids.shape[0]
+    return scores[:rows], scores[rows:]
 
 
 def reward_model_loss(chosen: jax.Array, rejected: jax.Array, margin: Optional[jax.Array] = None) -> jax.Array:
-  """mean(−log σ(r_chosen − r_rejected − margin)) over [B] pairs."""
-  diff = as_f32(chosen) - as_f32(rejected)
-  if margin is not None:
-    diff = diff - as_f32(margin)
-  return jnp.mean(-jax.nn.log_sigmoid(diff))
+    """mean(−log σ(r_chosen − r_rejected − margin)) over [B] pairs."""
+    diff = as_f32(chosen) - as_f32(rejected)
+    if margin is not None:
+        diff = diff - as_f32(margin)
+    return jnp.mean(-jax.nn.log_sigmoid(diff))
 
 
 def reward_model_step(
     state: TrainState, batch: PreferenceBatch, base_params=None, *, model, optimizer: optax.GradientTransformation
 ):
-  """One pairwise reward-model step. -> (state, metrics: loss, accuracy, margin, grad_norm, skipped).
+    """One pairwise reward-model step. -> (state, metrics: loss, accuracy, margin, grad_norm, skipped).
 
-  accuracy: fraction of pairs with r_chosen > r_rejected; margin: mean r_chosen − r_rejected (both before
-  the step).
-  """
+    accuracy: fraction of pairs with r_chosen > r_rejected; margin: mean r_chosen − r_rejected (both before
+    the step).
+    """
 
-  def loss_fn(trainable):
-    params, lora = _policy_params(trainable, base_params)
-    chosen, rejected = preference_scores(model, params, batch, lora)
-    aux = {"accuracy": jnp.mean((chosen > rejected).astype(jnp.float32)), "margin": jnp.mean(chosen - rejected)}
-    return reward_model_loss(chosen, rejected, batch.margin), aux
+    def loss_fn(trainable):
+        params, lora = _policy_params(trainable, base_params)
+        chosen, rejected = preference_scores(model, params, batch, lora)
+        aux = {"accuracy": jnp.mean((chosen > rejected).astype(jnp.float32)), "margin": jnp.mean(chosen - rejected)}
+        return reward_model_loss(chosen, rejected, batch.margin), aux
 
-  return _guarded_step(state, loss_fn, optimizer)
+    return _guarded_step(state, loss_fn, optimizer)
 
 
 def fit_reward_normalisation(model, params, batch: SequenceBatch, lora=None) -> tuple[float, float]:
-  """(gain, bias) such that gain · score + bias has mean 0 and (population) std 1 over the reference set
-  `batch`. Use them as `PPOConfig(reward_gain=..., reward_bias=...)`; a constant set gives gain 1."""
-  scores = np.asarray(sequence_reward(model, params, *batch, lora=lora), np.float64)
-  std = scores.std()
-  gain = 1.0 / std if std > 0 else 1.0
-  return float(gain), float(-scores.mean() * gain)
+    """(gain, bias) such that gain · score + bias has mean 0 and (population) std 1 over the reference set
+    `batch`. Use them as `PPOConfig(reward_gain=..., reward_bias=...)`; a constant set gives gain 1."""
+    scores = np.asarray(sequence_reward(model, params, *batch, lora=lora), np.float64)
+    std = scores.std()
+    gain = 1.0 / std if std > 0 else 1.0
+    return float(gain), float(-scores.mean() * gain)

@@ -121,7 +121,10 @@ def test_sigkill_mid_save_leaves_a_restorable_latest(tmp_path, when):
     with Checkpointer(directory, max_to_keep=2) as ckpt:
         latest = ckpt.latest_step()
         assert latest is not None and latest >= 2
-        target = {"a": jax.ShapeDtypeStruct((1024, 1024), jnp.float32), "b": jax.ShapeDtypeStruct((2048, 512), jnp.float32)}
+        target = {
+            "a": jax.ShapeDtypeStruct((1024, 1024), jnp.float32),
+            "b": jax.ShapeDtypeStruct((2048, 512), jnp.float32),
+        }
         state, meta = ckpt.restore(target)
         assert meta == {"iteration": latest}
         assert float(state["a"][0, 0]) == latest and float(state["b"][-1, -1]) == latest

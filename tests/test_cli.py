@@ -22,15 +22,27 @@ def tiny(tmp_path_factory):
     """A tiny llama HF directory whose tokenizer has no pad token (ppojax must add one and grow the embedding)."""
     root = tmp_path_factory.mktemp("tiny")
     tokenizer = make_tokenizer()
-    config = ModelConfig(model_type="llama", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                         num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=256,
-                         tie_word_embeddings=True, eos_token_ids=(tokenizer.eos_token_id,))
+    config = ModelConfig(
+        model_type="llama",
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_ids=(tokenizer.eos_token_id,),
+    )
     model = DecoderModel(config)
     save_pretrained(str(root / "model"), model, init_params(model, jax.random.PRNGKey(0)), tokenizer)
-    rows = [{"prompt": "write a poem", "chosen": "yes the cat sat", "rejected": "no"},
-            {"instruction": "hi", "input": "there", "chosen": "good", "rejected": "bad bad"},
-            {"prompt": "the cat", "chosen": "sat", "rejected": "no no"},
-            {"messages": [{"role": "user", "content": "hi"}], "chosen": "hi there", "rejected": "no"}]
+    rows = [
+        {"prompt": "write a poem", "chosen": "yes the cat sat", "rejected": "no"},
+        {"instruction": "hi", "input": "there", "chosen": "good", "rejected": "bad bad"},
+        {"prompt": "the cat", "chosen": "sat", "rejected": "no no"},
+        {"messages": [{"role": "user", "content": "hi"}], "chosen": "hi there", "rejected": "no"},
+    ]
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     sft = [{"instruction": r.get("prompt", "hi"), "output": r["chosen"]} for r in rows]
     (root / "sft.json").write_text(json.dumps(sft))
@@ -46,13 +58,21 @@ def write_config(root, name, **keys):
 
 def run_cli(*args, cwd):
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "ppojax.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "ppojax.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120
+    )
 
 
 def test_bad_config_exits_2_with_one_line_in_a_real_process(tiny):
-    bad_key = write_config(tiny, "bad_key.yaml", model_name_or_path="model", stage="rm", dataset="pairs.jsonl",
-                           output_dir="out", ppo_epoch=2)
+    bad_key = write_config(
+        tiny,
+        "bad_key.yaml",
+        model_name_or_path="model",
+        stage="rm",
+        dataset="pairs.jsonl",
+        output_dir="out",
+        ppo_epoch=2,
+    )
     result = run_cli("train", bad_key, cwd=tiny)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "did you mean 'ppo_epochs'" in result.stderr
@@ -60,8 +80,15 @@ def test_bad_config_exits_2_with_one_line_in_a_real_process(tiny):
 
 def test_bad_data_and_override_exit_2(tiny, monkeypatch, capsys):
     monkeypatch.chdir(tiny)
-    path = write_config(tiny, "rm_bad_data.yaml", model_name_or_path="model", stage="rm", dataset="bad.jsonl",
-                        output_dir="out_bad", template="none")
+    path = write_config(
+        tiny,
+        "rm_bad_data.yaml",
+        model_name_or_path="model",
+        stage="rm",
+        dataset="bad.jsonl",
+        output_dir="out_bad",
+        template="none",
+    )
     assert main(["train", path, "learning_rate=1e-4", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err == f"ppojax: error: {tiny / 'bad.jsonl'}:2: malformed JSON (Expecting ',' delimiter, column 16)\n"
@@ -71,22 +98,45 @@ def test_bad_data_and_override_exit_2(tiny, monkeypatch, capsys):
 
 def test_ppo_stage_is_reported_not_implemented(tiny, monkeypatch, capsys):
     monkeypatch.chdir(tiny)
-    path = write_config(tiny, "ppo.yaml", model_name_or_path="model", stage="ppo", dataset="sft.json",
-                        reward_model="model", output_dir="out_ppo")
+    path = write_config(
+        tiny,
+        "ppo.yaml",
+        model_name_or_path="model",
+        stage="ppo",
+        dataset="sft.json",
+        reward_model="model",
+        output_dir="out_ppo",
+    )
     assert main(["train", path, "--no-progress"]) == 2
     assert "stage ppo is not yet implemented" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("stage,dataset,finetuning", [
-    ("rm", "pairs.jsonl", "lora"),
-    pytest.param("sft", "sft.json", "full", marks=pytest.mark.slow),  # ~20 s on the shared 2-core machine
-])
+@pytest.mark.parametrize(
+    "stage,dataset,finetuning",
+    [
+        ("rm", "pairs.jsonl", "lora"),
+        pytest.param("sft", "sft.json", "full", marks=pytest.mark.slow),  # ~20 s on the shared 2-core machine
+    ],
+)
 def test_stage_end_to_end_and_resume(tiny, monkeypatch, capsys, stage, dataset, finetuning):
     monkeypatch.chdir(tiny)
     out = f"saves/{stage}"
-    path = write_config(tiny, f"{stage}.yaml", model_name_or_path="model", stage=stage, finetuning_type=finetuning,
-                        dataset=dataset, template="qwen", output_dir=out, per_device_train_batch_size=2,
-                        learning_rate=1e-2, max_steps=3, logging_steps=1, save_steps=2, cutoff_len=32)
+    path = write_config(
+        tiny,
+        f"{stage}.yaml",
+        model_name_or_path="model",
+        stage=stage,
+        finetuning_type=finetuning,
+        dataset=dataset,
+        template="qwen",
+        output_dir=out,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        max_steps=3,
+        logging_steps=1,
+        save_steps=2,
+        cutoff_len=32,
+    )
     assert main(["train", path, "--no-progress"]) == 0, capsys.readouterr().err
     metrics = tiny / out / f"{stage}_metrics"
     rows = read_metrics_csv(str(metrics / "training_metrics.csv"))

@@ -68,8 +68,13 @@ def error(fn, *args, **kwargs) -> str:
 
 
 def base(**changes):
-    raw = {"model_name_or_path": "model", "stage": "ppo", "dataset": "prompts.json", "output_dir": "out",
-           "reward_model": "saves/reward"}
+    raw = {
+        "model_name_or_path": "model",
+        "stage": "ppo",
+        "dataset": "prompts.json",
+        "output_dir": "out",
+        "reward_model": "saves/reward",
+    }
     raw.update(changes)
     return raw
 

@@ -34,8 +34,9 @@ def make_tokenizer(pad=None, chat=True):
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.add_special_tokens(["<s>", "<eos>", "<unk>"])  # matched whole, ids kept
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>",
-                                               pad_token=pad)
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", pad_token=pad
+    )
     if chat:
         tok.chat_template = CHAT_TEMPLATE
     return tok
@@ -73,21 +74,32 @@ def test_prompt_formats_raw_and_templated(tmp_path):
     ]
     path = write(tmp_path, "p.json", records)
     raw = load_prompts(path, tok, template="none", max_prompt_length=64)
-    assert [list(p) for p in raw.prompts] == [ids("write a poem"), ids("write a poem"), ids("hi there"), ids("hi"),
-                                              ids("the cat")]
+    assert [list(p) for p in raw.prompts] == [
+        ids("write a poem"),
+        ids("write a poem"),
+        ids("hi there"),
+        ids("hi"),
+        ids("the cat"),
+    ]
     assert raw.sources[2] == f"{path} record 2" and raw.truncated == 0
     chat = load_prompts(path, tok, template="qwen", max_prompt_length=64)
     # The trailing assistant turn of a messages record is dropped: PPO samples its own response.
     assert list(chat.prompts[3]) == ids("<s> user : hi <eos> <s> assistant :")
     sys_path = write(tmp_path, "s.jsonl", [{"prompt": "hi", "system": "yes"}])
     assert list(load_prompts(sys_path, tok, template="qwen", max_prompt_length=64).prompts[0]) == ids(
-        "<s> system : yes <eos> <s> user : hi <eos> <s> assistant :")
+        "<s> system : yes <eos> <s> user : hi <eos> <s> assistant :"
+    )
 
 
 def test_bad_data_names_file_and_line(tmp_path):
     tok = make_tokenizer()
-    load = lambda p, **kw: load_prompts(p, tok, template="none", max_prompt_length=kw.get("m", 64),  # noqa: E731
-                                        overflow=kw.get("o", "truncate"))
+    load = lambda p, **kw: load_prompts(
+        p,
+        tok,
+        template="none",
+        max_prompt_length=kw.get("m", 64),  # noqa: E731
+        overflow=kw.get("o", "truncate"),
+    )
     path = write(tmp_path, "bad.jsonl", '{"prompt": "hi"}\n{"prompt": "hi",}\n')
     assert error(load, path).startswith(f"{path}:2: malformed JSON")
     path = write(tmp_path, "bad.json", '[{"prompt": "hi"},\n {"prompt" "x"}]')
@@ -102,7 +114,9 @@ def test_bad_data_names_file_and_line(tmp_path):
     assert msg.startswith(f"{path}:2: prompt has 7 tokens, more than max_prompt_length 4")
     cut = load(path, m=4)
     assert cut.truncated == 1 and list(cut.prompts[1]) == ids("cat sat and the cat sat")[-4:]
-    assert "chat template" in error(load_prompts, path, make_tokenizer(chat=False), template="qwen", max_prompt_length=9)
+    assert "chat template" in error(
+        load_prompts, path, make_tokenizer(chat=False), template="qwen", max_prompt_length=9
+    )
     assert "empty" in error(read_records, write(tmp_path, "nothing.json", "  \n"))
     assert "expected a JSON object" in error(read_records, write(tmp_path, "list.json", "[1]"))
 
@@ -133,32 +147,57 @@ def test_resize_embeddings_mean_rows():
 
 def test_preferences_and_sft(tmp_path):
     tok, _ = ensure_pad_token(make_tokenizer())
-    pairs = write(tmp_path, "pairs.jsonl", [
-        {"prompt": "hi", "chosen": "good", "rejected": "bad"},
-        {"instruction": "write", "input": "a poem", "chosen": {"role": "assistant", "content": "yes"},
-         "rejected": "no"},
-    ])
+    pairs = write(
+        tmp_path,
+        "pairs.jsonl",
+        [
+            {"prompt": "hi", "chosen": "good", "rejected": "bad"},
+            {
+                "instruction": "write",
+                "input": "a poem",
+                "chosen": {"role": "assistant", "content": "yes"},
+                "rejected": "no",
+            },
+        ],
+    )
     ds = load_preferences(pairs, tok, template="none", cutoff_len=64)
     assert len(ds) == 2 and ds.responses[0] == (tuple(ids("good <eos>")), tuple(ids("bad <eos>")))
-    assert error(load_preferences, write(tmp_path, "p2.jsonl", [{"prompt": "hi", "chosen": "good"}]), tok,
-                 template="none", cutoff_len=64).endswith(":1: missing field 'rejected'")
-    sft = write(tmp_path, "sft.json", [
-        {"instruction": "hi", "output": "yes and no"},
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the cat sat"}]},
-    ])
+    assert error(
+        load_preferences,
+        write(tmp_path, "p2.jsonl", [{"prompt": "hi", "chosen": "good"}]),
+        tok,
+        template="none",
+        cutoff_len=64,
+    ).endswith(":1: missing field 'rejected'")
+    sft = write(
+        tmp_path,
+        "sft.json",
+        [
+            {"instruction": "hi", "output": "yes and no"},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the cat sat"}]},
+        ],
+    )
     ds = load_sft(sft, tok, template="qwen", cutoff_len=11)
     assert ds.prompts[0] == tuple(ids("<s> user : hi <eos> <s> assistant :"))  # 8 tokens
     assert ds.responses[0] == (tuple(ids("yes and no")),) and ds.truncated == 2  # EOS cut: 11 tokens in all
     short = load_sft(sft, tok, template="qwen", cutoff_len=4)  # the prompt keeps its end, one response token
     assert short.prompts[0] == tuple(ids("<s> assistant :")) and short.responses[0] == (tuple(ids("yes")),)
-    assert "missing field 'output'" in error(load_sft, write(tmp_path, "s2.json", [{"instruction": "hi"}]), tok,
-                                             template="none", cutoff_len=8)
+    assert "missing field 'output'" in error(
+        load_sft, write(tmp_path, "s2.json", [{"instruction": "hi"}]), tok, template="none", cutoff_len=8
+    )
     batch = next(response_batches(ds, 2, pad_token_id=tok.pad_token_id, seed=0, bucket=4))
-    (resp_ids, resp_mask), = batch.responses
+    ((resp_ids, resp_mask),) = batch.responses
     assert batch.prompt_ids.shape == (2, 8) and resp_ids.shape == (2, 4)
     assert (batch.prompt_mask[:, -1] == 1).all() and (resp_mask[:, 0] == 1).all()  # left / right padding
-    pair_batch = next(response_batches(load_preferences(pairs, tok, template="none", cutoff_len=64), 2,
-                                       pad_token_id=tok.pad_token_id, seed=0, bucket=4))
+    pair_batch = next(
+        response_batches(
+            load_preferences(pairs, tok, template="none", cutoff_len=64),
+            2,
+            pad_token_id=tok.pad_token_id,
+            seed=0,
+            bucket=4,
+        )
+    )
     assert len(pair_batch.responses) == 2
 
 
@@ -176,7 +215,14 @@ def test_batches_are_deterministic_and_resumable(tmp_path):
     assert "fewer than one batch" in error(lambda: next(batch_indices(2, 3, seed=0)))
     tok, _ = ensure_pad_token(make_tokenizer())
     path = write(tmp_path, "p.jsonl", [{"prompt": "hi"}, {"prompt": "the cat sat"}, {"prompt": "write a poem"}])
-    batch = next(prompt_batches(load_prompts(path, tok, template="none", max_prompt_length=8), 2,
-                                pad_token_id=tok.pad_token_id, seed=0, bucket=4))
+    batch = next(
+        prompt_batches(
+            load_prompts(path, tok, template="none", max_prompt_length=8),
+            2,
+            pad_token_id=tok.pad_token_id,
+            seed=0,
+            bucket=4,
+        )
+    )
     assert batch.ids.shape == (2, 4) and batch.position == DataPosition(0, 2)
     assert (batch.ids[batch.mask == 0] == tok.pad_token_id).all() and (batch.mask[:, -1] == 1).all()

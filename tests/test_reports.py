@@ -11,17 +11,38 @@ from ppojax.reports import MetricsWriter, atomic_write, make_tensorboard_writer,
 
 def test_ppo_reports_written_and_parseable(tmp_path):
     writer = MetricsWriter(str(tmp_path), "ppo", total=3, progress=True)
-    writer.log(1, {"objective/scores": 0.1, "objective/kl": 0.0, "objective/kl_coef": 0.2, "loss/policy": np.float32(0.5),
-                   "text": "ignored"})
-    writer.log(2, {"objective/scores": 0.4, "objective/kl": 1.5, "value/explained_variance": 0.3,
-                   "response/length_mean": np.array(12.0)})  # a new column mid-run
+    writer.log(
+        1,
+        {
+            "objective/scores": 0.1,
+            "objective/kl": 0.0,
+            "objective/kl_coef": 0.2,
+            "loss/policy": np.float32(0.5),
+            "text": "ignored",
+        },
+    )
+    writer.log(
+        2,
+        {
+            "objective/scores": 0.4,
+            "objective/kl": 1.5,
+            "value/explained_variance": 0.3,
+            "response/length_mean": np.array(12.0),
+        },
+    )  # a new column mid-run
     writer.samples(2, ["hi", "the cat"], ["yes", "sat"], [0.5, np.float32(-1.0)])
     writer.samples(3, ["hi"], ["no"], [0.1])
     summary = writer.close("completed", config_hash="abc")
     d = tmp_path / "ppo_metrics"
     assert sorted(os.listdir(d)) == ["samples.jsonl", "summary.json", "training_curves.png", "training_metrics.csv"]
     rows = read_metrics_csv(str(d / "training_metrics.csv"))
-    assert rows[0] == {"step": 1, "objective/scores": 0.1, "objective/kl": 0.0, "objective/kl_coef": 0.2, "loss/policy": 0.5}
+    assert rows[0] == {
+        "step": 1,
+        "objective/scores": 0.1,
+        "objective/kl": 0.0,
+        "objective/kl_coef": 0.2,
+        "loss/policy": 0.5,
+    }
     assert rows[1]["value/explained_variance"] == 0.3 and "loss/policy" not in rows[1]
     loaded = json.loads((d / "summary.json").read_text())
     assert loaded == json.loads(json.dumps(summary))

@@ -14,8 +14,7 @@ import pytest
 
 from rollout_testing import chi_square_pvalue, jit_for_tests
 from fake_models import BagOfWordsLM, TableLM
-import importlib
-R = importlib.import_module("ppojax.rollout")  # the module: `ppojax.rollout` is also the re-exported function
+from ppojax import generation as R
 
 PAD = 16  # a token the fake model's greedy decoding never emits, so padding is visible
 MODEL = BagOfWordsLM()
@@ -37,8 +36,16 @@ def _stops(*ids):
 def _run(jit=True, *, model=MODEL, prompt_ids=PROMPT_IDS, prompt_mask=PROMPT_MASK, key=7, stops=(), **kw):
     fn = rollout_jit if jit else R.rollout
     kw.setdefault("max_new_tokens", N)
-    return fn(model, PARAMS, prompt_ids, prompt_mask, jax.random.key(key), stop_token_ids=_stops(*stops),
-              pad_token_id=PAD, **kw)
+    return fn(
+        model,
+        PARAMS,
+        prompt_ids,
+        prompt_mask,
+        jax.random.key(key),
+        stop_token_ids=_stops(*stops),
+        pad_token_id=PAD,
+        **kw,
+    )
 
 
 @jax.jit
@@ -119,8 +126,9 @@ def test_behaviour_logprobs_equal_teacher_forced(temperature):
     stop = _mixed_stop_token(np.asarray(_run(temperature=temperature).response_ids))
     out = _run(temperature=temperature, stops=[stop, 99])
     assert np.any(out.stopped) and not np.all(out.stopped), "test setup: want stopped and unstopped rows"
-    teacher = response_logprobs_jit(MODEL, PARAMS, PROMPT_IDS, PROMPT_MASK, out.response_ids, out.response_mask,
-                                    temperature)
+    teacher = response_logprobs_jit(
+        MODEL, PARAMS, PROMPT_IDS, PROMPT_MASK, out.response_ids, out.response_mask, temperature
+    )
     np.testing.assert_allclose(teacher, out.logprobs, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(np.asarray(teacher)[np.asarray(out.response_mask) == 0], 0.0)
 
@@ -194,13 +202,34 @@ def test_compiles_once_per_prompt_bucket():
     traced = jit_for_tests(chex.assert_max_traces(R.rollout, n=2), static_argnames=R.ROLLOUT_STATIC_ARGNAMES)
     kw = dict(max_new_tokens=4, top_k=3)
     for temperature, top_p, stops, seed in [(1.0, 1.0, [1], 0), (0.5, 0.9, [2], 1), (0.0, 0.3, [3], 2)]:
-        traced(MODEL, PARAMS, PROMPT_IDS, PROMPT_MASK, jax.random.key(seed), temperature=temperature,
-               top_p=top_p, stop_token_ids=jnp.asarray(stops), pad_token_id=PAD, **kw)
+        traced(
+            MODEL,
+            PARAMS,
+            PROMPT_IDS,
+            PROMPT_MASK,
+            jax.random.key(seed),
+            temperature=temperature,
+            top_p=top_p,
+            stop_token_ids=jnp.asarray(stops),
+            pad_token_id=PAD,
+            **kw,
+        )
     wide_ids, wide_mask = R.pad_prompts(list(PROMPTS) + [list(range(1, 12))], PAD, bucket=8)  # next bucket: 16
-    traced(MODEL, PARAMS, wide_ids, wide_mask, jax.random.key(0), stop_token_ids=jnp.asarray([1]), pad_token_id=PAD, **kw)
+    traced(
+        MODEL, PARAMS, wide_ids, wide_mask, jax.random.key(0), stop_token_ids=jnp.asarray([1]), pad_token_id=PAD, **kw
+    )
     with pytest.raises(AssertionError, match="traced > 2"):
-        traced(MODEL, PARAMS, wide_ids, wide_mask, jax.random.key(0), stop_token_ids=jnp.asarray([1]),
-               pad_token_id=PAD, max_new_tokens=5, top_k=3)
+        traced(
+            MODEL,
+            PARAMS,
+            wide_ids,
+            wide_mask,
+            jax.random.key(0),
+            stop_token_ids=jnp.asarray([1]),
+            pad_token_id=PAD,
+            max_new_tokens=5,
+            top_k=3,
+        )
 
 
 def test_library_rollout_jit_does_not_retrace_on_scalar_types_or_defaults():
@@ -209,8 +238,16 @@ def test_library_rollout_jit_does_not_retrace_on_scalar_types_or_defaults():
     _run(temperature=np.float32(0.5), top_p=0.9, key=1)
     _run(temperature=jnp.float32(0.0), top_p=jnp.asarray(0.5), key=2)
     _run(temperature=1, top_k=0, key=3)
-    R.rollout_jit(MODEL, PARAMS, PROMPT_IDS, PROMPT_MASK, jax.random.key(4), max_new_tokens=N,
-                  stop_token_ids=tuple(_stops(4)), pad_token_id=np.int64(3))
+    R.rollout_jit(
+        MODEL,
+        PARAMS,
+        PROMPT_IDS,
+        PROMPT_MASK,
+        jax.random.key(4),
+        max_new_tokens=N,
+        stop_token_ids=tuple(_stops(4)),
+        pad_token_id=np.int64(3),
+    )
     assert R._rollout_compiled._cache_size() == before
 
 
@@ -222,8 +259,17 @@ TABLE = jnp.log(jnp.array([0.05, 0.3, 0.1, 0.25, 0.12, 0.18]))
 
 def _table_rollout(**kw):
     ids = jnp.ones((2000, 2), jnp.int32)
-    return rollout_jit(TableLM(), {"table": TABLE}, ids, ids, jax.random.key(11), max_new_tokens=4,
-                       stop_token_ids=[], pad_token_id=PAD, **kw)
+    return rollout_jit(
+        TableLM(),
+        {"table": TABLE},
+        ids,
+        ids,
+        jax.random.key(11),
+        max_new_tokens=4,
+        stop_token_ids=[],
+        pad_token_id=PAD,
+        **kw,
+    )
 
 
 def test_rollout_samples_follow_tempered_softmax():
@@ -252,8 +298,17 @@ def test_score_bundles_policy_reference_critic_and_reward():
     lora = {"bias": jnp.linspace(-1.0, 1.0, MODEL.vocab_size)}
     score_fn = jit_for_tests(R.score, static_argnames=("policy_model", "critic_model", "reward_model"))
     batch = (PROMPT_IDS, PROMPT_MASK, out.response_ids, out.response_mask)
-    got = score_fn(MODEL, PARAMS, *batch, temperature=0.7, critic_model=MODEL, critic_params=PARAMS,
-                   reward_model=MODEL, reward_params=PARAMS, lora=lora)
+    got = score_fn(
+        MODEL,
+        PARAMS,
+        *batch,
+        temperature=0.7,
+        critic_model=MODEL,
+        critic_params=PARAMS,
+        reward_model=MODEL,
+        reward_params=PARAMS,
+        lora=lora,
+    )
     mask = np.asarray(out.response_mask) == 1
 
     np.testing.assert_allclose(got.logprobs, R.response_logprobs(MODEL, PARAMS, *batch, 0.7, lora=lora), atol=1e-6)
@@ -288,5 +343,16 @@ def test_input_guards():
 
 def test_score_requires_a_reference():
     with pytest.raises(ValueError, match="ref_params"):
-        R.score(MODEL, PARAMS, PROMPT_IDS, PROMPT_MASK, PROMPT_IDS, PROMPT_MASK, temperature=1.0,
-                critic_model=MODEL, critic_params=PARAMS, reward_model=MODEL, reward_params=PARAMS)
+        R.score(
+            MODEL,
+            PARAMS,
+            PROMPT_IDS,
+            PROMPT_MASK,
+            PROMPT_IDS,
+            PROMPT_MASK,
+            temperature=1.0,
+            critic_model=MODEL,
+            critic_params=PARAMS,
+            reward_model=MODEL,
+            reward_params=PARAMS,
+        )

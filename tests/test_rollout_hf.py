@@ -17,8 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "models"))
 import hf_builders  # noqa: E402
 from rollout_testing import jit_for_tests  # noqa: E402
 
-import importlib  # noqa: E402
-R = importlib.import_module("ppojax.rollout")  # the module: `ppojax.rollout` is also the re-exported function  # noqa: E402
+from ppojax import generation as R
 from ppojax.models import DecoderModel, load_pretrained  # noqa: E402
 
 PAD = hf_builders.PAD_ID
@@ -51,14 +50,21 @@ def _prompts(vocab_size):
 def _hf_greedy(torch_model, ids, mask, stop):
     """transformers greedy decoding; returns (new tokens [B, <=N], raw logits [B, <=N, V])."""
     config = transformers.GenerationConfig(
-        do_sample=False, max_new_tokens=N, eos_token_id=stop, pad_token_id=PAD, bos_token_id=None,
+        do_sample=False,
+        max_new_tokens=N,
+        eos_token_id=stop,
+        pad_token_id=PAD,
+        bos_token_id=None,
     )
     with torch.no_grad():
         out = torch_model.generate(
-            input_ids=torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(mask.astype(np.int64)),
-            generation_config=config, return_dict_in_generate=True, output_logits=True,
+            input_ids=torch.from_numpy(ids.astype(np.int64)),
+            attention_mask=torch.from_numpy(mask.astype(np.int64)),
+            generation_config=config,
+            return_dict_in_generate=True,
+            output_logits=True,
         )
-    return out.sequences[:, ids.shape[1]:].numpy(), torch.stack(out.logits, 1).float().numpy()
+    return out.sequences[:, ids.shape[1] :].numpy(), torch.stack(out.logits, 1).float().numpy()
 
 
 @pytest.mark.parametrize("name", ["llama3", "qwen2", "qwen3", "gpt2"])
@@ -73,8 +79,18 @@ def test_greedy_rollout_equals_transformers_generate_and_logprobs_equal_teacher_
     stopped_rows = np.array([stop in row for row in full])
     assert stopped_rows.any() and not stopped_rows.all()
 
-    out = rollout_jit(model, params, ids, mask, jax.random.key(0), max_new_tokens=N, temperature=0.0, top_p=1.0,
-                      stop_token_ids=[stop], pad_token_id=PAD)
+    out = rollout_jit(
+        model,
+        params,
+        ids,
+        mask,
+        jax.random.key(0),
+        max_new_tokens=N,
+        temperature=0.0,
+        top_p=1.0,
+        stop_token_ids=[stop],
+        pad_token_id=PAD,
+    )
     width = expected.shape[1]
     np.testing.assert_array_equal(out.response_ids[:, :width], expected)
     np.testing.assert_array_equal(out.response_ids[:, width:], PAD)
@@ -84,15 +100,24 @@ def test_greedy_rollout_equals_transformers_generate_and_logprobs_equal_teacher_
 
     # Behaviour log-probs: transformers' raw logits, and ppojax's own teacher-forced pass.
     valid = np.asarray(out.response_mask[:, :width]) == 1
-    hf_logprobs = np.take_along_axis(
-        np.asarray(jax.nn.log_softmax(hf_logits)), expected[..., None], axis=-1)[..., 0]
+    hf_logprobs = np.take_along_axis(np.asarray(jax.nn.log_softmax(hf_logits)), expected[..., None], axis=-1)[..., 0]
     np.testing.assert_allclose(np.asarray(out.logprobs[:, :width])[valid], hf_logprobs[valid], atol=1e-4)
     teacher = response_logprobs_jit(model, params, ids, mask, out.response_ids, out.response_mask, 0.0)
     np.testing.assert_allclose(teacher, out.logprobs, atol=1e-5, rtol=0)
 
     # Sampled (same compiled programs: temperature and top_p are traced): behaviour = teacher-forced.
-    sampled = rollout_jit(model, params, ids, mask, jax.random.key(1), max_new_tokens=N, temperature=0.7,
-                          top_p=0.9, stop_token_ids=[stop], pad_token_id=PAD)
+    sampled = rollout_jit(
+        model,
+        params,
+        ids,
+        mask,
+        jax.random.key(1),
+        max_new_tokens=N,
+        temperature=0.7,
+        top_p=0.9,
+        stop_token_ids=[stop],
+        pad_token_id=PAD,
+    )
     teacher = response_logprobs_jit(model, params, ids, mask, sampled.response_ids, sampled.response_mask, 0.7)
     np.testing.assert_allclose(teacher, sampled.logprobs, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(np.asarray(sampled.logprobs)[np.asarray(sampled.response_mask) == 0], 0.0)
@@ -105,8 +130,16 @@ def test_reward_and_values_on_real_heads(build):
     critic = DecoderModel(reward_model.config, "value")
     critic_params = {k: v for k, v in reward_params.items() if k != "score"} | {"value_head": reward_params["score"]}
     ids, mask = _prompts(policy.config.vocab_size)
-    out = rollout_jit(policy, policy_params, ids, mask, jax.random.key(4), max_new_tokens=N,
-                      stop_token_ids=[5, 6, 7, 8, 9], pad_token_id=PAD)
+    out = rollout_jit(
+        policy,
+        policy_params,
+        ids,
+        mask,
+        jax.random.key(4),
+        max_new_tokens=N,
+        stop_token_ids=[5, 6, 7, 8, 9],
+        pad_token_id=PAD,
+    )
     # transformers reads the score at the rightmost non-pad token, ppojax at the last real one (from the
     # masks): they agree when no row's last response token is a sampled pad id; the key is chosen for that.
     last = np.asarray(out.response_ids)[np.arange(len(ids)), np.asarray(out.lengths) - 1]
@@ -122,7 +155,8 @@ def test_reward_and_values_on_real_heads(build):
     # values[t] = the per-token score at column P - 1 + t, the state before response token t.
     with torch.no_grad():
         per_token = torch_reward.model(
-            input_ids=torch.from_numpy(full_ids), attention_mask=torch.from_numpy(full_mask),
+            input_ids=torch.from_numpy(full_ids),
+            attention_mask=torch.from_numpy(full_mask),
             position_ids=torch.from_numpy(hf_builders.mask_positions(full_mask)),
         ).last_hidden_state
         per_token = torch_reward.score(per_token)[..., 0].numpy()

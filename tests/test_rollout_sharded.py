@@ -15,8 +15,7 @@ _SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from fake_models import BagOfWordsLM
-    import importlib
-    R = importlib.import_module("ppojax.rollout")  # the module: `ppojax.rollout` is also the re-exported function
+        from ppojax import generation as R
 
     assert len(jax.devices()) == 2, jax.devices()
     model = BagOfWordsLM()
@@ -41,7 +40,11 @@ _SCRIPT = textwrap.dedent(
 @pytest.mark.slow  # a fresh interpreter and two compilations: ~10 s on the shared 2-core box
 def test_batch_split_over_two_devices_equals_one_device():
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")]),
+    )
     result = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr

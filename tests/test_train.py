@@ -18,12 +18,19 @@ from ppojax.models import DecoderModel, ModelConfig, init_lora
 from ppojax.models.lora import Lora
 from ppojax.optim import OptimizerConfig
 from ppojax.presets import get_preset, ppo_losses
-from ppojax.rollout import pad_prompts, response_logprobs, response_values
+from ppojax.generation import pad_prompts, response_logprobs, response_values
 
 VOCAB, PAD, TARGET, N = 64, 63, 7, 8
 CONFIG = ModelConfig(
-    model_type="qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-    num_kv_heads=2, head_dim=8, max_position_embeddings=64,
+    model_type="qwen2",
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
 )
 POLICY = DecoderModel(CONFIG)
 POLICY_PARAMS = POLICY.init_params(jax.random.key(0))
@@ -33,58 +40,67 @@ BATCH = 32
 
 
 def target_rate(prompt_ids, response_ids, response_mask):
-  """Programmatic reward: the fraction of the N response slots holding TARGET. A uniform policy scores
-  1/64; the KL-regularised optimum at β = 0.05 puts p(TARGET) ≈ e^{2.5}/(63 + e^{2.5}) ≈ 0.16 per token."""
-  del prompt_ids
-  return jnp.sum((response_ids == TARGET) & (response_mask > 0), axis=1).astype(jnp.float32) / N
+    """Programmatic reward: the fraction of the N response slots holding TARGET. A uniform policy scores
+    1/64; the KL-regularised optimum at β = 0.05 puts p(TARGET) ≈ e^{2.5}/(63 + e^{2.5}) ≈ 0.16 per token."""
+    del prompt_ids
+    return jnp.sum((response_ids == TARGET) & (response_mask > 0), axis=1).astype(jnp.float32) / N
 
 
 def _prompts(seed=0, rows=BATCH):
-  rng = np.random.default_rng(seed)
-  return pad_prompts([list(rng.integers(0, 60, size=rng.integers(2, 5))) for _ in range(rows)], PAD, bucket=4)
+    rng = np.random.default_rng(seed)
+    return pad_prompts([list(rng.integers(0, 60, size=rng.integers(2, 5))) for _ in range(rows)], PAD, bucket=4)
 
 
 PROMPTS = _prompts()
 
 
 def _config(mode="separate", **changes):
-  base = dict(
-      convention=get_preset("ppojax"), batch_size=BATCH, minibatch_size=16, micro_batch_size=8, ppo_epochs=2,
-      max_new_tokens=N, pad_token_id=PAD, critic_mode=mode,
-      policy_optimizer=OptimizerConfig(learning_rate=3e-3), critic_optimizer=OptimizerConfig(learning_rate=3e-3),
-  )
-  base.update(changes)
-  return T.PPOConfig(**base)
+    base = dict(
+        convention=get_preset("ppojax"),
+        batch_size=BATCH,
+        minibatch_size=16,
+        micro_batch_size=8,
+        ppo_epochs=2,
+        max_new_tokens=N,
+        pad_token_id=PAD,
+        critic_mode=mode,
+        policy_optimizer=OptimizerConfig(learning_rate=3e-3),
+        critic_optimizer=OptimizerConfig(learning_rate=3e-3),
+    )
+    base.update(changes)
+    return T.PPOConfig(**base)
 
 
 def _traced_once(fn, name):
-  """jit with a trace counter: a second trace (a recompilation) fails the test. chex keys its counter by
-  the source and the name, so each program gets its own name."""
-  fn.__name__ = name
-  return jax.jit(chex.assert_max_traces(fn, n=1))
+    """jit with a trace counter: a second trace (a recompilation) fails the test. chex keys its counter by
+    the source and the name, so each program gets its own name."""
+    fn.__name__ = name
+    return jax.jit(chex.assert_max_traces(fn, n=1))
 
 
 @functools.lru_cache(maxsize=None)
 def _iteration(mode):
-  """(state, models, jitted iteration) for one mode; built once per module."""
-  config = _config(mode)
-  state, models = T.init_ppo_state(config, POLICY, POLICY_PARAMS, jax.random.key(2), reward_fn=target_rate, critic_init="policy")
+    """(state, models, jitted iteration) for one mode; built once per module."""
+    config = _config(mode)
+    state, models = T.init_ppo_state(
+        config, POLICY, POLICY_PARAMS, jax.random.key(2), reward_fn=target_rate, critic_init="policy"
+    )
 
-  def iteration(state, prompts, ref_params, reward_params):
-    return T.ppo_iteration(state, prompts, ref_params, reward_params, config=config, models=models)
+    def iteration(state, prompts, ref_params, reward_params):
+        return T.ppo_iteration(state, prompts, ref_params, reward_params, config=config, models=models)
 
-  return state, models, _traced_once(iteration, f"iteration_{mode}")
+    return state, models, _traced_once(iteration, f"iteration_{mode}")
 
 
 def _run(mode, iterations, *, key=None):
-  state, _, iteration = _iteration(mode)
-  if key is not None:
-    state = state.replace(key=key)
-  history = []
-  for _ in range(iterations):
-    state, metrics, experience = iteration(state, PROMPTS, POLICY_PARAMS, None)
-    history.append({name: float(value) for name, value in jax.device_get(metrics).items()})
-  return state, history, experience
+    state, _, iteration = _iteration(mode)
+    if key is not None:
+        state = state.replace(key=key)
+    history = []
+    for _ in range(iterations):
+        state, metrics, experience = iteration(state, PROMPTS, POLICY_PARAMS, None)
+        history.append({name: float(value) for name, value in jax.device_get(metrics).items()})
+    return state, history, experience
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -93,77 +109,83 @@ def _run(mode, iterations, *, key=None):
 
 @pytest.mark.parametrize("mode", ["separate", "shared"])
 def test_reward_rises_with_bounded_kl(mode):
-  state, history, _ = _run(mode, 30)
-  scores = np.array([h["objective/scores"] for h in history])
-  kls = np.array([h["objective/kl"] for h in history])
-  assert scores[:3].mean() < 0.04, scores  # ~1/64 at the start
-  assert scores[-5:].mean() > 0.09, scores  # most of the way to the regularised optimum (~0.16)
-  assert np.all(np.abs(kls) < 5.0), kls  # the optimum's KL is ~1.9 nats per sequence
-  # On the first minibatch of every iteration the policy is the behaviour policy: the ratio is 1 up to the
-  # rounding of a gradient program's differently fused forward (a few float32 ulps; a temperature or
-  # dropout bug gives 1e-2 and more), and nothing is clipped.
-  assert all(abs(h["policy/first_ratio_max"] - 1.0) < 2e-6 and h["policy/first_clipfrac"] == 0.0 for h in history)
-  assert all(h["policy/first_approxkl"] < 1e-12 for h in history)
-  assert all(h["train/updates"] == 4 and h["train/skipped_updates"] == 0 for h in history)
-  assert all(np.isfinite(list(h.values())).all() for h in history)
-  assert int(state.step) == 4 * 30 and int(state.iteration) == 30
-  # The teacher-forced pass reproduces the sampler's log-probs (same function, same temperature).
-  assert max(h["policy/logprob_gap_max"] for h in history) < 1e-5
+    state, history, _ = _run(mode, 30)
+    scores = np.array([h["objective/scores"] for h in history])
+    kls = np.array([h["objective/kl"] for h in history])
+    assert scores[:3].mean() < 0.04, scores  # ~1/64 at the start
+    assert scores[-5:].mean() > 0.09, scores  # most of the way to the regularised optimum (~0.16)
+    assert np.all(np.abs(kls) < 5.0), kls  # the optimum's KL is ~1.9 nats per sequence
+    # On the first minibatch of every iteration the policy is the behaviour policy: the ratio is 1 up to the
+    # rounding of a gradient program's differently fused forward (a few float32 ulps; a temperature or
+    # dropout bug gives 1e-2 and more), and nothing is clipped.
+    assert all(abs(h["policy/first_ratio_max"] - 1.0) < 2e-6 and h["policy/first_clipfrac"] == 0.0 for h in history)
+    assert all(h["policy/first_approxkl"] < 1e-12 for h in history)
+    assert all(h["train/updates"] == 4 and h["train/skipped_updates"] == 0 for h in history)
+    assert all(np.isfinite(list(h.values())).all() for h in history)
+    assert int(state.step) == 4 * 30 and int(state.iteration) == 30
+    # The teacher-forced pass reproduces the sampler's log-probs (same function, same temperature).
+    assert max(h["policy/logprob_gap_max"] for h in history) < 1e-5
 
 
 def test_same_seed_is_bit_identical_and_seeds_differ():
-  runs = [_run("separate", 3, key=jax.random.key(seed))[0] for seed in (11, 11, 12)]
-  leaves = [jax.tree.leaves((s.policy, s.critic, s.policy_opt_state, s.critic_opt_state)) for s in runs]
-  assert all(np.array_equal(a, b) for a, b in zip(leaves[0], leaves[1]))
-  assert not all(np.array_equal(a, c) for a, c in zip(leaves[0], leaves[2]))
+    runs = [_run("separate", 3, key=jax.random.key(seed))[0] for seed in (11, 11, 12)]
+    leaves = [jax.tree.leaves((s.policy, s.critic, s.policy_opt_state, s.critic_opt_state)) for s in runs]
+    assert all(np.array_equal(a, b) for a, b in zip(leaves[0], leaves[1]))
+    assert not all(np.array_equal(a, c) for a, c in zip(leaves[0], leaves[2]))
 
 
 def _decode(ids):
-  return " ".join(str(i) for i in ids)
+    return " ".join(str(i) for i in ids)
 
 
 def _text_target_rate(prompt_texts, response_texts):
-  """The host-side twin of `target_rate`, on decoded text."""
-  assert len(prompt_texts) == len(response_texts) == BATCH
-  return [text.split().count(str(TARGET)) / N for text in response_texts]
+    """The host-side twin of `target_rate`, on decoded text."""
+    assert len(prompt_texts) == len(response_texts) == BATCH
+    return [text.split().count(str(TARGET)) / N for text in response_texts]
 
 
 @pytest.mark.slow
 def test_lora_with_phases_and_a_text_reward():
-  """LoRA: only adapters are trained, the base (= reference) stays bit-identical. Run as two jitted phases
-  with a host-side text reward summed with the programmatic one."""
-  config = _config("separate")
-  adapters = init_lora(POLICY, jax.random.key(5), rank=4, targets="all")
-  initial, models = T.init_ppo_state(config, POLICY, POLICY_PARAMS, jax.random.key(2), reward_fn=target_rate, critic_init="policy", lora=adapters)
-  iteration = T.make_ppo_iteration(config, models, text_reward_fn=_text_target_rate, decode=_decode)
-  base_before = jax.tree.map(np.array, POLICY_PARAMS)
-  ref_logprobs = jax.jit(lambda params, batch: response_logprobs(POLICY, params, *batch, 1.0))
-  state, history = initial, []
-  for i in range(3):
-    state, metrics, experience = iteration(state, PROMPTS, POLICY_PARAMS, None)
-    history.append({name: float(value) for name, value in jax.device_get(metrics).items()})
-    batch = (experience.prompt_ids, experience.prompt_mask, experience.response_ids, experience.response_mask)
-    if i == 0:
-      fixed_batch, ref_before = batch, np.asarray(ref_logprobs(POLICY_PARAMS, batch))
-  # Both reward sources count: the programmatic one in jit, the text one between the phases.
-  np.testing.assert_allclose(np.asarray(experience.scores), 2 * np.asarray(target_rate(batch[0], batch[2], batch[3])), rtol=1e-6)
-  assert isinstance(state.policy, Lora)
-  # Only the adapters (and the separate critic) are in the state: nothing of the base's size.
-  n_adapter = sum(x.size for x in jax.tree.leaves(state.policy.adapters))
-  n_base = sum(x.size for x in jax.tree.leaves(POLICY_PARAMS))
-  assert sum(x.size for x in jax.tree.leaves(state.policy_opt_state)) <= 2 * n_adapter + 2 < n_base
-  # The base params are untouched, bit for bit, and so are the reference log-probs of a fixed batch.
-  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(POLICY_PARAMS)))
-  np.testing.assert_array_equal(np.asarray(ref_logprobs(POLICY_PARAMS, fixed_batch)), ref_before)
-  # The iteration's reference is the base with the adapters off (another program: rounding only).
-  np.testing.assert_allclose(np.asarray(experience.ref_logprobs), np.asarray(ref_logprobs(POLICY_PARAMS, batch)), rtol=0, atol=2e-6)
-  # ...while the adapters moved and the adapted policy differs from the reference.
-  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(initial.policy), jax.tree.leaves(state.policy))]
-  assert any(moved)
-  adapted = response_logprobs(POLICY, POLICY_PARAMS, *batch, 1.0, lora=state.policy)
-  assert np.abs(np.asarray(adapted) - np.asarray(experience.ref_logprobs)).max() > 1e-3
-  assert all(abs(h["policy/first_ratio_max"] - 1.0) < 2e-6 and h["policy/first_approxkl"] < 1e-12 for h in history)
-  assert all(h["train/skipped_updates"] == 0 for h in history)
+    """LoRA: only adapters are trained, the base (= reference) stays bit-identical. Run as two jitted phases
+    with a host-side text reward summed with the programmatic one."""
+    config = _config("separate")
+    adapters = init_lora(POLICY, jax.random.key(5), rank=4, targets="all")
+    initial, models = T.init_ppo_state(
+        config, POLICY, POLICY_PARAMS, jax.random.key(2), reward_fn=target_rate, critic_init="policy", lora=adapters
+    )
+    iteration = T.make_ppo_iteration(config, models, text_reward_fn=_text_target_rate, decode=_decode)
+    base_before = jax.tree.map(np.array, POLICY_PARAMS)
+    ref_logprobs = jax.jit(lambda params, batch: response_logprobs(POLICY, params, *batch, 1.0))
+    state, history = initial, []
+    for i in range(3):
+        state, metrics, experience = iteration(state, PROMPTS, POLICY_PARAMS, None)
+        history.append({name: float(value) for name, value in jax.device_get(metrics).items()})
+        batch = (experience.prompt_ids, experience.prompt_mask, experience.response_ids, experience.response_mask)
+        if i == 0:
+            fixed_batch, ref_before = batch, np.asarray(ref_logprobs(POLICY_PARAMS, batch))
+    # Both reward sources count: the programmatic one in jit, the text one between the phases.
+    np.testing.assert_allclose(
+        np.asarray(experience.scores), 2 * np.asarray(target_rate(batch[0], batch[2], batch[3])), rtol=1e-6
+    )
+    assert isinstance(state.policy, Lora)
+    # Only the adapters (and the separate critic) are in the state: nothing of the base's size.
+    n_adapter = sum(x.size for x in jax.tree.leaves(state.policy.adapters))
+    n_base = sum(x.size for x in jax.tree.leaves(POLICY_PARAMS))
+    assert sum(x.size for x in jax.tree.leaves(state.policy_opt_state)) <= 2 * n_adapter + 2 < n_base
+    # The base params are untouched, bit for bit, and so are the reference log-probs of a fixed batch.
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(POLICY_PARAMS)))
+    np.testing.assert_array_equal(np.asarray(ref_logprobs(POLICY_PARAMS, fixed_batch)), ref_before)
+    # The iteration's reference is the base with the adapters off (another program: rounding only).
+    np.testing.assert_allclose(
+        np.asarray(experience.ref_logprobs), np.asarray(ref_logprobs(POLICY_PARAMS, batch)), rtol=0, atol=2e-6
+    )
+    # ...while the adapters moved and the adapted policy differs from the reference.
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(initial.policy), jax.tree.leaves(state.policy))]
+    assert any(moved)
+    adapted = response_logprobs(POLICY, POLICY_PARAMS, *batch, 1.0, lora=state.policy)
+    assert np.abs(np.asarray(adapted) - np.asarray(experience.ref_logprobs)).max() > 1e-3
+    assert all(abs(h["policy/first_ratio_max"] - 1.0) < 2e-6 and h["policy/first_approxkl"] < 1e-12 for h in history)
+    assert all(h["train/skipped_updates"] == 0 for h in history)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,44 +193,62 @@ def test_lora_with_phases_and_a_text_reward():
 
 
 def _synthetic_minibatch(rows=16, seed=0):
-  rng = np.random.default_rng(seed)
-  prompt_ids, prompt_mask = _prompts(seed, rows)
-  lengths = rng.integers(1, N + 1, size=rows)
-  response_mask = (np.arange(N)[None] < lengths[:, None]).astype(np.int32)
-  response_ids = np.where(response_mask > 0, rng.integers(0, 60, size=(rows, N)), PAD).astype(np.int32)
-  true = np.asarray(response_logprobs(POLICY, POLICY_PARAMS, prompt_ids, prompt_mask, response_ids, response_mask, 1.0))
-  noisy = lambda scale: np.where(response_mask > 0, rng.normal(size=(rows, N)) * scale, 0.0).astype(np.float32)
-  return T.Minibatch(
-      prompt_ids=jnp.asarray(prompt_ids), prompt_mask=jnp.asarray(prompt_mask),
-      response_ids=jnp.asarray(response_ids), response_mask=jnp.asarray(response_mask),
-      old_logprobs=jnp.asarray(true + noisy(0.3)),  # ratios away from 1: both clip branches active
-      old_values=jnp.asarray(noisy(0.5)), advantages=jnp.asarray(noisy(1.0)), returns=jnp.asarray(noisy(1.0)),
-      policy_mask=jnp.asarray(response_mask > 0), value_mask=jnp.asarray(response_mask > 0),
-  )
+    rng = np.random.default_rng(seed)
+    prompt_ids, prompt_mask = _prompts(seed, rows)
+    lengths = rng.integers(1, N + 1, size=rows)
+    response_mask = (np.arange(N)[None] < lengths[:, None]).astype(np.int32)
+    response_ids = np.where(response_mask > 0, rng.integers(0, 60, size=(rows, N)), PAD).astype(np.int32)
+    true = np.asarray(
+        response_logprobs(POLICY, POLICY_PARAMS, prompt_ids, prompt_mask, response_ids, response_mask, 1.0)
+    )
+    noisy = lambda scale: np.where(response_mask > 0, rng.normal(size=(rows, N)) * scale, 0.0).astype(np.float32)
+    return T.Minibatch(
+        prompt_ids=jnp.asarray(prompt_ids),
+        prompt_mask=jnp.asarray(prompt_mask),
+        response_ids=jnp.asarray(response_ids),
+        response_mask=jnp.asarray(response_mask),
+        old_logprobs=jnp.asarray(true + noisy(0.3)),  # ratios away from 1: both clip branches active
+        old_values=jnp.asarray(noisy(0.5)),
+        advantages=jnp.asarray(noisy(1.0)),
+        returns=jnp.asarray(noisy(1.0)),
+        policy_mask=jnp.asarray(response_mask > 0),
+        value_mask=jnp.asarray(response_mask > 0),
+    )
 
 
 def _reference_gradients(config, models, state, mb):
-  """The full-minibatch loss in one pass, straight from `ppo_losses` (no accumulation machinery)."""
-  conv = config.convention
-  shared = config.critic_mode == "shared"
+    """The full-minibatch loss in one pass, straight from `ppo_losses` (no accumulation machinery)."""
+    conv = config.convention
+    shared = config.critic_mode == "shared"
 
-  def loss(trainable):
-    policy, critic = trainable
-    batch = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
-    out = POLICY.apply(policy, jnp.concatenate([mb.prompt_ids, mb.response_ids], 1), jnp.concatenate([mb.prompt_mask, mb.response_mask], 1))
-    logits = out.logits[:, mb.prompt_ids.shape[1] - 1 : -1].astype(jnp.float32)
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits), mb.response_ids[..., None], -1)[..., 0]
-    if shared:
-      values = (out.hidden[:, mb.prompt_ids.shape[1] - 1 : -1].astype(jnp.float32) @ critic["kernel"])[..., 0]
-    else:
-      values = response_values(models.critic, critic, *batch)
-    pg, vf, _ = ppo_losses(
-        conv, logprobs=logprobs, old_logprobs=mb.old_logprobs, advantages=mb.advantages, values=values,
-        old_values=mb.old_values, returns=mb.returns, policy_mask=mb.policy_mask, value_mask=mb.value_mask,
-    )
-    return pg + (1.0 if config.critic_mode == "separate" else conv.vf_coef) * vf
+    def loss(trainable):
+        policy, critic = trainable
+        batch = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
+        out = POLICY.apply(
+            policy,
+            jnp.concatenate([mb.prompt_ids, mb.response_ids], 1),
+            jnp.concatenate([mb.prompt_mask, mb.response_mask], 1),
+        )
+        logits = out.logits[:, mb.prompt_ids.shape[1] - 1 : -1].astype(jnp.float32)
+        logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits), mb.response_ids[..., None], -1)[..., 0]
+        if shared:
+            values = (out.hidden[:, mb.prompt_ids.shape[1] - 1 : -1].astype(jnp.float32) @ critic["kernel"])[..., 0]
+        else:
+            values = response_values(models.critic, critic, *batch)
+        pg, vf, _ = ppo_losses(
+            conv,
+            logprobs=logprobs,
+            old_logprobs=mb.old_logprobs,
+            advantages=mb.advantages,
+            values=values,
+            old_values=mb.old_values,
+            returns=mb.returns,
+            policy_mask=mb.policy_mask,
+            value_mask=mb.value_mask,
+        )
+        return pg + (1.0 if config.critic_mode == "separate" else conv.vf_coef) * vf
 
-  return jax.value_and_grad(loss)((state.policy, state.critic))  # un-jitted: a different code path
+    return jax.value_and_grad(loss)((state.policy, state.critic))  # un-jitted: a different code path
 
 
 @pytest.mark.parametrize(
@@ -216,72 +256,86 @@ def _reference_gradients(config, models, state, mb):
     [("separate", "token-mean", 4), ("shared", "seq-mean-token-sum", 8)],
 )
 def test_accumulated_gradient_equals_full_minibatch_gradient(mode, aggregation, micro):
-  config = _config(mode, convention=get_preset("ppojax").replace(loss_aggregation=aggregation), micro_batch_size=micro)
-  state, models = T.init_ppo_state(config, POLICY, POLICY_PARAMS, jax.random.key(3), reward_model=REWARD, reward_params=REWARD_PARAMS)
-  # Perturb the zero value head so the shared-trunk value gradient is not trivially zero.
-  if mode == "shared":
-    state = state.replace(critic={"kernel": jax.random.normal(jax.random.key(4), state.critic["kernel"].shape) * 0.3})
-  mb = _synthetic_minibatch()
-  assert 16 // micro > 1
-  grad_fn = jax.jit(functools.partial(T.minibatch_gradients, config=config, models=models))
-  loss, grads = grad_fn(state, mb, POLICY_PARAMS)
-  want_loss, want = _reference_gradients(config, models, state, mb)
-  np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
-  for got_leaf, want_leaf in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
-    scale = np.abs(np.asarray(want_leaf)).max() + 1e-12
-    np.testing.assert_allclose(np.asarray(got_leaf), np.asarray(want_leaf), rtol=2e-4, atol=2e-5 * scale)
-  assert max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(grads[1])) > 0  # the critic gets gradient
+    config = _config(
+        mode, convention=get_preset("ppojax").replace(loss_aggregation=aggregation), micro_batch_size=micro
+    )
+    state, models = T.init_ppo_state(
+        config, POLICY, POLICY_PARAMS, jax.random.key(3), reward_model=REWARD, reward_params=REWARD_PARAMS
+    )
+    # Perturb the zero value head so the shared-trunk value gradient is not trivially zero.
+    if mode == "shared":
+        state = state.replace(
+            critic={"kernel": jax.random.normal(jax.random.key(4), state.critic["kernel"].shape) * 0.3}
+        )
+    mb = _synthetic_minibatch()
+    assert 16 // micro > 1
+    grad_fn = jax.jit(functools.partial(T.minibatch_gradients, config=config, models=models))
+    loss, grads = grad_fn(state, mb, POLICY_PARAMS)
+    want_loss, want = _reference_gradients(config, models, state, mb)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
+    for got_leaf, want_leaf in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+        scale = np.abs(np.asarray(want_leaf)).max() + 1e-12
+        np.testing.assert_allclose(np.asarray(got_leaf), np.asarray(want_leaf), rtol=2e-4, atol=2e-5 * scale)
+    assert max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(grads[1])) > 0  # the critic gets gradient
 
 
 def test_non_finite_loss_skips_every_update_and_keeps_the_state():
-  """A NaN in the critic makes values, advantages and the loss NaN: every update of the iteration is skipped
-  and params and optimizer states stay bit-identical. Runs the separate-mode program already compiled."""
-  state, _, iteration = _iteration("separate")
-  kernel = state.critic["value_head"]["kernel"]
-  poisoned = state.replace(critic={**state.critic, "value_head": {"kernel": kernel.at[0, 0].set(jnp.nan)}})
-  after, metrics, _ = iteration(poisoned, PROMPTS, POLICY_PARAMS, None)
-  assert float(metrics["train/skipped_updates"]) == 4.0 and float(metrics["train/updates"]) == 4.0
-  assert int(after.step) == 0
-  before = jax.tree.leaves((poisoned.policy, poisoned.critic, poisoned.policy_opt_state, poisoned.critic_opt_state))
-  after_leaves = jax.tree.leaves((after.policy, after.critic, after.policy_opt_state, after.critic_opt_state))
-  assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(before, after_leaves))
+    """A NaN in the critic makes values, advantages and the loss NaN: every update of the iteration is skipped
+    and params and optimizer states stay bit-identical. Runs the separate-mode program already compiled."""
+    state, _, iteration = _iteration("separate")
+    kernel = state.critic["value_head"]["kernel"]
+    poisoned = state.replace(critic={**state.critic, "value_head": {"kernel": kernel.at[0, 0].set(jnp.nan)}})
+    after, metrics, _ = iteration(poisoned, PROMPTS, POLICY_PARAMS, None)
+    assert float(metrics["train/skipped_updates"]) == 4.0 and float(metrics["train/updates"]) == 4.0
+    assert int(after.step) == 0
+    before = jax.tree.leaves((poisoned.policy, poisoned.critic, poisoned.policy_opt_state, poisoned.critic_opt_state))
+    after_leaves = jax.tree.leaves((after.policy, after.critic, after.policy_opt_state, after.critic_opt_state))
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(before, after_leaves))
 
 
 def test_lora_update_step_trains_adapters_only():
-  """The fast LoRA check (one jitted update_step; the full-iteration version is slow-marked above)."""
-  config = _config("separate")
-  adapters = init_lora(POLICY, jax.random.key(5), rank=4, targets=("q", "v"))
-  state, models = T.init_ppo_state(config, POLICY, POLICY_PARAMS, jax.random.key(2), reward_fn=target_rate, critic_init="policy", lora=adapters)
-  base_before = jax.tree.map(np.array, POLICY_PARAMS)
-  mb = _synthetic_minibatch()
-  batch = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
-  logprobs = jax.jit(lambda params, lora: response_logprobs(POLICY, params, *batch, 1.0, lora=lora))
-  ref_before = np.asarray(logprobs(POLICY_PARAMS, None))
+    """The fast LoRA check (one jitted update_step; the full-iteration version is slow-marked above)."""
+    config = _config("separate")
+    adapters = init_lora(POLICY, jax.random.key(5), rank=4, targets=("q", "v"))
+    state, models = T.init_ppo_state(
+        config, POLICY, POLICY_PARAMS, jax.random.key(2), reward_fn=target_rate, critic_init="policy", lora=adapters
+    )
+    base_before = jax.tree.map(np.array, POLICY_PARAMS)
+    mb = _synthetic_minibatch()
+    batch = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
+    logprobs = jax.jit(lambda params, lora: response_logprobs(POLICY, params, *batch, 1.0, lora=lora))
+    ref_before = np.asarray(logprobs(POLICY_PARAMS, None))
 
-  def update(state, minibatch, ref_params):
-    return T.update_step(state, minibatch, ref_params, config=config, models=models)
+    def update(state, minibatch, ref_params):
+        return T.update_step(state, minibatch, ref_params, config=config, models=models)
 
-  step = _traced_once(update, "update_step_lora")
-  after = state
-  for _ in range(2):
-    after, metrics = step(after, mb, POLICY_PARAMS)
-  assert float(metrics["train/skipped"]) == 0.0 and int(after.step) == 2
-  assert isinstance(after.policy, Lora)
-  n_adapter = sum(x.size for x in jax.tree.leaves(after.policy.adapters))
-  assert sum(x.size for x in jax.tree.leaves(after.policy_opt_state)) <= 2 * n_adapter + 2 < sum(x.size for x in jax.tree.leaves(POLICY_PARAMS))
-  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(POLICY_PARAMS)))
-  np.testing.assert_array_equal(np.asarray(logprobs(POLICY_PARAMS, None)), ref_before)
-  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.policy), jax.tree.leaves(after.policy)))
-  adapted = np.asarray(logprobs(POLICY_PARAMS, after.policy))
-  assert np.abs(adapted - ref_before).max() > 1e-4
+    step = _traced_once(update, "update_step_lora")
+    after = state
+    for _ in range(2):
+        after, metrics = step(after, mb, POLICY_PARAMS)
+    assert float(metrics["train/skipped"]) == 0.0 and int(after.step) == 2
+    assert isinstance(after.policy, Lora)
+    n_adapter = sum(x.size for x in jax.tree.leaves(after.policy.adapters))
+    assert (
+        sum(x.size for x in jax.tree.leaves(after.policy_opt_state))
+        <= 2 * n_adapter + 2
+        < sum(x.size for x in jax.tree.leaves(POLICY_PARAMS))
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(POLICY_PARAMS)))
+    np.testing.assert_array_equal(np.asarray(logprobs(POLICY_PARAMS, None)), ref_before)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.policy), jax.tree.leaves(after.policy)))
+    adapted = np.asarray(logprobs(POLICY_PARAMS, after.policy))
+    assert np.abs(adapted - ref_before).max() > 1e-4
 
 
 def test_config_validation():
-  with pytest.raises(ValueError, match="minibatch_size"):
-    T.PPOConfig(batch_size=10, minibatch_size=4)
-  with pytest.raises(ValueError, match="micro_batch_size"):
-    T.PPOConfig(batch_size=16, minibatch_size=8, micro_batch_size=3)
-  with pytest.raises(ValueError, match="critic_mode"):
-    T.PPOConfig(critic_mode="both")
-  with pytest.raises(ValueError, match="reward_model"):
-    T.init_ppo_state(_config(), POLICY, POLICY_PARAMS, jax.random.key(0), reward_fn=target_rate)  # critic_init='reward'
+    with pytest.raises(ValueError, match="minibatch_size"):
+        T.PPOConfig(batch_size=10, minibatch_size=4)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        T.PPOConfig(batch_size=16, minibatch_size=8, micro_batch_size=3)
+    with pytest.raises(ValueError, match="critic_mode"):
+        T.PPOConfig(critic_mode="both")
+    with pytest.raises(ValueError, match="reward_model"):
+        T.init_ppo_state(
+            _config(), POLICY, POLICY_PARAMS, jax.random.key(0), reward_fn=target_rate
+        )  # critic_init='reward'

@@ -17,66 +17,72 @@ pytestmark = pytest.mark.slow
 
 
 def _iterate(config, state, models, iterations, params=POLICY_PARAMS):
-  iteration = T.make_ppo_iteration(config, models)
-  history = []
-  for _ in range(iterations):
-    state, metrics, experience = iteration(state, PROMPTS, params, None)
-    history.append({name: float(value) for name, value in jax.device_get(metrics).items()})
-  return state, history, experience
+    iteration = T.make_ppo_iteration(config, models)
+    history = []
+    for _ in range(iterations):
+        state, metrics, experience = iteration(state, PROMPTS, params, None)
+        history.append({name: float(value) for name, value in jax.device_get(metrics).items()})
+    return state, history, experience
 
 
 @pytest.mark.parametrize("master", [None, "float32"])
 def test_bf16_model_with_and_without_fp32_master_weights(master):
-  model = DecoderModel(CONFIG, dtype="bfloat16")
-  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), POLICY_PARAMS)
-  config = _config("shared", master_dtype=master)
-  state, models = T.init_ppo_state(config, model, params, jax.random.key(2), reward_fn=target_rate)
-  want = jnp.float32 if master else jnp.bfloat16
-  assert {x.dtype for x in jax.tree.leaves(state.policy)} == {jnp.dtype(want)}
-  initial = jax.tree.map(np.asarray, state.policy)
-  state, history, experience = _iterate(config, state, models, 3, params)
-  assert {x.dtype for x in jax.tree.leaves(state.policy)} == {jnp.dtype(want)}
-  # Log-probs, values and losses are float32 whatever the compute dtype.
-  assert experience.logprobs.dtype == experience.values.dtype == jnp.float32
-  assert all(np.isfinite(list(h.values())).all() and h["train/skipped_updates"] == 0 for h in history)
-  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(state.policy)))
-  # bf16 rounding of the differently fused gradient-program forward: the first ratio is near 1, not exactly.
-  assert all(abs(h["policy/first_ratio_max"] - 1.0) < 0.1 for h in history)
+    model = DecoderModel(CONFIG, dtype="bfloat16")
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), POLICY_PARAMS)
+    config = _config("shared", master_dtype=master)
+    state, models = T.init_ppo_state(config, model, params, jax.random.key(2), reward_fn=target_rate)
+    want = jnp.float32 if master else jnp.bfloat16
+    assert {x.dtype for x in jax.tree.leaves(state.policy)} == {jnp.dtype(want)}
+    initial = jax.tree.map(np.asarray, state.policy)
+    state, history, experience = _iterate(config, state, models, 3, params)
+    assert {x.dtype for x in jax.tree.leaves(state.policy)} == {jnp.dtype(want)}
+    # Log-probs, values and losses are float32 whatever the compute dtype.
+    assert experience.logprobs.dtype == experience.values.dtype == jnp.float32
+    assert all(np.isfinite(list(h.values())).all() and h["train/skipped_updates"] == 0 for h in history)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(state.policy)))
+    # bf16 rounding of the differently fused gradient-program forward: the first ratio is near 1, not exactly.
+    assert all(abs(h["policy/first_ratio_max"] - 1.0) < 0.1 for h in history)
 
 
 def test_early_stop_on_approx_kl_skips_the_remaining_updates():
-  # The first minibatch has approx-KL ~0 (< threshold); after one update the second one exceeds it.
-  config = _config("separate", early_stop_kl=1e-9)
-  state, models = T.init_ppo_state(config, POLICY, POLICY_PARAMS, jax.random.key(2), reward_fn=target_rate, critic_init="policy")
-  state, history, _ = _iterate(config, state, models, 2)
-  for h in history:
-    assert h["train/early_stopped"] == 1.0 and h["train/updates"] == 2.0 and h["train/skipped_updates"] == 0.0
-  assert int(state.step) == 4  # 2 updates per iteration instead of 4
+    # The first minibatch has approx-KL ~0 (< threshold); after one update the second one exceeds it.
+    config = _config("separate", early_stop_kl=1e-9)
+    state, models = T.init_ppo_state(
+        config, POLICY, POLICY_PARAMS, jax.random.key(2), reward_fn=target_rate, critic_init="policy"
+    )
+    state, history, _ = _iterate(config, state, models, 2)
+    for h in history:
+        assert h["train/early_stopped"] == 1.0 and h["train/updates"] == 2.0 and h["train/skipped_updates"] == 0.0
+    assert int(state.step) == 4  # 2 updates per iteration instead of 4
 
 
 def test_joint_mode_trains_both_models_with_one_optimizer():
-  config = _config("joint")
-  state, models = T.init_ppo_state(config, POLICY, POLICY_PARAMS, jax.random.key(2), reward_fn=target_rate, critic_init="policy")
-  assert isinstance(state.critic_opt_state, optax.EmptyState)
-  initial = state
-  state, history, _ = _iterate(config, state, models, 3)
-  assert all(np.isfinite(list(h.values())).all() for h in history)
-  for before, after in ((initial.policy, state.policy), (initial.critic, state.critic)):
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+    config = _config("joint")
+    state, models = T.init_ppo_state(
+        config, POLICY, POLICY_PARAMS, jax.random.key(2), reward_fn=target_rate, critic_init="policy"
+    )
+    assert isinstance(state.critic_opt_state, optax.EmptyState)
+    initial = state
+    state, history, _ = _iterate(config, state, models, 3)
+    assert all(np.isfinite(list(h.values())).all() for h in history)
+    for before, after in ((initial.policy, state.policy), (initial.critic, state.critic)):
+        assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
 
 
 def test_phases_match_the_one_program_iteration():
-  config = _config("separate")
-  state, models = T.init_ppo_state(config, POLICY, POLICY_PARAMS, jax.random.key(2), reward_fn=target_rate, critic_init="policy")
-  one = T.make_ppo_iteration(config, models)
-  collect, train = T.make_ppo_phases(config, models)
-  s1, m1, e1 = one(state, PROMPTS, POLICY_PARAMS, None)
-  s2, e2 = collect(state, PROMPTS, POLICY_PARAMS, None)
-  s2, m2 = train(s2, e2, POLICY_PARAMS)
-  np.testing.assert_array_equal(np.asarray(e1.response_ids), np.asarray(e2.response_ids))
-  np.testing.assert_array_equal(np.asarray(e1.scores), np.asarray(e2.scores))
-  # Two different programs: equal up to float32 rounding.
-  for a, b in zip(jax.tree.leaves(s1.policy), jax.tree.leaves(s2.policy)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
-  np.testing.assert_array_equal(np.asarray(jax.random.key_data(s1.key)), np.asarray(jax.random.key_data(s2.key)))
-  assert BATCH == e1.response_ids.shape[0]
+    config = _config("separate")
+    state, models = T.init_ppo_state(
+        config, POLICY, POLICY_PARAMS, jax.random.key(2), reward_fn=target_rate, critic_init="policy"
+    )
+    one = T.make_ppo_iteration(config, models)
+    collect, train = T.make_ppo_phases(config, models)
+    s1, m1, e1 = one(state, PROMPTS, POLICY_PARAMS, None)
+    s2, e2 = collect(state, PROMPTS, POLICY_PARAMS, None)
+    s2, m2 = train(s2, e2, POLICY_PARAMS)
+    np.testing.assert_array_equal(np.asarray(e1.response_ids), np.asarray(e2.response_ids))
+    np.testing.assert_array_equal(np.asarray(e1.scores), np.asarray(e2.scores))
+    # Two different programs: equal up to float32 rounding.
+    for a, b in zip(jax.tree.leaves(s1.policy), jax.tree.leaves(s2.policy)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(s1.key)), np.asarray(jax.random.key_data(s2.key)))
+    assert BATCH == e1.response_ids.shape[0]

@@ -55,8 +55,9 @@ def setup_environment(args: argparse.Namespace) -> None:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
     preloaded = JEMALLOC in os.environ.get("LD_PRELOAD", "")
     if not args.no_jemalloc and not preloaded and os.path.exists(JEMALLOC):
-        env = dict(os.environ, LD_PRELOAD=(os.environ.get("LD_PRELOAD", "") + " " + JEMALLOC).strip(),
-                   MALLOC_CONF=MALLOC_CONF)
+        env = dict(
+            os.environ, LD_PRELOAD=(os.environ.get("LD_PRELOAD", "") + " " + JEMALLOC).strip(), MALLOC_CONF=MALLOC_CONF
+        )
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
@@ -76,16 +77,24 @@ import transformers  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from ppojax.models import load_pretrained  # noqa: E402
-from ppojax.rollout import pad_prompts, rollout_jit  # noqa: E402
+from ppojax.generation import pad_prompts, rollout_jit  # noqa: E402
 
 PAD_ID = 0
 
 
 def build_checkpoint(directory: str, vocab_size: int, seed: int) -> transformers.PreTrainedModel:
     config = transformers.Qwen2Config(
-        vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=True, pad_token_id=PAD_ID, bos_token_id=None, eos_token_id=None,
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=PAD_ID,
+        bos_token_id=None,
+        eos_token_id=None,
     )
     torch.manual_seed(seed)
     model = transformers.Qwen2ForCausalLM(config).eval()
@@ -126,8 +135,14 @@ def main(args: argparse.Namespace) -> None:
         model, params = load_pretrained(directory)
 
     key = jax.random.key(args.seed)
-    sample = functools.partial(rollout_jit, model, max_new_tokens=args.new_tokens, temperature=args.temperature,
-                               stop_token_ids=(), pad_token_id=PAD_ID)
+    sample = functools.partial(
+        rollout_jit,
+        model,
+        max_new_tokens=args.new_tokens,
+        temperature=args.temperature,
+        stop_token_ids=(),
+        pad_token_id=PAD_ID,
+    )
     single_device = sample(params, ids, mask, key)
     ids_on, mask_on, params_on = ids, mask, params
     if len(jax.devices()) > 1:
@@ -138,8 +153,10 @@ def main(args: argparse.Namespace) -> None:
         sharded = sample(params_on, ids_on, mask_on, key)
         same = np.array_equal(sharded.response_ids, single_device.response_ids)
         gap = float(np.max(np.abs(np.asarray(sharded.logprobs) - np.asarray(single_device.logprobs))))
-        print(f"batch split over {len(jax.devices())} devices: same tokens as one device: {same}, "
-              f"max log-prob difference {gap:.1e}")
+        print(
+            f"batch split over {len(jax.devices())} devices: same tokens as one device: {same}, "
+            f"max log-prob difference {gap:.1e}"
+        )
 
     def run_ppojax():
         out = jax.block_until_ready(sample(params_on, ids_on, mask_on, key))
@@ -150,9 +167,16 @@ def main(args: argparse.Namespace) -> None:
     def run_transformers():
         with torch.no_grad():
             out = hf_model.generate(
-                input_ids=torch_ids, attention_mask=torch_mask, do_sample=True, temperature=args.temperature,
-                top_k=0, top_p=1.0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                use_cache=True, pad_token_id=PAD_ID,
+                input_ids=torch_ids,
+                attention_mask=torch_mask,
+                do_sample=True,
+                temperature=args.temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                use_cache=True,
+                pad_token_id=PAD_ID,
             )
         assert out.shape[1] == ids.shape[1] + args.new_tokens
 
@@ -162,17 +186,25 @@ def main(args: argparse.Namespace) -> None:
     for name, runs in results.items():
         wall, cpu, loads = zip(*runs)
         median[name], best[name] = n_tokens / statistics.median(wall), n_tokens / min(wall)
-        print(f"{name:>22}: median {statistics.median(wall) * 1e3:7.1f} ms -> {median[name]:6.0f} tokens/s; "
-              f"best {min(wall) * 1e3:7.1f} ms -> {best[name]:6.0f} tokens/s; CPU per 1000 tokens: median "
-              f"{statistics.median(cpu) / n_tokens * 1e6:5.0f} ms, min {min(cpu) / n_tokens * 1e6:5.0f} ms")
-        print(f"{'':>22}  runs (wall ms / CPU ms / load): "
-              + ", ".join(f"{w * 1e3:.0f}/{c * 1e3:.0f}/{l:.1f}" for w, c, l in runs))
+        print(
+            f"{name:>22}: median {statistics.median(wall) * 1e3:7.1f} ms -> {median[name]:6.0f} tokens/s; "
+            f"best {min(wall) * 1e3:7.1f} ms -> {best[name]:6.0f} tokens/s; CPU per 1000 tokens: median "
+            f"{statistics.median(cpu) / n_tokens * 1e6:5.0f} ms, min {min(cpu) / n_tokens * 1e6:5.0f} ms"
+        )
+        print(
+            f"{'':>22}  runs (wall ms / CPU ms / load): "
+            + ", ".join(f"{w * 1e3:.0f}/{c * 1e3:.0f}/{l:.1f}" for w, c, l in runs)
+        )
     allocator = "jemalloc" if JEMALLOC in os.environ.get("LD_PRELOAD", "") else "system malloc"
-    print(f"batch {args.batch}, prompt width {ids.shape[1]}, {args.new_tokens} new tokens, T={args.temperature}, "
-          f"vocab {args.vocab}; torch threads {torch.get_num_threads()}, jax devices {len(jax.devices())}, "
-          f"{allocator}; load average (1 min) over the timed runs: "
-          f"{min(l for r in results.values() for *_, l in r):.2f}-{max(l for r in results.values() for *_, l in r):.2f}")
-    print(f"ratio ppojax / transformers: median {median[ours] / median[theirs]:.2f}x, best {best[ours] / best[theirs]:.2f}x")
+    print(
+        f"batch {args.batch}, prompt width {ids.shape[1]}, {args.new_tokens} new tokens, T={args.temperature}, "
+        f"vocab {args.vocab}; torch threads {torch.get_num_threads()}, jax devices {len(jax.devices())}, "
+        f"{allocator}; load average (1 min) over the timed runs: "
+        f"{min(l for r in results.values() for *_, l in r):.2f}-{max(l for r in results.values() for *_, l in r):.2f}"
+    )
+    print(
+        f"ratio ppojax / transformers: median {median[ours] / median[theirs]:.2f}x, best {best[ours] / best[theirs]:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -66,15 +66,14 @@ class ModelConfig:
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise CheckpointError(
-                f"unsupported model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+                f"unsupported model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise CheckpointError(
-                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+            raise CheckpointError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.rope_type not in ROPE_TYPES:
             raise CheckpointError(f"unsupported rope_type {self.rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
         if self.activation not in ACTIVATIONS:
-            raise CheckpointError(
-                f"unsupported activation {self.activation!r}; supported: {', '.join(ACTIVATIONS)}")
+            raise CheckpointError(f"unsupported activation {self.activation!r}; supported: {', '.join(ACTIVATIONS)}")
 
     @property
     def eos_token_id(self) -> int | None:
@@ -125,7 +124,8 @@ def _rope_fields(reader: _Reader, default_theta: float) -> dict[str, Any]:
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise CheckpointError(
-            f"{reader.source}: unsupported rope_type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+            f"{reader.source}: unsupported rope_type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}"
+        )
     if merged.get("partial_rotary_factor", 1.0) != 1.0:
         raise CheckpointError(f"{reader.source}: partial_rotary_factor != 1 is not supported")
     fields = {"rope_type": rope_type, "rope_theta": float(theta)}
@@ -151,7 +151,8 @@ def from_hf_config(raw: dict, source: str = "config.json") -> ModelConfig:
     model_type = reader.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
-            f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+            f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
     common = dict(
         model_type=model_type,
         vocab_size=reader.integer("vocab_size"),
@@ -205,8 +206,7 @@ def from_hf_config(raw: dict, source: str = "config.json") -> ModelConfig:
         num_heads=heads,
         num_kv_heads=reader.integer("num_key_value_heads", heads),
         head_dim=reader.integer("head_dim", default_head_dim),
-        max_position_embeddings=reader.integer(
-            "max_position_embeddings", 2048 if model_type == "llama" else 32768),
+        max_position_embeddings=reader.integer("max_position_embeddings", 2048 if model_type == "llama" else 32768),
         norm="rms",
         norm_eps=float(reader.get("rms_norm_eps", 1e-6)),
         activation=reader.get("hidden_act", "silu"),
@@ -249,23 +249,37 @@ def to_hf_config(config: ModelConfig, head: str) -> dict:
         raw.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     if config.model_type == "gpt2":
         raw.update(
-            n_embd=config.hidden_size, n_inner=config.intermediate_size, n_layer=config.num_layers,
-            n_head=config.num_heads, n_positions=config.max_position_embeddings,
-            layer_norm_epsilon=config.norm_eps, activation_function=config.activation,
-            scale_attn_by_inverse_layer_idx=config.attn_scale_by_layer)
+            n_embd=config.hidden_size,
+            n_inner=config.intermediate_size,
+            n_layer=config.num_layers,
+            n_head=config.num_heads,
+            n_positions=config.max_position_embeddings,
+            layer_norm_epsilon=config.norm_eps,
+            activation_function=config.activation,
+            scale_attn_by_inverse_layer_idx=config.attn_scale_by_layer,
+        )
         return raw
     rope = {"rope_type": config.rope_type, "rope_theta": config.rope_theta}
     if config.rope_type != "default":
         rope["factor"] = config.rope_factor
     if config.rope_type == "llama3":
-        rope.update(low_freq_factor=config.rope_low_freq_factor, high_freq_factor=config.rope_high_freq_factor,
-                                original_max_position_embeddings=config.rope_original_max_position_embeddings)
+        rope.update(
+            low_freq_factor=config.rope_low_freq_factor,
+            high_freq_factor=config.rope_high_freq_factor,
+            original_max_position_embeddings=config.rope_original_max_position_embeddings,
+        )
     raw.update(
-        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
-        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.norm_eps,
-        hidden_act=config.activation, rope_parameters=rope)
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.norm_eps,
+        hidden_act=config.activation,
+        rope_parameters=rope,
+    )
     if config.model_type in ("llama", "qwen3"):
         raw["attention_bias"] = config.qkv_bias
     if config.model_type == "llama":

@@ -196,8 +196,10 @@ class _Attention(nn.Module):
             q, k, v = jnp.split(qkv, [q_size, q_size + kv_size], axis=-1)
         else:
             hidden = x.shape[-1]
-            params = [_DenseParams(hidden, size, cfg.qkv_bias, self.dtype, name=name)()
-                      for name, size in (("q", q_size), ("k", kv_size), ("v", kv_size))]
+            params = [
+                _DenseParams(hidden, size, cfg.qkv_bias, self.dtype, name=name)()
+                for name, size in (("q", q_size), ("k", kv_size), ("v", kv_size))
+            ]
             q, k, v = _dense_group(x, params, [lora.get(name) for name in "qkv"], self.dtype)
         q = q.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
         k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
@@ -213,7 +215,7 @@ class _Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, write_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, write_index, 0, 0))
             layer_cache = (k, v)
-        scale = cfg.head_dim ** -0.5
+        scale = cfg.head_dim**-0.5
         if cfg.attn_scale_by_layer:
             scale /= self.layer_index + 1
         if seq == 1 and layer_cache is not None:
@@ -232,8 +234,10 @@ class _Mlp(nn.Module):
         cfg = self.config
         lora = lora or {}
         if cfg.gated_mlp:
-            params = [_DenseParams(x.shape[-1], cfg.intermediate_size, cfg.mlp_bias, self.dtype, name=name)()
-                      for name in ("gate", "up")]
+            params = [
+                _DenseParams(x.shape[-1], cfg.intermediate_size, cfg.mlp_bias, self.dtype, name=name)()
+                for name in ("gate", "up")
+            ]
             gate, up = _dense_group(x, params, [lora.get("gate"), lora.get("up")], self.dtype)
             hidden = _activation(cfg.activation, gate) * up
         else:
@@ -253,7 +257,8 @@ class _Block(nn.Module):
         lora = lora or {}
         attn_in = _Norm(cfg.norm, cfg.norm_eps, self.dtype, name="attn_norm")(x)
         attn_out, layer_cache = _Attention(cfg, self.layer_index, self.dtype, name="attn")(
-            attn_in, cos, sin, slots, layer_cache, lora.get("attn"))
+            attn_in, cos, sin, slots, layer_cache, lora.get("attn")
+        )
         x = x + attn_out
         mlp_in = _Norm(cfg.norm, cfg.norm_eps, self.dtype, name="mlp_norm")(x)
         return x + _Mlp(cfg, self.dtype, name="mlp")(mlp_in, lora.get("mlp")), layer_cache
@@ -272,8 +277,9 @@ class _Decoder(nn.Module):
         x = jnp.take(embedding, input_ids, axis=0).astype(self.dtype)
         cos = sin = None
         if cfg.position == "learned":
-            table = _Weight("embedding", (cfg.max_position_embeddings, cfg.hidden_size), _normal, self.dtype,
-                            name="pos_embed")()
+            table = _Weight(
+                "embedding", (cfg.max_position_embeddings, cfg.hidden_size), _normal, self.dtype, name="pos_embed"
+            )()
             x = x + jnp.take(table, positions, axis=0).astype(self.dtype)
         else:
             cos, sin = rope_cos_sin(cfg, positions)
@@ -284,7 +290,8 @@ class _Decoder(nn.Module):
         for i in range(cfg.num_layers):
             layer_cache = None if layer_caches is None else layer_caches[i]
             x, layer_cache = block(cfg, i, self.dtype, name=f"layers_{i}")(
-                x, cos, sin, slots, layer_cache, lora.get(f"layers_{i}"))
+                x, cos, sin, slots, layer_cache, lora.get(f"layers_{i}")
+            )
             new_caches.append(layer_cache)
         hidden = _Norm(cfg.norm, cfg.norm_eps, self.dtype, name="final_norm")(x)
         if self.head == "lm":
@@ -351,8 +358,9 @@ class DecoderModel:
     def _module(self) -> _Decoder:
         return _Decoder(self.config, self.head, jnp.dtype(self.dtype), self.remat)
 
-    def apply(self, params, input_ids, attention_mask=None, *, cache: KVCache | None = None,
-              lora=None, positions=None) -> ModelOutput:
+    def apply(
+        self, params, input_ids, attention_mask=None, *, cache: KVCache | None = None, lora=None, positions=None
+    ) -> ModelOutput:
         """input_ids `[B, S] int32`, attention_mask `[B, S]` (1 = real token; default all ones).
 
         Without a cache, attention is causal over this input with pads masked out. With a cache (from
@@ -388,11 +396,16 @@ class DecoderModel:
             positions = positions_from_mask(attention_mask, valid_before)
         lora_tree = None if lora is None else lora.per_module()
         hidden, head_out, new_caches = self._module().apply(
-            {"params": params}, input_ids, positions, slots, layer_caches, lora_tree)
+            {"params": params}, input_ids, positions, slots, layer_caches, lora_tree
+        )
         new_cache = None
         if cache is not None:
-            new_cache = KVCache(keys=tuple(k for k, _ in new_caches), values=tuple(v for _, v in new_caches),
-                                index=cache.index + seq, mask=slots[2])
+            new_cache = KVCache(
+                keys=tuple(k for k, _ in new_caches),
+                values=tuple(v for _, v in new_caches),
+                index=cache.index + seq,
+                mask=slots[2],
+            )
         return ModelOutput(
             logits=head_out if self.head == "lm" else None,
             values=head_out if self.head == "value" else None,
@@ -407,8 +420,12 @@ class DecoderModel:
         dtype = jnp.dtype(dtype or self.dtype)
         shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-        return KVCache(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                       index=jnp.zeros((), jnp.int32), mask=jnp.zeros((batch_size, max_length), bool))
+        return KVCache(
+            keys=zeros,
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            index=jnp.zeros((), jnp.int32),
+            mask=jnp.zeros((batch_size, max_length), bool),
+        )
 
     def param_shapes(self) -> dict:
         """The params pytree as `jax.ShapeDtypeStruct`s (no allocation; traced once per model)."""

@@ -173,7 +173,8 @@ def _weight_files(path: str) -> dict[str, str]:
     if pickles:
         raise CheckpointError(
             f"{os.path.join(path, pickles[0])}: pickle checkpoints are never loaded (unsafe); convert it to "
-            f"{WEIGHTS_FILE} first, e.g. transformers' save_pretrained(dir, safe_serialization=True)")
+            f"{WEIGHTS_FILE} first, e.g. transformers' save_pretrained(dir, safe_serialization=True)"
+        )
     raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {INDEX_FILE} found")
 
 
@@ -203,7 +204,8 @@ def load_pretrained(path: str, *, head: str = "lm", dtype=jnp.float32) -> tuple[
         file = files[names[unexpected[0]]]
         raise CheckpointError(
             f"{file}: unexpected tensor {names[unexpected[0]]!r} for a {config.model_type} {head} model "
-            f"({len(unexpected)} unexpected in all)")
+            f"({len(unexpected)} unexpected in all)"
+        )
     params: dict = {}
     handles: dict = {}
     np_dtype = jnp.dtype(dtype)
@@ -223,7 +225,8 @@ def load_pretrained(path: str, *, head: str = "lm", dtype=jnp.float32) -> tuple[
             if tuple(tensor.shape) != expected:
                 hint = "; a reward checkpoint needs num_labels=1" if rule.hf == "score.weight" else ""
                 raise CheckpointError(
-                    f"{file}: tensor {names[rule.hf]!r} has shape {tuple(tensor.shape)}, expected {expected}{hint}")
+                    f"{file}: tensor {names[rule.hf]!r} has shape {tuple(tensor.shape)}, expected {expected}{hint}"
+                )
             array = tensor.T if rule.transpose else tensor
             _set_path(params, ours, jnp.asarray(np.ascontiguousarray(array).astype(np_dtype)))
     finally:

@@ -14,8 +14,13 @@ from flax import struct
 
 # Projection names per layer, as (sub-module, module) in the params tree.
 _PROJECTIONS = {
-    "q": ("attn", "q"), "k": ("attn", "k"), "v": ("attn", "v"), "o": ("attn", "o"),
-    "gate": ("mlp", "gate"), "up": ("mlp", "up"), "down": ("mlp", "down"),
+    "q": ("attn", "q"),
+    "k": ("attn", "k"),
+    "v": ("attn", "v"),
+    "o": ("attn", "o"),
+    "gate": ("mlp", "gate"),
+    "up": ("mlp", "up"),
+    "down": ("mlp", "down"),
 }
 ALL_TARGETS = tuple(_PROJECTIONS)
 
@@ -30,10 +35,12 @@ class Lora:
 
     def per_module(self) -> dict:
         """The adapters tree with each module's `{"a", "b"}` paired with `scale`, as the model reads it."""
+
         def pair(tree):
             if set(tree) == {"a", "b"}:
                 return (tree, self.scale)
             return {name: pair(sub) for name, sub in tree.items()}
+
         return pair(self.adapters)
 
 
@@ -60,8 +67,9 @@ def resolve_targets(model, targets) -> tuple[tuple[str, str], ...]:
     return tuple(resolved)
 
 
-def init_lora(model, key: jax.Array, *, rank: int = 8, alpha: float = 16.0, targets=("q", "v"),
-              dtype=jnp.float32) -> Lora:
+def init_lora(
+    model, key: jax.Array, *, rank: int = 8, alpha: float = 16.0, targets=("q", "v"), dtype=jnp.float32
+) -> Lora:
     """Adapters of `rank` on `targets` (names from `ALL_TARGETS`, or "all") in every layer; b = 0."""
     shapes = model.param_shapes()
     adapters: dict = {}
@@ -70,10 +78,12 @@ def init_lora(model, key: jax.Array, *, rank: int = 8, alpha: float = 16.0, targ
     for layer in range(model.config.num_layers):
         for sub, module in pairs:
             fan_in, fan_out = shapes[f"layers_{layer}"][sub][module]["kernel"].shape
-            bound = 1.0 / fan_in ** 0.5
+            bound = 1.0 / fan_in**0.5
             a = jax.random.uniform(next(keys), (fan_in, rank), dtype, -bound, bound)
             adapters.setdefault(f"layers_{layer}", {}).setdefault(sub, {})[module] = {
-                "a": a, "b": jnp.zeros((rank, fan_out), dtype)}
+                "a": a,
+                "b": jnp.zeros((rank, fan_out), dtype),
+            }
     return Lora(adapters=adapters, scale=alpha / rank)
 
 
@@ -81,6 +91,7 @@ def merge_lora(model, params: dict, lora: Lora) -> dict:
     """params with every adapted kernel replaced by `W + scale * a @ b` (in float32, cast back to W's
     dtype). The input params are not modified."""
     del model  # the adapters tree already names the kernels
+
     def merge(param_tree, adapter_tree):
         out = dict(param_tree)
         for name, sub in adapter_tree.items():
@@ -91,4 +102,5 @@ def merge_lora(model, params: dict, lora: Lora) -> dict:
             else:
                 out[name] = merge(param_tree[name], sub)
         return out
+
     return merge(params, lora.adapters)

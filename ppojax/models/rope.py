@@ -15,7 +15,7 @@ from ppojax.models.config import ModelConfig
 
 def _base_inverse_frequencies(theta, dim: int, xp):
     exponents = xp.arange(0, dim, 2).astype(xp.float32) / xp.float32(dim)
-    return 1.0 / (theta ** exponents)
+    return 1.0 / (theta**exponents)
 
 
 def static_inverse_frequencies(config: ModelConfig) -> np.ndarray:

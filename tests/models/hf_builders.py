@@ -11,32 +11,104 @@ PAD_ID = 0
 # name -> (config class, kwargs). Small shapes; every family feature the loader must map is switched on
 # somewhere: GQA, explicit head_dim != hidden / heads, biases, tied and untied heads, each rope type.
 CONFIGS = {
-    "llama3": (transformers.LlamaConfig, dict(
-        vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=24, attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
-        max_position_embeddings=1024, rope_theta=10000.0,
-        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=128))),
-    "llama_linear": (transformers.LlamaConfig, dict(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, tie_word_embeddings=True, max_position_embeddings=1024,
-        rope_scaling=dict(rope_type="linear", factor=4.0))),
-    "llama_dynamic": (transformers.LlamaConfig, dict(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=256,
-        rope_scaling=dict(rope_type="dynamic", factor=2.0))),
-    "qwen2": (transformers.Qwen2Config, dict(
-        vocab_size=150, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=2048, rope_theta=1e6)),
-    "qwen3": (transformers.Qwen3Config, dict(
-        vocab_size=140, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, max_position_embeddings=2048)),
-    "gpt2": (transformers.GPT2Config, dict(
-        vocab_size=130, n_embd=32, n_layer=2, n_head=4, n_positions=1024, bos_token_id=1, eos_token_id=2)),
+    "llama3": (
+        transformers.LlamaConfig,
+        dict(
+            vocab_size=160,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=False,
+            max_position_embeddings=1024,
+            rope_theta=10000.0,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=128,
+            ),
+        ),
+    ),
+    "llama_linear": (
+        transformers.LlamaConfig,
+        dict(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+            max_position_embeddings=1024,
+            rope_scaling=dict(rope_type="linear", factor=4.0),
+        ),
+    ),
+    "llama_dynamic": (
+        transformers.LlamaConfig,
+        dict(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            max_position_embeddings=256,
+            rope_scaling=dict(rope_type="dynamic", factor=2.0),
+        ),
+    ),
+    "qwen2": (
+        transformers.Qwen2Config,
+        dict(
+            vocab_size=150,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            max_position_embeddings=2048,
+            rope_theta=1e6,
+        ),
+    ),
+    "qwen3": (
+        transformers.Qwen3Config,
+        dict(
+            vocab_size=140,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            tie_word_embeddings=False,
+            max_position_embeddings=2048,
+        ),
+    ),
+    "gpt2": (
+        transformers.GPT2Config,
+        dict(vocab_size=130, n_embd=32, n_layer=2, n_head=4, n_positions=1024, bos_token_id=1, eos_token_id=2),
+    ),
     # GPT-2 variants: per-layer attention scaling, exact GELU, explicit n_inner.
-    "gpt2_variant": (transformers.GPT2Config, dict(
-        vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_inner=48, n_positions=600,
-        scale_attn_by_inverse_layer_idx=True, activation_function="gelu")),
+    "gpt2_variant": (
+        transformers.GPT2Config,
+        dict(
+            vocab_size=100,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_inner=48,
+            n_positions=600,
+            scale_attn_by_inverse_layer_idx=True,
+            activation_function="gelu",
+        ),
+    ),
 }
 
 CAUSAL_LM = {

@@ -45,12 +45,12 @@ def test_prefill_then_decode_equals_full_forward(checkpoint, name):
     cached = [np.asarray(out.logits)]
     cache = out.cache
     for t in range(STEPS):
-        out = step(params, new_tokens[:, t:t + 1], step_mask[:, t:t + 1], out.cache)
+        out = step(params, new_tokens[:, t : t + 1], step_mask[:, t : t + 1], out.cache)
         cached.append(np.asarray(out.logits))
     cached = np.concatenate(cached, axis=1)
     assert int(out.cache.index) == prompt_len + STEPS
     assert len(TRACES) == 2, "one trace for the prefill, one for every decode step"
-    np.testing.assert_array_equal(np.asarray(out.cache.mask)[:, :prompt_len + STEPS], full_mask.astype(bool))
+    np.testing.assert_array_equal(np.asarray(out.cache.mask)[:, : prompt_len + STEPS], full_mask.astype(bool))
     real = full_mask.astype(bool)
     assert np.abs(cached - full)[real].max() <= 1e-4
 

@@ -20,8 +20,10 @@ def test_transformers4_rope_keys_read_like_rope_parameters():
     old = {k: v for k, v in new.items() if k != "rope_parameters"}
     params = new["rope_parameters"]
     old["rope_theta"] = params["rope_theta"]
-    old["rope_scaling"] = {"type": params["rope_type"], **{k: v for k, v in params.items()
-                                                              if k not in ("rope_theta", "rope_type")}}
+    old["rope_scaling"] = {
+        "type": params["rope_type"],
+        **{k: v for k, v in params.items() if k not in ("rope_theta", "rope_type")},
+    }
     read_new, read_old = from_hf_config(new), from_hf_config(old)
     assert read_new.rope_type == "llama3" and read_new.rope_original_max_position_embeddings == 128
     fields = lambda c: {k: v for k, v in vars(c).items() if k != "hf_config_json"}  # noqa: E731
@@ -30,8 +32,14 @@ def test_transformers4_rope_keys_read_like_rope_parameters():
 
 
 def test_defaults_follow_transformers_config_classes():
-    qwen3 = {"model_type": "qwen3", "vocab_size": 10, "hidden_size": 32, "intermediate_size": 8,
-             "num_hidden_layers": 1, "num_attention_heads": 4}
+    qwen3 = {
+        "model_type": "qwen3",
+        "vocab_size": 10,
+        "hidden_size": 32,
+        "intermediate_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+    }
     assert from_hf_config(qwen3).head_dim == 128  # Qwen3Config's default, not hidden / heads
     assert from_hf_config({**qwen3, "model_type": "qwen2"}).head_dim == 8
     assert from_hf_config({**qwen3, "model_type": "qwen2"}).qkv_bias

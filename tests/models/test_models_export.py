@@ -44,8 +44,9 @@ def test_lm_round_trip_is_bit_identical_and_loads_in_transformers(checkpoint, na
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(reloaded) is type(torch_model)
     ids, mask = hf_builders.padded_batch((8, 5), 8, model.config.vocab_size, seed=10)
-    np.testing.assert_array_equal(hf_builders.torch_forward(reloaded, ids, mask),
-                                  hf_builders.torch_forward(torch_model, ids, mask))
+    np.testing.assert_array_equal(
+        hf_builders.torch_forward(reloaded, ids, mask), hf_builders.torch_forward(torch_model, ids, mask)
+    )
 
 
 @pytest.mark.parametrize("name", ["qwen3", "gpt2"])
@@ -57,17 +58,21 @@ def test_reward_round_trip(checkpoint, name, tmp_path):
     reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     assert reloaded.config.num_labels == 1
     ids, mask = hf_builders.padded_batch((8, 5), 8, model.config.vocab_size, side="right", seed=11)
-    np.testing.assert_array_equal(hf_builders.torch_forward(reloaded, ids, mask, positions=False),
-                                  hf_builders.torch_forward(torch_model, ids, mask, positions=False))
+    np.testing.assert_array_equal(
+        hf_builders.torch_forward(reloaded, ids, mask, positions=False),
+        hf_builders.torch_forward(torch_model, ids, mask, positions=False),
+    )
 
 
 def test_tokenizer_is_saved_beside(checkpoint, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
+
     vocab = {"<pad>": 0, "<eos>": 1, "hello": 2, "world": 3, "<unk>": 4}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
-                                                     eos_token="<eos>", unk_token="<unk>")
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
     directory, _ = checkpoint("qwen2")
     model, params = load_pretrained(directory)
     save_pretrained(str(tmp_path), model, params, tokenizer=tokenizer)
@@ -127,19 +132,38 @@ def test_value_model_exports_as_one_label_sequence_classifier(checkpoint, tmp_pa
 def test_loading_never_imports_torch_or_transformers(checkpoint):
     import subprocess
     import sys
+
     directory, _ = checkpoint("qwen2")
-    code = ("import sys; from ppojax.models import load_pretrained; load_pretrained(sys.argv[1]); "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported'")
+    code = (
+        "import sys; from ppojax.models import load_pretrained; load_pretrained(sys.argv[1]); "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported'"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     subprocess.run([sys.executable, "-c", code, directory], check=True, env=env)
 
 
-@pytest.mark.parametrize("model_type,extra", [("llama", dict(o_bias=True, qkv_bias=True, mlp_bias=True)),
-                                              ("qwen2", dict(qkv_bias=True, tie_word_embeddings=True))])
+@pytest.mark.parametrize(
+    "model_type,extra",
+    [
+        ("llama", dict(o_bias=True, qkv_bias=True, mlp_bias=True)),
+        ("qwen2", dict(qkv_bias=True, tie_word_embeddings=True)),
+    ],
+)
 def test_config_built_here_exports_to_transformers(model_type, extra, tmp_path):
-    config = ModelConfig(model_type=model_type, vocab_size=96, hidden_size=32, intermediate_size=48,
-                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128,
-                         pad_token_id=0, eos_token_ids=(1,), **extra)
+    config = ModelConfig(
+        model_type=model_type,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_ids=(1,),
+        **extra,
+    )
     params = init_params(config, jax.random.key(3))
     model = DecoderModel(config)
     save_pretrained(str(tmp_path), model, params)

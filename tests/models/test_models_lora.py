@@ -17,7 +17,8 @@ def _perturbed(lora, key):
     leaves, treedef = jax.tree_util.tree_flatten(lora)
     keys = jax.random.split(key, len(leaves))
     return jax.tree_util.tree_unflatten(
-        treedef, [leaf + 0.1 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
+        treedef, [leaf + 0.1 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
+    )
 
 
 @pytest.mark.parametrize("name,targets", [("qwen2", "all"), ("gpt2", ("q", "down"))])
@@ -33,7 +34,8 @@ def test_lora_zero_init_identity_then_change_then_merged_export(checkpoint, name
     # q/k/v dots differently when some carry adapters, which moves the last float bits (~6e-7 here,
     # the same size as jit-vs-eager of the base model itself).
     np.testing.assert_allclose(
-        np.asarray(hf_builders.jit_apply(model, params, ids, mask, lora).logits), base, rtol=0, atol=2e-6)
+        np.asarray(hf_builders.jit_apply(model, params, ids, mask, lora).logits), base, rtol=0, atol=2e-6
+    )
 
     lora = _perturbed(lora, jax.random.key(1))
     adapted = np.asarray(hf_builders.jit_apply(model, params, ids, mask, lora).logits)
@@ -41,7 +43,8 @@ def test_lora_zero_init_identity_then_change_then_merged_export(checkpoint, name
 
     merged = merge_lora(model, params, lora)
     np.testing.assert_allclose(
-        np.asarray(hf_builders.jit_apply(model, merged, ids, mask).logits)[real], adapted[real], atol=1e-5)
+        np.asarray(hf_builders.jit_apply(model, merged, ids, mask).logits)[real], adapted[real], atol=1e-5
+    )
     # the base params are untouched: the reference model is `params` with lora=None
     np.testing.assert_array_equal(np.asarray(hf_builders.jit_apply(model, params, ids, mask).logits), base)
 
@@ -95,5 +98,6 @@ def test_zero_init_lora_is_bitwise_the_base_model_unjitted(checkpoint):
     # same shapes as the un-jitted parity test, so the eager op compilations are shared
     ids, mask = hf_builders.padded_batch((12, 7), 12, model.config.vocab_size, seed=15)
     lora = init_lora(model, jax.random.key(0), rank=2, targets=("q", "up"))
-    np.testing.assert_array_equal(np.asarray(model.apply(params, ids, mask, lora=lora).logits),
-                                  np.asarray(model.apply(params, ids, mask).logits))
+    np.testing.assert_array_equal(
+        np.asarray(model.apply(params, ids, mask, lora=lora).logits), np.asarray(model.apply(params, ids, mask).logits)
+    )

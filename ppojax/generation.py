@@ -78,7 +78,9 @@ def bucket_length(length: int, multiple: int = 64) -> int:
     return max(1, -(-length // multiple)) * multiple
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int, *, bucket: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], pad_token_id: int, *, bucket: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad token lists to a common bucketed width.
 
     Returns (ids [B, P] int32, mask [B, P] int32) with P = bucket_length(longest prompt, bucket); the
@@ -92,8 +94,8 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int, *, bucket: 
     ids = np.full((len(prompts), width), pad_token_id, np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
     return ids, mask
 
 
@@ -143,9 +145,7 @@ def rollout(
     top_p = jnp.asarray(top_p, jnp.float32)
 
     def sample(step, logits):
-        return sampling.sample_tokens(
-            jax.random.fold_in(key, step), logits, temperature, top_k=top_k, top_p=top_p
-        )
+        return sampling.sample_tokens(jax.random.fold_in(key, step), logits, temperature, top_k=top_k, top_p=top_p)
 
     cache = model.init_cache(batch, prompt_len + max_new_tokens)  # the model's compute dtype
     out = model.apply(params, prompt_ids, prompt_mask, cache=cache, lora=lora)
