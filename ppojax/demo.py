@@ -55,15 +55,19 @@ def sample(cfg: DemoConfig, logits: jax.Array, key: jax.Array):
     is_stop = tokens == cfg.stop_token
     stopped_before = jnp.cumsum(is_stop, axis=1) - is_stop  # stop tokens strictly before t
     mask = stopped_before == 0
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits)[None], tokens[..., None], axis=-1)[..., 0]
-    return tokens, mask, logprobs, jnp.any(is_stop, axis=1)
+    return tokens, mask, token_logprobs(logits, tokens), jnp.any(is_stop, axis=1)
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    log_softmax = jax.nn.log_softmax(logits)  # [T, V]
+    """[T, V] per-position logits, [B, T] tokens -> [B, T] log-probs."""
+    log_softmax = jax.nn.log_softmax(logits)
     return jnp.take_along_axis(
         jnp.broadcast_to(log_softmax, tokens.shape + log_softmax.shape[-1:]), tokens[..., None], -1
     )[..., 0]
+
+
+def kl_controller(cfg: DemoConfig, convention: Convention):
+    return adaptive_kl_controller(convention.kl_coef, cfg.kl_target, horizon=200)
 
 
 def init(cfg: DemoConfig, key: jax.Array):
@@ -72,8 +76,7 @@ def init(cfg: DemoConfig, key: jax.Array):
         jax.random.normal(init_key, (cfg.response_length, cfg.vocab_size)) * 0.1, jnp.zeros(cfg.response_length)
     )
     optimizer = optax.adam(cfg.learning_rate)
-    controller = adaptive_kl_controller(get_preset(cfg.preset).kl_coef, cfg.kl_target, horizon=200)
-    state = DemoState(params, optimizer.init(params), controller.init(), key)
+    state = DemoState(params, optimizer.init(params), kl_controller(cfg, get_preset(cfg.preset)).init(), key)
     return state, params.logits  # the reference policy is the initial one
 
 
@@ -81,7 +84,7 @@ def init(cfg: DemoConfig, key: jax.Array):
 def iteration(cfg: DemoConfig, convention: Convention, state: DemoState, ref_logits: jax.Array):
     """One PPO iteration: rollout, reward, advantages, `ppo_epochs` passes of minibatch updates."""
     optimizer = optax.adam(cfg.learning_rate)
-    controller = adaptive_kl_controller(convention.kl_coef, cfg.kl_target, horizon=200)
+    controller = kl_controller(cfg, convention)
     key, sample_key, perm_key = jax.random.split(state.key, 3)
     tokens, mask, logprobs, stopped = sample(cfg, state.params.logits, sample_key)
     scores = jnp.sum((tokens == cfg.target_token) & mask, axis=1) / cfg.response_length + stopped.astype(jnp.float32)

@@ -7,7 +7,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from ppojax.stats import as_bool_mask, as_f32, check_same_shape
+from ppojax.stats import as_bool_mask, as_f32, check_same_shape, masked_count
 
 SCORE_PLACEMENTS = ("last", "after_last", "final")
 
@@ -89,7 +89,7 @@ def adjust_scores(
         else:
             scores = jnp.where(stopped, scores, scores - missing_eos_penalty)
     if length_penalty:
-        scores = scores - length_penalty * jnp.sum(as_bool_mask(mask), axis=-1, dtype=jnp.float32)
+        scores = scores - length_penalty * masked_count(mask, axis=-1)
     if score_clip is not None:
         scores = jnp.clip(scores, -score_clip, score_clip)
     return scores
