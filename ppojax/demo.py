@@ -58,7 +58,7 @@ class DemoConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     # sft
-    sft_steps: int = 600
+    sft_steps: int = 400
     sft_batch: int = 64
     sft_lr: float = 3e-3
     # rm
@@ -286,6 +286,7 @@ def _train_stage(stage: str, model_dir: str, dataset: str, output_dir: str, cfg:
             "finetuning_type": "full",
             "template": "none",
             "cutoff_len": 48,
+            "pad_multiple": PROMPT_BUCKET,
             "per_device_train_batch_size": batch,
             "learning_rate": lr,
             "lr_scheduler_type": "linear",
