@@ -1,6 +1,6 @@
 """The `ppojax` command.
 
-  ppojax train CONFIG.yaml [key=value ...]   validate the config and data, then run its stage (sft, rm; ppo to come)
+  ppojax train CONFIG.yaml [key=value ...]   validate the config and data, then run its stage (sft, rm, ppo)
   ppojax demo [--iterations N] [--preset P]  a small, real PPO-RLHF loop on the CPU in seconds
 
 A bad config, data file or checkpoint is reported as one line on stderr (no traceback) with exit status 2.
