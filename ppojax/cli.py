@@ -1,6 +1,6 @@
 """The `ppojax` command.
 
-  ppojax train CONFIG.yaml [key=value ...]   validate the config and data, then run its stage (sft, rm; ppo to come)
+  ppojax train CONFIG.yaml [key=value ...]   validate the config and data, then run its stage (sft, rm, ppo)
   ppojax demo [--fast] [--output-dir DIR]     the whole RLHF pipeline on a synthetic task with a known gold reward
 
 A bad config, data file or checkpoint is reported as one line on stderr (no traceback) with exit status 2.
