@@ -31,6 +31,11 @@ def main(argv=None) -> int:
     )
     demo.add_argument("--preset", default="ppojax", help="PPO convention: ppojax | trl | openrlhf | verl | openai")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the data, sft and rm stages of an earlier run in --output-dir made with the same settings",
+    )
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     args, extra = parser.parse_known_args(argv)  # key=value may also follow an option such as --no-progress
     if args.command == "train":
@@ -57,7 +62,7 @@ def _demo(args, parser) -> int:
     cfg = (demo_module.FAST if args.fast else demo_module.DemoConfig()).replace(seed=args.seed, preset=args.preset)
     changes = {"ppo_iterations": args.iterations, "kl_coef": args.kl_coef, "length_bias": args.length_bias}
     cfg = cfg.replace(**{k: v for k, v in changes.items() if v is not None})
-    demo_module.run(args.output_dir, cfg, progress=not args.no_progress)
+    demo_module.run(args.output_dir, cfg, progress=not args.no_progress, reuse=args.reuse)
     return 0
 
 

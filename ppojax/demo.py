@@ -31,7 +31,7 @@ from ppojax import diagnostics
 from ppojax.generation import pad_prompts, response_logprobs, rollout, sequence_reward
 from ppojax.kl import sequence_kl
 from ppojax.models import DecoderModel, ModelConfig, init_params, load_pretrained, save_pretrained
-from ppojax.reports import MetricsWriter, atomic_write
+from ppojax.reports import atomic_write
 from ppojax.synthetic import reviews
 from ppojax.synthetic.tokenizer import train_tokenizer
 
@@ -114,6 +114,16 @@ def _write_jsonl(path: str, rows) -> None:
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _task_paths(out: str) -> dict:
+    data = os.path.join(out, "data")
+    return {
+        "sft": os.path.join(data, "sft.jsonl"),
+        "prompts": os.path.join(data, "prompts.jsonl"),
+        "eval_prompts": os.path.join(data, "eval_prompts.jsonl"),
+        "init": os.path.join(out, "init"),
+    }
+
+
 def write_task(out: str, cfg: DemoConfig) -> dict:
     """Corpus (sft.jsonl), prompts (prompts.jsonl, eval_prompts.jsonl), tokenizer and a random-init model.
     Returns the paths."""
@@ -121,12 +131,7 @@ def write_task(out: str, cfg: DemoConfig) -> dict:
     os.makedirs(data, exist_ok=True)
     corpus = reviews.make_corpus(cfg.seed, cfg.corpus_size)
     tokenizer = train_tokenizer(f"{r.prompt} {r.response}" for r in corpus)
-    paths = {
-        "sft": os.path.join(data, "sft.jsonl"),
-        "prompts": os.path.join(data, "prompts.jsonl"),
-        "eval_prompts": os.path.join(data, "eval_prompts.jsonl"),
-        "init": os.path.join(out, "init"),
-    }
+    paths = _task_paths(out)
     _write_jsonl(paths["sft"], ({"prompt": r.prompt, "response": r.response} for r in corpus))
     _write_jsonl(paths["prompts"], ({"prompt": p} for p in reviews.make_prompts(cfg.seed + 1, cfg.train_prompts)))
     _write_jsonl(paths["eval_prompts"], ({"prompt": p} for p in reviews.make_prompts(cfg.seed + 2, cfg.eval_prompts)))
@@ -415,76 +420,131 @@ def summarise_samples(vocab, s: dict, gain: float, bias: float) -> dict:
     }
 
 
-def run_ppo(out, vocab, policy, sft_params, reward, reward_params, gain, bias, cfg: DemoConfig, progress: bool):
-    """PPO from the SFT model against the normalised reward model; critic from the RM. Logs gold and the
-    hacking diagnostics each iteration; writes <out>/ppo (HF dir) and <out>/ppo/ppo_metrics."""
-    from ppojax.optim import OptimizerConfig
-    from ppojax.presets import get_preset
-    from ppojax.train import PPOConfig, init_ppo_state, make_ppo_iteration
+def run_ppo(out: str, cfg: DemoConfig, progress: bool) -> dict:
+    """`ppojax train` stage ppo from the SFT model against the RM (critic from the RM, scores normalised on the
+    SFT model's samples); every response is kept in ppo_metrics/samples.jsonl, from which `ppo_curve` reads the
+    gold reward and the hacking diagnostics of each iteration. Returns the runner's summary."""
+    from ppojax import runner
+    from ppojax.config import config_from_dict
 
-    ppo_config = PPOConfig(
-        convention=dataclasses.replace(get_preset(cfg.preset), kl_coef=cfg.kl_coef, adaptive_kl=False),
-        batch_size=cfg.ppo_batch,
-        minibatch_size=cfg.ppo_minibatch,
-        ppo_epochs=cfg.ppo_epochs,
-        max_new_tokens=cfg.max_new_tokens,
-        stop_token_ids=(vocab.eos_id,),
-        pad_token_id=vocab.pad_id,
-        policy_optimizer=OptimizerConfig(learning_rate=cfg.policy_lr),
-        critic_optimizer=OptimizerConfig(learning_rate=cfg.critic_lr),
-        reward_gain=gain,
-        reward_bias=bias,
+    config = config_from_dict(
+        {
+            "model_name_or_path": os.path.join(out, "sft"),
+            "reward_model": os.path.join(out, "rm"),
+            "stage": "ppo",
+            "dataset": os.path.join(out, "data", "prompts.jsonl"),
+            "output_dir": os.path.join(out, "ppo"),
+            "finetuning_type": "full",
+            "template": "none",
+            "max_prompt_length": PROMPT_BUCKET,
+            "max_new_tokens": cfg.max_new_tokens,
+            "per_device_train_batch_size": cfg.ppo_minibatch,
+            "ppo_buffer_size": cfg.ppo_batch // cfg.ppo_minibatch,
+            "ppo_epochs": cfg.ppo_epochs,
+            "learning_rate": cfg.policy_lr,
+            "critic_learning_rate": cfg.critic_lr,
+            "lr_scheduler_type": "constant",
+            "max_steps": cfg.ppo_iterations,
+            "preset": cfg.preset,
+            "kl_coef": cfg.kl_coef,
+            "adap_kl_ctrl": False,
+            "ppo_score_norm": True,
+            "logging_steps": 1,
+            "save_steps": cfg.ppo_iterations,
+            "max_to_keep": 1,
+            "samples_every": 1,
+            "num_samples": cfg.ppo_batch,
+            "overwrite_output_dir": True,
+            "seed": cfg.seed,
+        },
+        source="demo ppo",
     )
-    state, models = init_ppo_state(
-        ppo_config,
-        policy,
-        sft_params,
-        jax.random.PRNGKey(cfg.seed + 5),
-        reward_model=reward,
-        reward_params=reward_params,
-    )
-    iteration = make_ppo_iteration(ppo_config, models)
-    prompts = read_prompts(os.path.join(out, "data", "prompts.jsonl"))
-    ids, mask = vocab.encode(prompts)
-    rng = np.random.default_rng(cfg.seed + 6)
-    ppo_dir = os.path.join(out, "ppo")
-    writer = MetricsWriter(ppo_dir, "ppo", total=cfg.ppo_iterations, progress=progress)
-    status = "completed"
-    try:
-        for step in range(1, cfg.ppo_iterations + 1):
-            rows = rng.choice(len(prompts), cfg.ppo_batch, replace=False)
-            state, metrics, exp = iteration(state, (ids[rows], mask[rows]), sft_params, reward_params)
-            exp = jax.device_get(exp)
-            gold = vocab.gold(exp.prompt_ids, exp.prompt_mask, exp.response_ids, exp.response_mask)
-            hacking = diagnostics.hacking_metrics(exp.response_ids, exp.response_mask, exp.scores, gold)
-            writer.log(step, {**jax.device_get(metrics), **jax.device_get(hacking)})
-            if step == 1 or step % 10 == 0 or step == cfg.ppo_iterations:
-                writer.samples(
-                    step,
-                    vocab.texts(exp.prompt_ids[:4], exp.prompt_mask[:4]),
-                    vocab.texts(exp.response_ids[:4], exp.response_mask[:4]),
-                    exp.scores[:4],
-                )
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
-    finally:
-        flags = diagnostics.hacking_flags(writer.rows)
-        writer.close(status, hacking_flags=[f._asdict() for f in flags])
-    save_pretrained(ppo_dir, policy, state.policy, vocab.tokenizer)
-    return state.policy, writer.rows, flags
+    return runner.run(config, progress=progress)
+
+
+def ppo_curve(out: str, vocab: Vocabulary, eos_text: str) -> list[dict]:
+    """Per-iteration rows: the runner's metrics joined with gold, proxy, length, repetition and proxy-gold
+    correlation computed from every logged response (ppo_metrics/samples.jsonl)."""
+    from ppojax.reports import read_metrics_csv
+
+    directory = os.path.join(out, "ppo", "ppo_metrics")
+    by_step: dict = {}
+    with open(os.path.join(directory, "samples.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            by_step.setdefault(row["step"], []).append(row)
+    rows = []
+    for metrics in read_metrics_csv(os.path.join(directory, "training_metrics.csv")):
+        samples = by_step.get(int(metrics["step"]))
+        if not samples:
+            continue
+        ended = [s["response"].endswith(eos_text) for s in samples]
+        responses = [s["response"].removesuffix(eos_text) if e else s["response"] for s, e in zip(samples, ended)]
+        gold = reviews.gold_rewards([s["prompt"] for s in samples], responses, ended)
+        proxy = np.asarray([s["score"] for s in samples], np.float32)
+        ids = [
+            vocab.tokenizer(r, add_special_tokens=False)["input_ids"] + [vocab.eos_id] * e
+            for r, e in zip(responses, ended)
+        ]
+        width = max(1, max(len(i) for i in ids))
+        response_ids = np.full((len(ids), width), vocab.pad_id, np.int32)
+        response_mask = np.zeros((len(ids), width), np.int32)
+        for k, row_ids in enumerate(ids):
+            response_ids[k, : len(row_ids)], response_mask[k, : len(row_ids)] = row_ids, 1
+        hacking = diagnostics.hacking_metrics(response_ids, response_mask, proxy, gold)
+        rows.append({**metrics, **{k: float(v) for k, v in jax.device_get(hacking).items()}})
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The whole pipeline
 
+# The settings each stage's output depends on (with those of the stages before it).
+PPO_FIELDS = (
+    "ppo_iterations",
+    "ppo_batch",
+    "ppo_minibatch",
+    "ppo_epochs",
+    "policy_lr",
+    "critic_lr",
+    "kl_coef",
+    "kl_target",
+    "preset",
+    "eval_batch",
+)
+_STAGE_MARKER = "demo_stage.json"
+
+
+def _stage_settings(cfg: DemoConfig) -> dict:
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in PPO_FIELDS}
+
+
+def _reusable(directory: str, cfg: DemoConfig) -> bool:
+    """True when `directory` holds a finished stage of a run with the same data / sft / rm settings."""
+    path = os.path.join(directory, _STAGE_MARKER)
+    if not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        return json.load(f) == _stage_settings(cfg)
+
+
+def _mark_done(directory: str, cfg: DemoConfig) -> None:
+    atomic_write(os.path.join(directory, _STAGE_MARKER), json.dumps(_stage_settings(cfg), indent=1))
+
 
 def run(
-    out: str, cfg: DemoConfig = DemoConfig(), *, progress: bool = True, log: Callable[[str], None] | None = print
+    out: str,
+    cfg: DemoConfig = DemoConfig(),
+    *,
+    progress: bool = True,
+    reuse: bool = False,
+    log: Callable[[str], None] | None = print,
 ) -> dict:
-    """Runs every stage into `out`; returns the report (also written to <out>/report.json)."""
+    """Runs every stage into `out`; returns the report (also written to <out>/report.json).
+
+    reuse: keep the data, sft, pairs and rm outputs of an earlier run in `out` made with the same settings
+    (every field but the PPO ones, `PPO_FIELDS`), so a PPO sweep trains the SFT and reward models once."""
     from ppojax.data import load_tokenizer
-    from ppojax.train import SequenceBatch, fit_reward_normalisation
 
     log = log or (lambda message: None)
     out = os.path.abspath(out)
@@ -494,25 +554,35 @@ def run(
     def stage(name):
         times[name] = round(time.time() - start - sum(times.values()), 1)
 
-    log(
-        f"[1/6] data: {cfg.corpus_size} reviews, {cfg.train_prompts} prompts, tokenizer, random Qwen2 model -> {out}/data"
-    )
-    paths = write_task(out, cfg)
-    stage("data")
-    log(f"[2/6] sft: {cfg.sft_steps} steps from scratch -> {out}/sft")
-    _train_stage("sft", paths["init"], paths["sft"], os.path.join(out, "sft"), cfg, progress)
-    stage("sft")
+    reused = reuse and _reusable(os.path.join(out, "rm"), cfg)
+    if reused:
+        log(f"[1-4/6] data, sft, pairs, rm: reusing {out} (same settings)")
+        paths = _task_paths(out)
+        with open(os.path.join(out, "data", "pairs_summary.json"), encoding="utf-8") as f:
+            pairs = json.load(f)
+    else:
+        log(
+            f"[1/6] data: {cfg.corpus_size} reviews, {cfg.train_prompts} prompts, tokenizer, random Qwen2 model -> {out}/data"
+        )
+        paths = write_task(out, cfg)
+        stage("data")
+        log(f"[2/6] sft: {cfg.sft_steps} steps from scratch -> {out}/sft")
+        _train_stage("sft", paths["init"], paths["sft"], os.path.join(out, "sft"), cfg, progress)
+        stage("sft")
     vocab = Vocabulary(load_tokenizer(os.path.join(out, "sft")))
     policy, sft_params = load_pretrained(os.path.join(out, "sft"), head="lm")
-    log(
-        f"[3/6] pairs: 2 SFT samples for each of {cfg.pair_prompts + cfg.heldout_pairs} prompts, Bradley-Terry labels"
-        + (f" biased to length ({cfg.length_bias}/token)" if cfg.length_bias else "")
-    )
     key = jax.random.PRNGKey(cfg.seed + 7)
-    pairs = make_pairs(out, vocab, policy, sft_params, cfg, jax.random.fold_in(key, 0))
-    stage("pairs")
-    log(f"[4/6] rm: {cfg.rm_steps} steps from the SFT model -> {out}/rm")
-    _train_stage("rm", os.path.join(out, "sft"), pairs["pairs"], os.path.join(out, "rm"), cfg, progress)
+    if not reused:
+        log(
+            f"[3/6] pairs: 2 SFT samples for each of {cfg.pair_prompts + cfg.heldout_pairs} prompts, Bradley-Terry labels"
+            + (f" biased to length ({cfg.length_bias}/token)" if cfg.length_bias else "")
+        )
+        pairs = make_pairs(out, vocab, policy, sft_params, cfg, jax.random.fold_in(key, 0))
+        atomic_write(os.path.join(out, "data", "pairs_summary.json"), json.dumps(pairs, indent=1))
+        stage("pairs")
+        log(f"[4/6] rm: {cfg.rm_steps} steps from the SFT model -> {out}/rm")
+        _train_stage("rm", os.path.join(out, "sft"), pairs["pairs"], os.path.join(out, "rm"), cfg, progress)
+        _mark_done(os.path.join(out, "rm"), cfg)
     reward, reward_params = load_pretrained(os.path.join(out, "rm"), head="reward")
     rm_eval = evaluate_reward_model(vocab, reward, reward_params, pairs["heldout"], cfg)
     eval_prompts = read_prompts(paths["eval_prompts"])
@@ -526,13 +596,14 @@ def run(
         reward=reward,
         reward_params=reward_params,
     )
-    norm_batch = SequenceBatch(
-        before["prompt_ids"], before["prompt_mask"], before["response_ids"], before["response_mask"]
-    )
-    gain, bias = fit_reward_normalisation(reward, reward_params, norm_batch)
     stage("rm")
     log(f"[5/6] ppo: {cfg.ppo_iterations} iterations of {cfg.ppo_batch} prompts, β = {cfg.kl_coef} -> {out}/ppo")
-    ppo_params, rows, flags = run_ppo(out, vocab, policy, sft_params, reward, reward_params, gain, bias, cfg, progress)
+    summary = run_ppo(out, cfg, progress)
+    control = summary["run_control"]
+    gain, bias = control["reward_gain"], control["reward_bias"]
+    _, ppo_params = load_pretrained(os.path.join(out, "ppo"), head="lm")
+    rows = ppo_curve(out, vocab, vocab.tokenizer.eos_token)
+    flags = diagnostics.hacking_flags(rows)
     stage("ppo")
     log("[6/6] evaluate: SFT vs PPO on held-out prompts")
     after = sample_responses(
@@ -553,6 +624,7 @@ def run(
         "reward_normalisation": {"gain": gain, "bias": bias},
         "sft": summarise_samples(vocab, before, gain, bias),
         "ppo": summarise_samples(vocab, after, gain, bias),
+        "ppo_status": summary["status"],
         "hacking_flags": [f._asdict() for f in flags],
         "samples": {
             "prompts": eval_prompts[:6],
