@@ -75,6 +75,7 @@ class DemoConfig:
     kl_coef: float = 0.02
     kl_target: float = 6.0  # nats per sequence: the evaluated KL of the final policy must stay under it
     preset: str = "ppojax"
+    score_norm: bool = True  # normalise the RM's score on the SFT model's samples before PPO (ppo_score_norm)
     max_new_tokens: int = 24
     eval_batch: int = 256
 
@@ -103,6 +104,7 @@ FAST = DemoConfig(
     ppo_epochs=1,
     max_new_tokens=16,
     eval_batch=64,
+    score_norm=False,  # one compiled program fewer
 )
 
 
@@ -448,7 +450,7 @@ def run_ppo(out: str, cfg: DemoConfig, progress: bool) -> dict:
             "preset": cfg.preset,
             "kl_coef": cfg.kl_coef,
             "adap_kl_ctrl": False,
-            "ppo_score_norm": True,
+            "ppo_score_norm": cfg.score_norm,
             "logging_steps": 1,
             "save_steps": cfg.ppo_iterations,
             "max_to_keep": 1,
@@ -510,6 +512,7 @@ PPO_FIELDS = (
     "kl_coef",
     "kl_target",
     "preset",
+    "score_norm",
     "eval_batch",
 )
 _STAGE_MARKER = "demo_stage.json"
