@@ -66,7 +66,7 @@ class DemoConfig:
     rm_batch: int = 64
     rm_lr: float = 1e-3
     # ppo
-    ppo_iterations: int = 100
+    ppo_iterations: int = 30
     ppo_batch: int = 64
     ppo_minibatch: int = 16
     ppo_epochs: int = 4
@@ -515,24 +515,36 @@ PPO_FIELDS = (
     "score_norm",
     "eval_batch",
 )
+# The settings of the pairs and rm stages (the sft stage depends on none of them).
+RM_FIELDS = (
+    "pair_prompts",
+    "heldout_pairs",
+    "label_scale",
+    "length_bias",
+    "rm_steps",
+    "rm_batch",
+    "rm_lr",
+    "max_new_tokens",
+)
 _STAGE_MARKER = "demo_stage.json"
 
 
-def _stage_settings(cfg: DemoConfig) -> dict:
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in PPO_FIELDS}
+def _stage_settings(cfg: DemoConfig, stage: str) -> dict:
+    skip = PPO_FIELDS + (RM_FIELDS if stage == "sft" else ())
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
 
 
-def _reusable(directory: str, cfg: DemoConfig) -> bool:
-    """True when `directory` holds a finished stage of a run with the same data / sft / rm settings."""
+def _reusable(directory: str, cfg: DemoConfig, stage: str = "rm") -> bool:
+    """True when `directory` holds a finished `stage` (sft or rm) of a run whose settings for it were the same."""
     path = os.path.join(directory, _STAGE_MARKER)
     if not os.path.exists(path):
         return False
     with open(path, encoding="utf-8") as f:
-        return json.load(f) == _stage_settings(cfg)
+        return json.load(f) == _stage_settings(cfg, stage)
 
 
-def _mark_done(directory: str, cfg: DemoConfig) -> None:
-    atomic_write(os.path.join(directory, _STAGE_MARKER), json.dumps(_stage_settings(cfg), indent=1))
+def _mark_done(directory: str, cfg: DemoConfig, stage: str = "rm") -> None:
+    atomic_write(os.path.join(directory, _STAGE_MARKER), json.dumps(_stage_settings(cfg, stage), indent=1))
 
 
 def run(
@@ -541,6 +553,7 @@ def run(
     *,
     progress: bool = True,
     reuse: bool = False,
+    until_rm: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> dict:
     """Runs every stage into `out`; returns the report (also written to <out>/report.json).
@@ -557,12 +570,16 @@ def run(
     def stage(name):
         times[name] = round(time.time() - start - sum(times.values()), 1)
 
-    reused = reuse and _reusable(os.path.join(out, "rm"), cfg)
+    reused = reuse and _reusable(os.path.join(out, "rm"), cfg, "rm")
+    sft_reused = reused or (reuse and _reusable(os.path.join(out, "sft"), cfg, "sft"))
+    paths = _task_paths(out)
     if reused:
         log(f"[1-4/6] data, sft, pairs, rm: reusing {out} (same settings)")
-        paths = _task_paths(out)
         with open(os.path.join(out, "data", "pairs_summary.json"), encoding="utf-8") as f:
-            pairs = json.load(f)
+            pairs = {**json.load(f), "pairs": os.path.join(out, "data", "pairs.jsonl")}
+        pairs["heldout"] = os.path.join(out, "data", "pairs_heldout.jsonl")
+    elif sft_reused:
+        log(f"[1-2/6] data, sft: reusing {out} (same settings)")
     else:
         log(
             f"[1/6] data: {cfg.corpus_size} reviews, {cfg.train_prompts} prompts, tokenizer, random Qwen2 model -> {out}/data"
@@ -571,6 +588,7 @@ def run(
         stage("data")
         log(f"[2/6] sft: {cfg.sft_steps} steps from scratch -> {out}/sft")
         _train_stage("sft", paths["init"], paths["sft"], os.path.join(out, "sft"), cfg, progress)
+        _mark_done(os.path.join(out, "sft"), cfg, "sft")
         stage("sft")
     vocab = Vocabulary(load_tokenizer(os.path.join(out, "sft")))
     policy, sft_params = load_pretrained(os.path.join(out, "sft"), head="lm")
@@ -585,9 +603,11 @@ def run(
         stage("pairs")
         log(f"[4/6] rm: {cfg.rm_steps} steps from the SFT model -> {out}/rm")
         _train_stage("rm", os.path.join(out, "sft"), pairs["pairs"], os.path.join(out, "rm"), cfg, progress)
-        _mark_done(os.path.join(out, "rm"), cfg)
+        _mark_done(os.path.join(out, "rm"), cfg, "rm")
     reward, reward_params = load_pretrained(os.path.join(out, "rm"), head="reward")
     rm_eval = evaluate_reward_model(vocab, reward, reward_params, pairs["heldout"], cfg)
+    if until_rm:
+        return {"pairs": pairs, "rm": rm_eval}
     eval_prompts = read_prompts(paths["eval_prompts"])
     before = sample_responses(
         vocab,

@@ -68,6 +68,8 @@ def test_task_files_are_deterministic_and_stages_reusable_only_with_the_same_set
     assert demo._reusable(str(out / "rm"), demo.FAST.replace(kl_coef=0.5, ppo_iterations=9))
     assert not demo._reusable(str(out / "rm"), demo.FAST.replace(sft_steps=31))
     assert not demo._reusable(str(out / "rm"), demo.FAST.replace(length_bias=0.1))
+    assert demo._reusable(str(out / "sft"), demo.FAST.replace(length_bias=0.1), "sft")
+    assert not demo._reusable(str(out / "sft"), demo.FAST.replace(corpus_size=100), "sft")
 
 
 def test_cli_rejects_unknown_preset(capsys):

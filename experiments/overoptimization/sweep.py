@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -36,11 +37,16 @@ from ppojax.presets import get_preset
 from ppojax.train import PPOConfig, SequenceBatch, fit_reward_normalisation, init_ppo_state, ppo_iteration
 
 
-def prepare(out: str, cfg: demo.DemoConfig, progress: bool) -> None:
-    """SFT and RM for `cfg` in `out` (reused when already there): the demo with zero PPO iterations' worth of
-    work is not possible, so run it with the fewest iterations and keep its data / sft / rm stages."""
-    if not demo._reusable(os.path.join(out, "rm"), cfg):
-        demo.run(out, cfg.replace(ppo_iterations=1), progress=progress, reuse=True)
+def prepare(out: str, cfg: demo.DemoConfig, progress: bool, sft_from: str | None = None) -> None:
+    """Data, SFT, pairs and RM for `cfg` in `out` (kept when already there with the same settings). The SFT stage
+    of `sft_from` is copied when its settings match (the length-biased RM differs from the unbiased one only in its
+    preference labels)."""
+    if demo._reusable(os.path.join(out, "rm"), cfg, "rm"):
+        return
+    if sft_from and demo._reusable(os.path.join(sft_from, "sft"), cfg, "sft"):
+        for name in ("data", "init", "sft"):
+            shutil.copytree(os.path.join(sft_from, name), os.path.join(out, name), dirs_exist_ok=True)
+    demo.run(out, cfg, progress=progress, reuse=True, until_rm=True)
 
 
 def sweep(out: str, cfg: demo.DemoConfig, betas, seeds: int, iterations: int, log_every: int) -> dict:
@@ -184,7 +190,7 @@ def main(argv=None) -> None:
         if name == "length_biased" and args.no_length:
             continue
         directory = os.path.join(args.out, name)
-        prepare(directory, cfg, progress=False)
+        prepare(directory, cfg, progress=False, sft_from=os.path.join(args.out, "unbiased"))
         betas = args.betas if name == "unbiased" else [min(args.betas)]
         results[name] = sweep(directory, cfg, betas, args.seeds, args.iterations, args.log_every)
         results[name]["summary"] = summarise(results[name]["replicas"], betas)
