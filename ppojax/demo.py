@@ -276,37 +276,88 @@ def sample_responses(vocab, policy, params, prompts, key, *, cfg, ref_params=Non
 # Stages
 
 
-def _train_stage(stage: str, model_dir: str, dataset: str, output_dir: str, cfg: DemoConfig, progress: bool) -> dict:
-    """Runs `ppojax train` stage sft or rm through the runner (full fine-tuning, raw template)."""
+def stage_config(stage: str, out: str, cfg: DemoConfig) -> dict:
+    """The `ppojax train` config (key: value) of stage sft, rm or ppo of a demo run in `out` (paths relative to
+    `out` when it is relative): full fine-tuning, raw template. The demo writes them to <out>/configs/*.yaml;
+    `ppojax train <out>/configs/ppo.yaml kl_coef=0.1 output_dir=...` reruns a stage by hand."""
+    path = functools.partial(os.path.join, out)
+    common = {
+        "stage": stage,
+        "finetuning_type": "full",
+        "template": "none",
+        "overwrite_output_dir": True,
+        "seed": cfg.seed,
+    }
+    if stage == "ppo":
+        return {
+            **common,
+            "model_name_or_path": path("sft"),
+            "reward_model": path("rm"),
+            "dataset": path("data", "prompts.jsonl"),
+            "output_dir": path("ppo"),
+            "max_prompt_length": PROMPT_BUCKET,
+            "max_new_tokens": cfg.max_new_tokens,
+            "per_device_train_batch_size": cfg.ppo_minibatch,
+            "ppo_buffer_size": cfg.ppo_batch // cfg.ppo_minibatch,
+            "ppo_epochs": cfg.ppo_epochs,
+            "learning_rate": cfg.policy_lr,
+            "critic_learning_rate": cfg.critic_lr,
+            "lr_scheduler_type": "constant",
+            "max_steps": cfg.ppo_iterations,
+            "preset": cfg.preset,
+            "kl_coef": cfg.kl_coef,
+            "adap_kl_ctrl": False,
+            "ppo_score_norm": cfg.score_norm,
+            "logging_steps": 1,
+            "save_steps": cfg.ppo_iterations,
+            "max_to_keep": 1,
+            "samples_every": 1,  # every response is kept: the gold curve is computed from them
+            "num_samples": cfg.ppo_batch,
+        }
+    sft = stage == "sft"
+    steps, batch, lr = (cfg.sft_steps, cfg.sft_batch, cfg.sft_lr) if sft else (cfg.rm_steps, cfg.rm_batch, cfg.rm_lr)
+    return {
+        **common,
+        "model_name_or_path": path("init") if sft else path("sft"),
+        "dataset": path("data", "sft.jsonl") if sft else path("data", "pairs.jsonl"),
+        "output_dir": path(stage),
+        "cutoff_len": 48,
+        "pad_multiple": PROMPT_BUCKET,
+        "per_device_train_batch_size": batch,
+        "learning_rate": lr,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": max(1, steps // 20),
+        "max_steps": steps,
+        "logging_steps": max(1, steps // 50),
+        "save_steps": steps,
+        "max_to_keep": 1,
+    }
+
+
+def stage_yaml(stage: str, out: str, cfg: DemoConfig) -> str:
+    """`stage_config` as the text of a YAML config file."""
+    import yaml
+
+    header = f"# ppojax demo, stage {stage} (written by `ppojax demo --output-dir {out}`; the data comes from it too)\n"
+    return header + yaml.safe_dump(stage_config(stage, out, cfg), sort_keys=False)
+
+
+def write_stage_configs(out: str, cfg: DemoConfig) -> dict:
+    """Writes <out>/configs/{sft,rm,ppo}.yaml; returns their paths."""
+    directory = os.path.join(out, "configs")
+    os.makedirs(directory, exist_ok=True)
+    paths = {stage: os.path.join(directory, f"{stage}.yaml") for stage in ("sft", "rm", "ppo")}
+    for stage, path in paths.items():
+        atomic_write(path, stage_yaml(stage, out, cfg))
+    return paths
+
+
+def _train_stage(stage: str, out: str, cfg: DemoConfig, progress: bool) -> dict:
+    """Runs `ppojax train` stage sft, rm or ppo through the runner; returns the runner's summary."""
     from ppojax import runner
     from ppojax.config import config_from_dict
 
-    steps, batch, lr = (
-        (cfg.sft_steps, cfg.sft_batch, cfg.sft_lr) if stage == "sft" else (cfg.rm_steps, cfg.rm_batch, cfg.rm_lr)
-    )
-    config = config_from_dict(
-        {
-            "model_name_or_path": model_dir,
-            "stage": stage,
-            "dataset": dataset,
-            "output_dir": output_dir,
-            "finetuning_type": "full",
-            "template": "none",
-            "cutoff_len": 48,
-            "pad_multiple": PROMPT_BUCKET,
-            "per_device_train_batch_size": batch,
-            "learning_rate": lr,
-            "lr_scheduler_type": "linear",
-            "warmup_steps": max(1, steps // 20),
-            "max_steps": steps,
-            "logging_steps": max(1, steps // 50),
-            "save_steps": steps,
-            "max_to_keep": 1,
-            "overwrite_output_dir": True,
-            "seed": cfg.seed,
-        },
-        source=f"demo {stage}",
-    )
+    config = config_from_dict(stage_config(stage, out, cfg), source=os.path.join(out, "configs", f"{stage}.yaml"))
     return runner.run(config, progress=progress)
 
 
@@ -422,48 +473,6 @@ def summarise_samples(vocab, s: dict, gain: float, bias: float) -> dict:
     }
 
 
-def run_ppo(out: str, cfg: DemoConfig, progress: bool) -> dict:
-    """`ppojax train` stage ppo from the SFT model against the RM (critic from the RM, scores normalised on the
-    SFT model's samples); every response is kept in ppo_metrics/samples.jsonl, from which `ppo_curve` reads the
-    gold reward and the hacking diagnostics of each iteration. Returns the runner's summary."""
-    from ppojax import runner
-    from ppojax.config import config_from_dict
-
-    config = config_from_dict(
-        {
-            "model_name_or_path": os.path.join(out, "sft"),
-            "reward_model": os.path.join(out, "rm"),
-            "stage": "ppo",
-            "dataset": os.path.join(out, "data", "prompts.jsonl"),
-            "output_dir": os.path.join(out, "ppo"),
-            "finetuning_type": "full",
-            "template": "none",
-            "max_prompt_length": PROMPT_BUCKET,
-            "max_new_tokens": cfg.max_new_tokens,
-            "per_device_train_batch_size": cfg.ppo_minibatch,
-            "ppo_buffer_size": cfg.ppo_batch // cfg.ppo_minibatch,
-            "ppo_epochs": cfg.ppo_epochs,
-            "learning_rate": cfg.policy_lr,
-            "critic_learning_rate": cfg.critic_lr,
-            "lr_scheduler_type": "constant",
-            "max_steps": cfg.ppo_iterations,
-            "preset": cfg.preset,
-            "kl_coef": cfg.kl_coef,
-            "adap_kl_ctrl": False,
-            "ppo_score_norm": cfg.score_norm,
-            "logging_steps": 1,
-            "save_steps": cfg.ppo_iterations,
-            "max_to_keep": 1,
-            "samples_every": 1,
-            "num_samples": cfg.ppo_batch,
-            "overwrite_output_dir": True,
-            "seed": cfg.seed,
-        },
-        source="demo ppo",
-    )
-    return runner.run(config, progress=progress)
-
-
 def ppo_curve(out: str, vocab: Vocabulary, eos_text: str) -> list[dict]:
     """Per-iteration rows: the runner's metrics joined with gold, proxy, length, repetition and proxy-gold
     correlation computed from every logged response (ppo_metrics/samples.jsonl)."""
@@ -573,6 +582,7 @@ def run(
     reused = reuse and _reusable(os.path.join(out, "rm"), cfg, "rm")
     sft_reused = reused or (reuse and _reusable(os.path.join(out, "sft"), cfg, "sft"))
     paths = _task_paths(out)
+    write_stage_configs(out, cfg)
     if reused:
         log(f"[1-4/6] data, sft, pairs, rm: reusing {out} (same settings)")
         with open(os.path.join(out, "data", "pairs_summary.json"), encoding="utf-8") as f:
@@ -587,7 +597,7 @@ def run(
         paths = write_task(out, cfg)
         stage("data")
         log(f"[2/6] sft: {cfg.sft_steps} steps from scratch -> {out}/sft")
-        _train_stage("sft", paths["init"], paths["sft"], os.path.join(out, "sft"), cfg, progress)
+        _train_stage("sft", out, cfg, progress)
         _mark_done(os.path.join(out, "sft"), cfg, "sft")
         stage("sft")
     vocab = Vocabulary(load_tokenizer(os.path.join(out, "sft")))
@@ -602,7 +612,7 @@ def run(
         atomic_write(os.path.join(out, "data", "pairs_summary.json"), json.dumps(pairs, indent=1))
         stage("pairs")
         log(f"[4/6] rm: {cfg.rm_steps} steps from the SFT model -> {out}/rm")
-        _train_stage("rm", os.path.join(out, "sft"), pairs["pairs"], os.path.join(out, "rm"), cfg, progress)
+        _train_stage("rm", out, cfg, progress)
         _mark_done(os.path.join(out, "rm"), cfg, "rm")
     reward, reward_params = load_pretrained(os.path.join(out, "rm"), head="reward")
     rm_eval = evaluate_reward_model(vocab, reward, reward_params, pairs["heldout"], cfg)
@@ -621,7 +631,7 @@ def run(
     )
     stage("rm")
     log(f"[5/6] ppo: {cfg.ppo_iterations} iterations of {cfg.ppo_batch} prompts, β = {cfg.kl_coef} -> {out}/ppo")
-    summary = run_ppo(out, cfg, progress)
+    summary = _train_stage("ppo", out, cfg, progress)
     control = summary["run_control"]
     gain, bias = control["reward_gain"], control["reward_bias"]
     _, ppo_params = load_pretrained(os.path.join(out, "ppo"), head="lm")

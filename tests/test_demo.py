@@ -102,3 +102,11 @@ def test_notebook_executes(tmp_path, monkeypatch):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any(o.output_type == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_the_committed_stage_configs_are_the_demos():
+    """experiments/demo/*.yaml are what `ppojax demo` (default output dir) runs."""
+    for stage in ("sft", "rm", "ppo"):
+        path = os.path.join(ROOT, "experiments", "demo", f"{stage}.yaml")
+        with open(path, encoding="utf-8") as f:
+            assert f.read() == demo.stage_yaml(stage, "ppojax_demo", demo.DemoConfig()), stage
