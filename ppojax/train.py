@@ -751,13 +751,24 @@ def sft_loss(model, params, batch: SequenceBatch, lora=None):
     return aggregate_loss(-logprobs, batch.response_mask, "token-mean")
 
 
-def _guarded_step(state: TrainState, loss_fn, optimizer):
+def guarded_step(state: TrainState, loss_fn, optimizer: optax.GradientTransformation):
+    """One optimizer step on `loss_fn(params) -> (loss, aux dict)`, skipped when the loss or any gradient
+    leaf is non-finite. -> (state, metrics).
+
+    The building block of `sft_step` and `reward_model_step`, for custom losses over a `TrainState` (e.g. a
+    trainable pytree mixing adapters and a head). Skipping keeps params, optimizer state and `step` as they
+    were. Metrics (float32 scalars): loss, grad_norm (before clipping), skipped (1.0 when skipped), and the
+    entries of `aux`.
+    """
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     ok = jnp.isfinite(loss) & _all_finite(grads)
     params, opt_state = _guarded_update(optimizer, grads, state.opt_state, state.params, ok)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped": 1.0 - ok.astype(jnp.float32), **aux}
     metrics = {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
     return TrainState(step=state.step + ok.astype(jnp.int32), params=params, opt_state=opt_state), metrics
+
+
+_guarded_step = guarded_step  # the former private name (ppojax/runner.py uses it)
 
 
 def sft_step(
@@ -772,7 +783,7 @@ def sft_step(
         params, lora = _policy_params(trainable, base_params)
         return sft_loss(model, params, batch, lora).value(), {}
 
-    return _guarded_step(state, loss_fn, optimizer)
+    return guarded_step(state, loss_fn, optimizer)
 
 
 def preference_scores(model, params, batch: PreferenceBatch, lora=None) -> tuple[jax.Array, jax.Array]:
@@ -809,7 +820,7 @@ def reward_model_step(
         aux = {"accuracy": jnp.mean((chosen > rejected).astype(jnp.float32)), "margin": jnp.mean(chosen - rejected)}
         return reward_model_loss(chosen, rejected, batch.margin), aux
 
-    return _guarded_step(state, loss_fn, optimizer)
+    return guarded_step(state, loss_fn, optimizer)
 
 
 def fit_reward_normalisation(model, params, batch: SequenceBatch, lora=None) -> tuple[float, float]:
