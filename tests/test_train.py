@@ -234,7 +234,8 @@ def _reference_gradients(config, models, state, mb):
         if shared:
             values = (out.hidden[:, mb.prompt_ids.shape[1] - 1 : -1].astype(jnp.float32) @ critic["kernel"])[..., 0]
         else:
-            values = response_values(models.critic, critic, *batch)
+            plain_critic = DecoderModel(models.critic.config, head="value")  # never rematerialised
+            values = response_values(plain_critic, critic, *batch)
         pg, vf, _ = ppo_losses(
             conv,
             logprobs=logprobs,
@@ -252,25 +253,36 @@ def _reference_gradients(config, models, state, mb):
 
 
 @pytest.mark.parametrize(
-    "mode,aggregation,micro",
-    [("separate", "token-mean", 4), ("shared", "seq-mean-token-sum", 8)],
+    "mode,aggregation,micro,remat",
+    [
+        ("separate", "token-mean", 4, False),
+        ("shared", "seq-mean-token-sum", 8, False),
+        ("separate", "seq-mean-token-mean", 8, True),
+    ],
 )
-def test_accumulated_gradient_equals_full_minibatch_gradient(mode, aggregation, micro):
+def test_accumulated_gradient_equals_full_minibatch_gradient(mode, aggregation, micro, remat):
+    """Also the gradient-checkpointing switch: with `remat` the same gradient as the plain reference."""
     config = _config(
-        mode, convention=get_preset("ppojax").replace(loss_aggregation=aggregation), micro_batch_size=micro
+        mode,
+        convention=get_preset("ppojax").replace(loss_aggregation=aggregation),
+        micro_batch_size=micro,
+        remat=remat,
     )
     state, models = T.init_ppo_state(
         config, POLICY, POLICY_PARAMS, jax.random.key(3), reward_model=REWARD, reward_params=REWARD_PARAMS
     )
+    assert models.policy.remat == remat and models.reward.remat is False
+    assert mode == "shared" or models.critic.remat == remat
+    mb = _synthetic_minibatch()
+    grad_fn = functools.partial(T.minibatch_gradients, config=config, models=models)
+    assert ("remat" in str(jax.make_jaxpr(grad_fn)(state, mb, POLICY_PARAMS))) == remat
     # Perturb the zero value head so the shared-trunk value gradient is not trivially zero.
     if mode == "shared":
         state = state.replace(
             critic={"kernel": jax.random.normal(jax.random.key(4), state.critic["kernel"].shape) * 0.3}
         )
-    mb = _synthetic_minibatch()
     assert 16 // micro > 1
-    grad_fn = jax.jit(functools.partial(T.minibatch_gradients, config=config, models=models))
-    loss, grads = grad_fn(state, mb, POLICY_PARAMS)
+    loss, grads = jax.jit(grad_fn)(state, mb, POLICY_PARAMS)
     want_loss, want = _reference_gradients(config, models, state, mb)
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
     for got_leaf, want_leaf in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
