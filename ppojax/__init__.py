@@ -3,6 +3,7 @@
 from ppojax.advantages import compute_gae
 from ppojax.kl import (
     KL_ESTIMATORS,
+    KL_RULES,
     KLController,
     KLControllerState,
     adaptive_kl_controller,
@@ -10,7 +11,9 @@ from ppojax.kl import (
     kl_for_controller,
     kl_from_logits,
     kl_penalty,
+    make_kl_controller,
     sequence_kl,
+    step_kl_controller,
 )
 from ppojax.losses import LOSS_AGGREGATIONS, aggregate_loss, clipped_loss, entropy_from_logits, value_loss
 from ppojax.presets import PRESETS, Advantages, Convention, assemble_advantages, get_preset, masks_for, ppo_losses

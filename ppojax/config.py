@@ -77,6 +77,7 @@ convention's values apply. Keys given explicitly override either.
 | samples_every | 10 | ppo: append prompt / response / score rows to samples.jsonl every N iterations; 0: never |
 | num_samples | 4 | ppo: rows written each time |
 | tensorboard | false | also write TensorBoard event files (only if tensorboardX or tensorboard is installed) |
+| kl_rule | preset (proportional) | how an adaptive β moves: proportional (Ziegler) or step (KL > 1.5 × target: β × 1.5; KL < 0.5 × target: β × 0.75). Needs adap_kl_ctrl |
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
 
-from ppojax.kl import KL_ESTIMATORS
+from ppojax.kl import KL_ESTIMATORS, KL_RULES
 from ppojax.presets import PRESETS, Convention
 
 
@@ -198,6 +199,7 @@ class TrainConfig:
     samples_every: int = _key(10, low=0)
     num_samples: int = _key(4, low=1)
     tensorboard: bool = _key(False)
+    kl_rule: Optional[str] = _key(None, choices=KL_RULES)
     # The keys the user gave (not a config key): an explicit null differs from "take the preset's value".
     given_keys: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
@@ -274,6 +276,7 @@ CONVENTION_KEYS = {
     "lam": "lam",
     "missing_eos_penalty": "missing_eos_penalty",
     "ppo_whiten_rewards": "whiten_rewards",
+    "kl_rule": "kl_rule",
 }
 
 # Other names for the same key (TRL 0.x / OpenRLHF / HF Trainer spellings).
@@ -581,6 +584,11 @@ def _check_consistency(config: TrainConfig, raw: Mapping, where):
                 f"{where('ppo_target')}: 'ppo_target' {c.ppo_target} has no effect with a fixed KL coefficient "
                 f"(preset {c.preset!r} has adap_kl_ctrl false); set adap_kl_ctrl: true or drop ppo_target"
             )
+        if c.kl_rule is not None and not conv.adaptive_kl:
+            raise ConfigError(
+                f"{where('kl_rule')}: 'kl_rule' {c.kl_rule} has no effect with a fixed KL coefficient "
+                f"(adap_kl_ctrl is false); set adap_kl_ctrl: true or drop kl_rule"
+            )
     if c.stage != "ppo":
         ppo_only = sorted(k for k in raw if k in _PPO_ONLY_KEYS)
         if ppo_only:
@@ -630,5 +638,6 @@ _PPO_ONLY_KEYS = frozenset(
         "samples_every",
         "num_samples",
         "entropy_coef",
+        "kl_rule",
     }
 )

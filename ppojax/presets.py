@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from ppojax.advantages import compute_gae
-from ppojax.kl import kl_for_controller, kl_penalty
+from ppojax.kl import KL_RULES, kl_for_controller, kl_penalty
 from ppojax.losses import Stats, clipped_loss, value_loss
 from ppojax.rewards import SCORE_PLACEMENTS, extend_mask, shape_rewards
 from ppojax.stats import as_bool_mask, whiten
@@ -60,6 +60,7 @@ class Convention:
     adaptive_kl: bool = False
     kl_target: float = 6.0
     kl_horizon: float = 10000.0
+    kl_rule: str = "proportional"  # how an adaptive β moves: "proportional" (Ziegler) or "step" (see ppojax.kl)
     controller_kl: str = "seq_sum"
     missing_eos_penalty: Optional[float] = None
     missing_eos_score: Optional[float] = None
@@ -87,6 +88,8 @@ class Convention:
             raise ValueError(
                 f"Convention {self.name!r}: score_placement must be one of {SCORE_PLACEMENTS}, got {self.score_placement!r}"
             )
+        if self.kl_rule not in KL_RULES:
+            raise ValueError(f"Convention {self.name!r}: kl_rule must be one of {KL_RULES}, got {self.kl_rule!r}")
         if self.whiten_scope not in ("batch", "minibatch"):
             raise ValueError(
                 f"Convention {self.name!r}: whiten_scope must be 'batch' or 'minibatch', got {self.whiten_scope!r}"
