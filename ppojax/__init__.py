@@ -15,6 +15,7 @@ from ppojax.kl import (
     sequence_kl,
     step_kl_controller,
 )
+from ppojax.health import HealthLimits, HealthReport, Violation, check_health
 from ppojax.losses import LOSS_AGGREGATIONS, aggregate_loss, clipped_loss, entropy_from_logits, value_loss
 from ppojax.presets import PRESETS, Advantages, Convention, assemble_advantages, get_preset, masks_for, ppo_losses
 from ppojax.rewards import SCORE_PLACEMENTS, adjust_scores, extend_mask, last_valid_index, score_index, shape_rewards
