@@ -77,6 +77,7 @@ convention's values apply. Keys given explicitly override either.
 | samples_every | 10 | ppo: append prompt / response / score rows to samples.jsonl every N iterations; 0: never |
 | num_samples | 4 | ppo: rows written each time |
 | tensorboard | false | also write TensorBoard event files (only if tensorboardX or tensorboard is installed) |
+| rm_max_length_diff | null | rm: drop pairs whose chosen and rejected responses differ by more than this many tokens (counted in summary.json); null keeps all |
 | kl_rule | preset (proportional) | how an adaptive β moves: proportional (Ziegler) or step (KL > 1.5 × target: β × 1.5; KL < 0.5 × target: β × 0.75). Needs adap_kl_ctrl |
 """
 
@@ -200,6 +201,7 @@ class TrainConfig:
     num_samples: int = _key(4, low=1)
     tensorboard: bool = _key(False)
     kl_rule: Optional[str] = _key(None, choices=KL_RULES)
+    rm_max_length_diff: Optional[int] = _key(None, low=0)
     # The keys the user gave (not a config key): an explicit null differs from "take the preset's value".
     given_keys: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
@@ -596,6 +598,11 @@ def _check_consistency(config: TrainConfig, raw: Mapping, where):
                 f"{where(ppo_only[0])}: '{ppo_only[0]}' is a PPO setting but stage is {c.stage!r}; "
                 "remove it or set stage: ppo"
             )
+    if c.rm_max_length_diff is not None and c.stage != "rm":
+        raise ConfigError(
+            f"{where('rm_max_length_diff')}: 'rm_max_length_diff' filters reward-model pairs but stage is "
+            f"{c.stage!r}; remove it or set stage: rm"
+        )
     if c.finetuning_type == "full" and any(k in raw for k in ("lora_rank", "lora_alpha", "lora_target")):
         key = next(k for k in ("lora_rank", "lora_alpha", "lora_target") if k in raw)
         raise ConfigError(
