@@ -78,6 +78,8 @@ convention's values apply. Keys given explicitly override either.
 | num_samples | 4 | ppo: rows written each time |
 | tensorboard | false | also write TensorBoard event files (only if tensorboardX or tensorboard is installed) |
 | rm_max_length_diff | null | rm: drop pairs whose chosen and rejected responses differ by more than this many tokens (counted in summary.json); null keeps all |
+| length_reward | preset (none) | ppo: none, penalty (score − length_penalty × response tokens) or sqrt (score / √response tokens), against a reward model's length bias |
+| length_penalty | preset (0) | ppo: c in length_reward: penalty (> 0 there, 0 otherwise) |
 | kl_rule | preset (proportional) | how an adaptive β moves: proportional (Ziegler) or step (KL > 1.5 × target: β × 1.5; KL < 0.5 × target: β × 0.75). Needs adap_kl_ctrl |
 """
 
@@ -96,6 +98,7 @@ import yaml
 
 from ppojax.kl import KL_ESTIMATORS, KL_RULES
 from ppojax.presets import PRESETS, Convention
+from ppojax.rewards import LENGTH_REWARDS
 
 
 class ConfigError(ValueError):
@@ -202,6 +205,8 @@ class TrainConfig:
     tensorboard: bool = _key(False)
     kl_rule: Optional[str] = _key(None, choices=KL_RULES)
     rm_max_length_diff: Optional[int] = _key(None, low=0)
+    length_reward: Optional[str] = _key(None, choices=LENGTH_REWARDS)
+    length_penalty: Optional[float] = _key(None, low=0.0)
     # The keys the user gave (not a config key): an explicit null differs from "take the preset's value".
     given_keys: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
@@ -279,6 +284,8 @@ CONVENTION_KEYS = {
     "missing_eos_penalty": "missing_eos_penalty",
     "ppo_whiten_rewards": "whiten_rewards",
     "kl_rule": "kl_rule",
+    "length_reward": "length_reward",
+    "length_penalty": "length_penalty",
 }
 
 # Other names for the same key (TRL 0.x / OpenRLHF / HF Trainer spellings).
@@ -580,6 +587,13 @@ def _check_consistency(config: TrainConfig, raw: Mapping, where):
                 f"{step} ({product}) = {step * c.ppo_buffer_size}; set only one of batch_size and ppo_buffer_size"
             )
     if c.stage == "ppo":
+        mode = c.length_reward or "none"
+        if (mode == "penalty") != bool(c.length_penalty):
+            key = "length_penalty" if c.length_penalty else "length_reward"
+            raise ConfigError(
+                f"{where(key)}: length_reward {mode!r} with length_penalty {c.length_penalty or 0}; "
+                "length_reward: penalty needs length_penalty > 0, and length_penalty needs length_reward: penalty"
+            )
         conv = c.convention
         if c.ppo_target is not None and not conv.adaptive_kl:
             raise ConfigError(
@@ -646,5 +660,7 @@ _PPO_ONLY_KEYS = frozenset(
         "num_samples",
         "entropy_coef",
         "kl_rule",
+        "length_reward",
+        "length_penalty",
     }
 )

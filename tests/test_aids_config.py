@@ -122,3 +122,18 @@ def test_rm_run_reports_dropped_pairs(tmp_path, monkeypatch):
     assert summary["dropped_pairs_length_diff"] == 1 and summary["dataset_rows"] == 3
     with open(tmp_path / "out" / "rm_metrics" / "summary.json") as f:
         assert json.load(f)["dropped_pairs_length_diff"] == 1
+
+
+# ---- length_reward / length_penalty ---------------------------------------------------------------------
+
+
+def test_length_reward_keys(workdir):
+    conv = config_from_dict(base(length_reward="penalty", length_penalty=0.01)).convention
+    assert (conv.length_reward, conv.length_penalty) == ("penalty", 0.01)
+    assert config_from_dict(base(length_reward="sqrt")).convention.length_reward == "sqrt"
+    assert config_from_dict(base()).convention.length_reward == "none"
+    for bad in ({"length_penalty": 0.01}, {"length_reward": "penalty"}, {"length_reward": "sqrt", "length_penalty": 1}):
+        msg = error(config_from_dict, base(**bad))
+        assert "length_reward: penalty needs length_penalty > 0" in msg
+    assert "allowed: none, penalty, sqrt" in error(config_from_dict, base(length_reward="log"))
+    assert "PPO setting" in error(config_from_dict, rm_base(length_reward="sqrt"))
