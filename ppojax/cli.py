@@ -3,6 +3,7 @@
   ppojax train CONFIG.yaml [key=value ...]   validate the config and data, then run its stage (sft, rm; ppo to come)
   ppojax demo [--iterations N] [--preset P]  a small, real PPO-RLHF loop on the CPU in seconds
   ppojax eval-rm --model DIR --data FILE     reward-model accuracy, gold correlation and length bias
+  ppojax review SAMPLES.jsonl                rate samples 1-5 by hand; agreement with the reward model
 
 A bad config, data file or checkpoint is reported as one line on stderr (no traceback) with exit status 2.
 """
@@ -94,6 +95,7 @@ def add_aids_commands(sub) -> None:
     evaluate.add_argument("--length-bias-threshold", type=float, default=0.5, help="score-length Spearman flagged")
     evaluate.add_argument("--bf16", action="store_true", help="bfloat16 weights and compute")
     evaluate.add_argument("--json", metavar="FILE", help="also write the numbers to FILE (JSON)")
+    _add_review_command(sub)
 
 
 def _eval_rm(args) -> int:
@@ -134,7 +136,31 @@ def _eval_rm(args) -> int:
     return 0
 
 
-AIDS_COMMANDS = {"eval-rm": _eval_rm}
+def _add_review_command(sub) -> None:
+    review = sub.add_parser("review", help="rate samples 1-5 by hand (resumable); agreement with the reward model")
+    review.add_argument("samples", help="samples.jsonl (prompt, response, score), e.g. <output_dir>/ppo_metrics/")
+    review.add_argument("--ratings", help="ratings file (default: <samples>.ratings.jsonl beside it)")
+    review.add_argument("--high-score", type=float, help="reward-model score counted as high (default: 75th pct)")
+    review.add_argument("--max-chars", type=int, default=4000, help="longest prompt / response text shown")
+
+
+def _review(args) -> int:
+    import os
+
+    from ppojax.config import ConfigError
+    from ppojax.review import ReviewError, review
+
+    try:
+        if not os.path.isfile(args.samples):
+            raise ConfigError(f"{args.samples}: no such file (expected samples.jsonl from a ppo run)")
+        result = review(args.samples, ratings_path=args.ratings, high_score=args.high_score, max_chars=args.max_chars)
+    except (ConfigError, ReviewError) as e:
+        print(f"ppojax: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 130 if result["stopped"] == "interrupted" else 0
+
+
+AIDS_COMMANDS = {"eval-rm": _eval_rm, "review": _review}
 
 
 if __name__ == "__main__":

@@ -23,8 +23,12 @@ The statistics are plain numpy functions of score arrays, checked against scipy 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import math
+import os
+import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
@@ -216,6 +220,23 @@ def score_responses(model, params, prompts, responses, *, pad_id: int, batch_siz
     return np.concatenate(out)[:total]
 
 
+@contextlib.contextmanager
+def _without_skipped(path: str):
+    """The path of the data without the samples `ppojax review` marked "skipped" (a temporary copy when
+    there are any), so a ratings file can be evaluated as it is."""
+    from ppojax.data import read_records
+
+    records = read_records(path)
+    if not any(r.get("skipped") for _, r in records):
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        kept = os.path.join(tmp, os.path.basename(path))
+        with open(kept, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for _, r in records if not r.get("skipped"))
+        yield kept
+
+
 def evaluate_reward_model(
     model_dir: str,
     data_path: str,
@@ -236,10 +257,11 @@ def evaluate_reward_model(
     from ppojax.runner import fit_vocabulary
 
     kind = file_kind(data_path)
-    gold = read_gold(data_path, kind)
-    tokenizer, _ = data_lib.ensure_pad_token(data_lib.load_tokenizer(model_dir))
-    loader = data_lib.load_preferences if kind == "pairs" else data_lib.load_sft
-    dataset = loader(data_path, tokenizer, template=template, cutoff_len=cutoff_len)
+    with _without_skipped(data_path) as path:
+        gold = read_gold(path, kind)
+        tokenizer, _ = data_lib.ensure_pad_token(data_lib.load_tokenizer(model_dir))
+        loader = data_lib.load_preferences if kind == "pairs" else data_lib.load_sft
+        dataset = loader(path, tokenizer, template=template, cutoff_len=cutoff_len)
     prompts, responses, pairs = [], [], []
     for prompt, answers in zip(dataset.prompts, dataset.responses):
         start = len(responses)
