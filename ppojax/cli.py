@@ -1,6 +1,6 @@
 """The `ppojax` command.
 
-  ppojax train CONFIG.yaml [key=value ...]   validate the config and data, then run its stage (sft, rm; ppo to come)
+  ppojax train CONFIG.yaml [key=value ...]   validate the config and data, then run its stage (sft, rm, ppo)
   ppojax demo [--iterations N] [--preset P]  a small, real PPO-RLHF loop on the CPU in seconds
   ppojax eval-rm --model DIR --data FILE     reward-model accuracy, gold correlation and length bias
   ppojax review SAMPLES.jsonl                rate samples 1-5 by hand; agreement with the reward model

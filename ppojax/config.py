@@ -44,7 +44,7 @@ convention's values apply. Keys given explicitly override either.
 | max_steps | -1 | if > 0, stop after this many iterations (ppo) / optimizer steps (sft, rm); overrides num_train_epochs |
 | ppo_epochs | 4 | optimisation passes over each rollout batch |
 | ppo_target | preset (6.0) | adaptive-KL target, nats per sequence (aliases: kl_target, target). Needs adap_kl_ctrl |
-| ppo_score_norm | false | normalise scores with running mean and std (TRL 0.x use_score_norm + use_score_scaling) |
+| ppo_score_norm | false | normalise reward-model scores to mean 0, std 1 over the initial policy's responses (at least 64, sampled once before training; the gain and bias are kept in the checkpoints and summary.json) |
 | ppo_whiten_rewards | preset (false) | whiten the shaped rewards before GAE, mean kept (alias: whiten_rewards) |
 | preset | null | ppojax, trl, openrlhf, verl or openai: a `ppojax.presets.Convention`; null: ppojax + LLaMA-Factory's KL defaults |
 | kl_coef | preset (0.2 when preset is null) | β, the initial KL coefficient (alias: init_kl_coef) |
@@ -59,9 +59,12 @@ convention's values apply. Keys given explicitly override either.
 | missing_eos_penalty | preset (null) | subtracted from the score of responses without a stop token |
 | entropy_coef | 0.0 | entropy bonus weight |
 | target_kl | null | TRL 0.x early stopping: skip the rest of an iteration's updates once approx-KL exceeds 1.5 × target_kl. NOT the adaptive target (that is ppo_target) |
-| early_stop_kl | 10.0 | mean KL to the reference (nats per sequence) above which the run is stopped (see on_kl_exceeded); null: off |
+| early_stop_kl | 10.0 | mean KL to the reference (objective/kl, nats per sequence) above which an iteration is rejected (see on_kl_exceeded); a non-finite loss or KL is rejected too; null: KL never rejects |
 | on_kl_exceeded | rollback | stop (keep the current weights), rollback (restore the last good checkpoint and stop), or rollback_continue (restore it and go on, at most max_rollbacks times) |
-| max_rollbacks | 3 | rollback_continue: how many restores before stopping |
+| max_rollbacks | 3 | rollback_continue: how many restores before stopping (then as rollback) |
+| rollback_lr_scale | 0.5 | rollback_continue: the learning rates are multiplied by this at each restore (1: unchanged) |
+| rollback_kl_coef_scale | 1.0 | rollback_continue: the KL coefficient β is multiplied by this at each restore (> 1 holds the policy closer) |
+| critic_mode | separate | ppo: separate (a critic model initialised from the reward model, its own optimizer at critic_learning_rate), joint (the same critic, one optimizer on pg + vf_coef · vf), shared (a zero-initialised value head on the policy trunk, LLaMA-Factory's layout) |
 | max_new_tokens | 1024 | response length in tokens (LLaMA-Factory's default) |
 | temperature | 1.0 | sampling temperature (> 0); LLaMA-Factory's chat default 0.95 is not used: PPO samples the full distribution |
 | top_p | 1.0 | nucleus sampling (0, 1]; < 1 samples a truncated distribution (PPO_DETAILS item 5) |
@@ -73,7 +76,7 @@ convention's values apply. Keys given explicitly override either.
 | logging_steps | 10 | write a metrics row every N iterations / steps |
 | save_steps | 500 | save a checkpoint every N iterations / steps |
 | max_to_keep | 3 | checkpoints kept (alias: save_total_limit); null keeps all |
-| resume | false | continue from the latest checkpoint in output_dir (alias: resume_from_checkpoint) |
+| resume | null (auto) | null: continue from the latest checkpoint in output_dir if there is one (LLaMA-Factory's rule; the settings must be the same); true: the same; false: refuse to start over existing checkpoints (alias: resume_from_checkpoint) |
 | samples_every | 10 | ppo: append prompt / response / score rows to samples.jsonl every N iterations; 0: never |
 | num_samples | 4 | ppo: rows written each time |
 | tensorboard | false | also write TensorBoard event files (only if tensorboardX or tensorboard is installed) |
@@ -113,6 +116,7 @@ FINETUNING_TYPES = ("full", "lora")
 SCHEDULERS = ("constant", "linear")  # ppojax.optim schedules; LLaMA-Factory's cosine is not offered
 PROMPT_OVERFLOW = ("truncate", "refuse")
 ON_KL_EXCEEDED = ("stop", "rollback", "rollback_continue")
+CRITIC_MODES = ("separate", "joint", "shared")
 RAW_TEMPLATES = ("none", "default", "empty", "raw")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # HF module names (LLaMA-Factory's lora_target values) -> ours.
@@ -189,6 +193,9 @@ class TrainConfig:
     early_stop_kl: Optional[float] = _key(10.0, low=0.0, low_open=True)
     on_kl_exceeded: str = _key("rollback", choices=ON_KL_EXCEEDED)
     max_rollbacks: int = _key(3, low=0)
+    rollback_lr_scale: float = _key(0.5, low=0.0, high=1.0, low_open=True)
+    rollback_kl_coef_scale: float = _key(1.0, low=1.0)
+    critic_mode: str = _key("separate", choices=CRITIC_MODES)
     max_new_tokens: int = _key(1024, low=1)
     temperature: float = _key(1.0, low=0.0, low_open=True)
     top_p: float = _key(1.0, low=0.0, high=1.0, low_open=True)
@@ -199,7 +206,7 @@ class TrainConfig:
     logging_steps: int = _key(10, low=1)
     save_steps: int = _key(500, low=1)
     max_to_keep: Optional[int] = _key(3, low=1)
-    resume: bool = _key(False)
+    resume: Optional[bool] = _key(None)
     samples_every: int = _key(10, low=0)
     num_samples: int = _key(4, low=1)
     tensorboard: bool = _key(False)
@@ -587,6 +594,7 @@ def _check_consistency(config: TrainConfig, raw: Mapping, where):
                 f"{step} ({product}) = {step * c.ppo_buffer_size}; set only one of batch_size and ppo_buffer_size"
             )
     if c.stage == "ppo":
+        _check_ppo(c, where)
         mode = c.length_reward or "none"
         if (mode == "penalty") != bool(c.length_penalty):
             key = "length_penalty" if c.length_penalty else "length_reward"
@@ -624,6 +632,20 @@ def _check_consistency(config: TrainConfig, raw: Mapping, where):
         )
 
 
+def _check_ppo(c: TrainConfig, where):
+    """stage: ppo settings that the PPO runner cannot honour."""
+    if c.ref_model is not None and c.finetuning_type == "lora":
+        raise ConfigError(
+            f"{where('ref_model')}: 'ref_model' is set but finetuning_type is 'lora', where the reference is the "
+            "policy's base with the adapters off; remove ref_model or set finetuning_type: full"
+        )
+    if c.critic_mode != "separate" and c.critic_learning_rate is not None:
+        raise ConfigError(
+            f"{where('critic_learning_rate')}: 'critic_learning_rate' has no effect with critic_mode {c.critic_mode} "
+            "(one optimizer at learning_rate); remove it or set critic_mode: separate"
+        )
+
+
 _PPO_ONLY_KEYS = frozenset(
     {
         "reward_model",
@@ -649,6 +671,9 @@ _PPO_ONLY_KEYS = frozenset(
         "early_stop_kl",
         "on_kl_exceeded",
         "max_rollbacks",
+        "rollback_lr_scale",
+        "rollback_kl_coef_scale",
+        "critic_mode",
         "max_new_tokens",
         "temperature",
         "top_p",

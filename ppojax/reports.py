@@ -5,6 +5,7 @@
                         entropy, response length, explained variance; rm: loss, accuracy; sft: loss)
   training_metrics.csv  one row per logged step; the columns are the union of every row's keys (blank if absent)
   samples.jsonl         ppo: {"step", "prompt", "response", "score"} rows
+  events.jsonl          ppo: {"step", "event", ...} rows: rejected iterations, rollbacks, stops (also printed)
 
 Every file is written to a temporary name and moved into place with `os.replace`, so a reader (or a killed
 run) never sees a half-written file. A tqdm bar shows live reward and KL; TensorBoard event files are written
@@ -18,6 +19,7 @@ import io
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from typing import Any, Iterable, Optional, Sequence
@@ -110,8 +112,10 @@ class MetricsWriter:
             for row in read_metrics_csv(self.csv_path):
                 if row.get(STEP, math.inf) <= resume_step:
                     self._add(row)
+        if resume_step is not None and os.path.exists(self.samples_path):
+            self._keep_samples_until(resume_step)
         if resume_step is None:
-            for stale in (self.csv_path, self.samples_path, self.summary_path, self.plot_path):
+            for stale in (self.csv_path, self.samples_path, self.summary_path, self.plot_path, self.events_path):
                 if os.path.exists(stale):
                     os.remove(stale)
         self._bar = None
@@ -141,6 +145,10 @@ class MetricsWriter:
     @property
     def samples_path(self) -> str:
         return os.path.join(self.directory, "samples.jsonl")
+
+    @property
+    def events_path(self) -> str:
+        return os.path.join(self.directory, "events.jsonl")
 
     # ---- writing -------------------------------------------------------------------------------------
 
@@ -195,6 +203,48 @@ class MetricsWriter:
                 old = f.read()
         atomic_write(self.samples_path, old + lines)
 
+    def advance(self, step: int) -> None:
+        """Moves the progress bar to `step` without logging a row."""
+        if self._bar is not None:
+            self._bar.update(max(0, int(step) - self._bar.n))
+
+    def truncate(self, step: int) -> None:
+        """Forgets rows and samples of steps after `step` (a rollback abandons them; events.jsonl keeps the record)."""
+        self.rows = [row for row in self.rows if row[STEP] <= step]
+        self._write_csv()
+        if os.path.exists(self.samples_path):
+            self._keep_samples_until(step)
+        if self._bar is not None:
+            self._bar.reset(total=self._bar.total)
+            self._bar.update(int(step))
+
+    def _keep_samples_until(self, step: int) -> None:
+        """Drops samples.jsonl rows of steps after `step` (a resumed run redoes those steps)."""
+        with open(self.samples_path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write(self.samples_path, "".join(lines))
+
+    def event(self, step: int, event: str, **detail: Any) -> dict:
+        """Appends {"step", "event", **detail} to events.jsonl and prints it (above the progress bar)."""
+        row = {"step": int(step), "event": event, **detail}
+        old = ""
+        if os.path.exists(self.events_path):
+            with open(self.events_path, encoding="utf-8") as f:
+                old = f.read()
+        atomic_write(self.events_path, old + json.dumps(row, default=str) + "\n")
+        text = f"ppojax {self.stage} step {int(step)}: {event}" + "".join(f"; {k} {v}" for k, v in detail.items())
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, file=sys.stderr)
+        return row
+
+    def read_events(self) -> list[dict]:
+        if not os.path.exists(self.events_path):
+            return []
+        with open(self.events_path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
     def summary(self, status: str = "running", **extra: Any) -> dict:
         """Writes summary.json: status, steps, wall time, per-metric first / last / min / max / tail mean."""
         metrics = {}
@@ -223,6 +273,7 @@ class MetricsWriter:
                 "csv": os.path.basename(self.csv_path),
                 "plot": os.path.basename(self.plot_path),
                 "samples": os.path.basename(self.samples_path) if os.path.exists(self.samples_path) else None,
+                "events": os.path.basename(self.events_path) if os.path.exists(self.events_path) else None,
             },
             "metrics": {k: {s: float(v) for s, v in d.items()} for k, d in metrics.items()},
             **extra,

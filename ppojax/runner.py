@@ -1,6 +1,6 @@
 """Stage runners behind `ppojax train`: load the HF directory, train, checkpoint, report, save an HF directory.
 
-sft and rm run end to end here. ppo is not wired into the command yet (see `run`).
+sft and rm run here; ppo in `ppojax.runner_ppo`.
 
 Batches: one optimizer step sees `per_device_train_batch_size × gradient_accumulation_steps` rows (sft rows or
 rm pairs) in one pass; `ppojax.train.sft_step` / `reward_model_step` have no micro-batching, so the gradient is
@@ -33,25 +33,45 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         return run_supervised(config, progress=progress)
     if config.stage == "rm":
         return run_supervised(config, progress=progress)
-    raise ConfigError(
-        "stage ppo is not yet implemented in the ppojax command; the training functions exist "
-        "(ppojax.train.make_ppo_iteration) but the runner that wires them is still to come"
-    )
+    from ppojax.runner_ppo import run_ppo
+
+    return run_ppo(config, progress=progress)
 
 
-def check_output_dir(config: TrainConfig) -> None:
-    """Refuses to start a fresh run over an earlier run's checkpoints unless told to."""
+def check_output_dir(config: TrainConfig) -> bool:
+    """True when this run continues from the checkpoints already in output_dir.
+
+    LLaMA-Factory's rule: a rerun of the same command resumes from the latest checkpoint (`resume` unset or
+    true); `overwrite_output_dir: true` deletes them and starts over; `resume: false` refuses to touch them.
+    """
     directory = config.checkpoint_dir
     has_steps = os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
-    if has_steps and not (config.resume or config.overwrite_output_dir):
-        raise ConfigError(
-            f"{config.output_dir} already has checkpoints; set resume: true to continue that run or "
-            "overwrite_output_dir: true to start over"
-        )
-    if has_steps and config.overwrite_output_dir and not config.resume:
+    if not has_steps:
+        return False
+    if config.overwrite_output_dir and not config.resume:
         from ppojax.checkpoint import remove_checkpoints
 
         remove_checkpoints(directory)
+        return False
+    if config.resume is False:
+        raise ConfigError(
+            f"{config.output_dir} already has checkpoints and resume is false; leave resume unset (or true) to "
+            "continue that run, or set overwrite_output_dir: true to start over"
+        )
+    return True
+
+
+def restore_matching(ckpt: Checkpointer, state, config: TrainConfig):
+    """(state, metadata) of the latest checkpoint, refusing one written with other training settings."""
+    state, meta = ckpt.restore(state)
+    if meta.get("config_hash") != config.hash():
+        ckpt.close()
+        raise ConfigError(
+            f"{config.checkpoint_dir}: the checkpoint was written with different training settings "
+            f"(config hash {meta.get('config_hash')} vs {config.hash()}); rerun with the same config to resume, "
+            "or set overwrite_output_dir: true to start over"
+        )
+    return state, meta
 
 
 def load_model(config: TrainConfig, head: str):
@@ -116,14 +136,22 @@ def _rm_lora_step(state, batch, base_params, *, model, optimizer):
         aux = {"accuracy": jnp.mean((chosen > rejected).astype(jnp.float32)), "margin": jnp.mean(chosen - rejected)}
         return train.reward_model_loss(chosen, rejected, batch.margin), aux
 
-    return train._guarded_step(state, loss_fn, optimizer)
+    return guarded_step(state, loss_fn, optimizer)
+
+
+def guarded_step(state, loss_fn, optimizer):
+    """`ppojax.train`'s non-finite-guarded optimizer step (named `_guarded_step` before issue 5 finished)."""
+    from ppojax import train
+
+    step = getattr(train, "guarded_step", None) or train._guarded_step
+    return step(state, loss_fn, optimizer)
 
 
 def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
     """stage sft or rm, end to end."""
     from ppojax import train
 
-    check_output_dir(config)
+    resuming = check_output_dir(config)
     tokenizer, _ = data_lib.ensure_pad_token(data_lib.load_tokenizer(config.model_name_or_path))
     loader = data_lib.load_sft if config.stage == "sft" else data_lib.load_preferences
     dataset = loader(config.dataset, tokenizer, template=config.template, cutoff_len=config.cutoff_len)
@@ -167,21 +195,14 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
 
     position, start = data_lib.DataPosition(), 0
     ckpt = Checkpointer(config.checkpoint_dir, max_to_keep=config.max_to_keep)
-    if config.resume and ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(state)
-        if meta.get("config_hash") != config.hash():
-            ckpt.close()
-            raise ConfigError(
-                f"{config.checkpoint_dir}: the checkpoint was written with different training settings "
-                f"(config hash {meta.get('config_hash')} vs {config.hash()}); resume with the same config "
-                "or set resume: false and overwrite_output_dir: true"
-            )
+    if resuming and ckpt.latest_step() is not None:
+        state, meta = restore_matching(ckpt, state, config)
         position, start = data_lib.DataPosition(*meta["data_position"]), int(meta["step"])
     writer = MetricsWriter(
         config.output_dir,
         config.stage,
         total=total,
-        resume_step=start if config.resume else None,
+        resume_step=start if resuming else None,
         tensorboard=config.tensorboard,
         progress=progress,
     )

@@ -96,21 +96,6 @@ def test_bad_data_and_override_exit_2(tiny, monkeypatch, capsys):
     assert "'learning_rate' is 'fast'" in capsys.readouterr().err
 
 
-def test_ppo_stage_is_reported_not_implemented(tiny, monkeypatch, capsys):
-    monkeypatch.chdir(tiny)
-    path = write_config(
-        tiny,
-        "ppo.yaml",
-        model_name_or_path="model",
-        stage="ppo",
-        dataset="sft.json",
-        reward_model="model",
-        output_dir="out_ppo",
-    )
-    assert main(["train", path, "--no-progress"]) == 2
-    assert "stage ppo is not yet implemented" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize(
     "stage,dataset,finetuning",
     [
@@ -149,11 +134,12 @@ def test_stage_end_to_end_and_resume(tiny, monkeypatch, capsys, stage, dataset, 
     model, params = load_pretrained(str(tiny / out), head="lm" if stage == "sft" else "reward")
     assert model.config.vocab_size == 21 and params["embed"]["embedding"].shape[0] == 21  # grew for the pad token
     assert sorted(os.listdir(tiny / out / "checkpoints")) == ["2", "3"]
-    # A second run refuses to overwrite; resume continues from the latest checkpoint.
-    assert main(["train", path, "--no-progress"]) == 2
-    assert "already has checkpoints" in capsys.readouterr().err
-    assert main(["train", path, "--no-progress", "resume=true", "max_steps=4"]) == 2  # different settings
+    # A rerun resumes from the latest checkpoint (LLaMA-Factory's rule) if the settings are the same.
+    assert main(["train", path, "--no-progress", "resume=false"]) == 2
+    assert "already has checkpoints and resume is false" in capsys.readouterr().err
+    assert main(["train", path, "--no-progress", "max_steps=4"]) == 2  # different settings
     assert "different training settings" in capsys.readouterr().err
-    # Resuming with the same settings (resume itself is not a training setting) continues from step 3: done.
+    # The same settings (resume itself is not a training setting) continue from step 3: done.
+    assert main(["train", path, "--no-progress"]) == 0
     assert main(["train", path, "--no-progress", "resume=true"]) == 0
     assert [r["step"] for r in read_metrics_csv(str(metrics / "training_metrics.csv"))] == [1, 2, 3]

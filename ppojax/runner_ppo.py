@@ -1,0 +1,468 @@
+"""stage: ppo behind `ppojax train`: load the policy, reference, reward model and critic, run PPO iterations with
+reports, checkpoints, resume and rollback, and export the policy and the value model as HF directories.
+
+Models
+- policy: `model_name_or_path` (head "lm"; bf16: bf16 weights and compute, float32 master copies of what is
+  trained). With `finetuning_type: lora` the trained pytree is the adapters (`lora_rank`, `lora_alpha`,
+  `lora_target`) and the reference is the same base with the adapters off; with `full` the reference is
+  `ref_model` or the initial policy weights.
+- reward: `reward_model`, the HF directory a `stage: rm` run writes (LoRA merged, score head included). Its
+  vocabulary must be the policy tokenizer's (the pad token ppojax adds included).
+- critic (`critic_mode`): separate / joint: a value model initialised from the reward model (its score head
+  becomes the value head, PPO_DETAILS 19); shared: a zero value head on the policy trunk.
+
+Config → `ppojax.train.PPOConfig`: rollout batch (prompts per iteration) = `config.rollout_batch_size`, minibatch =
+optimizer batch, micro batch = per_device_train_batch_size; convention = `config.convention` (preset + explicit
+keys); `target_kl` → early stop of an iteration's updates at approx-KL > 1.5 · target_kl (TRL 0.x);
+iterations = max_steps, or num_train_epochs × (prompts // rollout batch); the learning-rate schedule runs over
+iterations × ppo_epochs × minibatches optimizer steps.
+
+Score normalisation (`ppo_score_norm`): before training, responses of the initial policy to the first prompts
+(≥ 64 rows) are scored and the reward model's score becomes gain · s + bias with mean 0, std 1 over them
+(PPO_DETAILS 12). A fixed affine map rather than running moments: it is static (no state beyond `PPOState`) and a
+resumed run reads the same gain and bias from the checkpoint metadata, so resume stays bit-identical.
+
+Run guard: an iteration whose mean KL to the reference (`objective/kl`, nats per sequence) exceeds
+`early_stop_kl`, or whose loss or KL is not finite, is rejected: `on_kl_exceeded` stop keeps its weights and
+stops; rollback restores the last good checkpoint and stops; rollback_continue restores it, multiplies the
+learning rates by `rollback_lr_scale` and β by `rollback_kl_coef_scale`, folds the rollback count into the PRNG key
+(so the retry is not a bit-identical replay) and goes on, at most `max_rollbacks` times. Each event is a row of
+`ppo_metrics/events.jsonl` and a printed line. A checkpoint of the initial state (step 0) makes a rollback possible
+before the first `save_steps`.
+
+Resume: checkpoints hold `PPOState` (policy / adapters, critic, both optimizer states, the KL controller, the PRNG
+key) and, as metadata, the data position and the run controls (rollbacks, lr scale, reward gain and bias). A rerun
+of the same command continues from the latest one; on CPU the result is bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ppojax import data as data_lib
+from ppojax import train
+from ppojax.checkpoint import Checkpointer, CheckpointRestoreError, rollback
+from ppojax.config import ConfigError, TrainConfig
+from ppojax.generation import bucket_length
+from ppojax.models import CheckpointError, DecoderModel, init_lora, load_pretrained, merge_lora, save_pretrained
+from ppojax.models.lora import Lora
+from ppojax.optim import OptimizerConfig
+from ppojax.reports import MetricsWriter
+from ppojax.runner import check_output_dir, fit_vocabulary, restore_matching
+
+SCORE_NORM_MIN_RESPONSES = 64  # responses of the initial policy used to fit the score normalisation
+PROMPT_BUCKET = 64  # prompt widths are multiples of this (or max_prompt_length when smaller): few compilations
+VALUE_MODEL_DIR = "value_model"  # under output_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class RunControl:
+    """What the checkpoints carry beside the state (JSON metadata) and a rollback changes."""
+
+    rollbacks: int = 0
+    lr_scale: float = 1.0
+    reward_gain: float = 1.0
+    reward_bias: float = 0.0
+
+
+class PPOInputs(NamedTuple):
+    """Everything loaded from disk for a PPO run."""
+
+    tokenizer: Any
+    dataset: data_lib.PromptDataset
+    policy_model: DecoderModel
+    policy_params: dict  # the initial policy; with LoRA, the frozen base
+    ref_params: dict  # the reference policy (with LoRA: the same base)
+    reward_model: DecoderModel
+    reward_params: dict
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading and the static config
+
+
+def stop_token_ids(tokenizer, model: DecoderModel) -> tuple[int, ...]:
+    """The model config's EOS ids and the tokenizer's EOS id."""
+    ids = set(model.config.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return tuple(sorted(ids))
+
+
+def prompt_bucket(config: TrainConfig) -> int:
+    return min(PROMPT_BUCKET, config.max_prompt_length)
+
+
+def _load(path: str, head: str, dtype, key: str) -> tuple[DecoderModel, dict]:
+    try:
+        return load_pretrained(path, head=head, dtype=dtype)
+    except CheckpointError as e:
+        if head == "reward" and "score.weight" in str(e):
+            raise ConfigError(
+                f"'{key}' {path} has no reward head (score.weight); point it at the output_dir of a stage: rm run"
+            ) from None
+        raise
+
+
+def _check_reward_vocabulary(config: TrainConfig, reward_model: DecoderModel, tokenizer) -> None:
+    """The reward model must read the policy's token ids: same tokenizer (pad included), enough embedding rows."""
+    if reward_model.config.vocab_size < len(tokenizer):
+        raise ConfigError(
+            f"reward_model {config.reward_model} has {reward_model.config.vocab_size} embedding rows but the policy "
+            f"tokenizer has {len(tokenizer)} tokens; train the reward model from the same base model (stage: rm)"
+        )
+    if os.path.isfile(os.path.join(config.reward_model, "tokenizer_config.json")):
+        reward_tokenizer, _ = data_lib.ensure_pad_token(data_lib.load_tokenizer(config.reward_model))
+        if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(
+                f"reward_model {config.reward_model}: its tokenizer differs from the policy's "
+                f"({config.model_name_or_path}); the reward model must share the policy's vocabulary"
+            )
+
+
+def load_inputs(config: TrainConfig) -> PPOInputs:
+    """Tokenizer (with a dedicated pad token), prompts, policy, reference and reward model."""
+    tokenizer, _ = data_lib.ensure_pad_token(data_lib.load_tokenizer(config.model_name_or_path))
+    dataset = data_lib.load_prompts(
+        config.dataset,
+        tokenizer,
+        template=config.template,
+        max_prompt_length=config.max_prompt_length,
+        overflow=config.prompt_overflow,
+    )
+    dtype = jnp.bfloat16 if config.bf16 else jnp.float32
+    policy_model, policy_params = fit_vocabulary(
+        *_load(config.model_name_or_path, "lm", dtype, "model_name_or_path"), tokenizer
+    )
+    positions = bucket_length(config.max_prompt_length, prompt_bucket(config)) + config.max_new_tokens
+    if positions > policy_model.config.max_position_embeddings:
+        raise ConfigError(
+            f"max_prompt_length {config.max_prompt_length} + max_new_tokens {config.max_new_tokens} needs {positions} "
+            f"positions but {config.model_name_or_path} has max_position_embeddings "
+            f"{policy_model.config.max_position_embeddings}; lower max_new_tokens or max_prompt_length"
+        )
+    ref_params = policy_params
+    if config.ref_model is not None:
+        ref_model, ref_params = fit_vocabulary(*_load(config.ref_model, "lm", dtype, "ref_model"), tokenizer)
+        if ref_model.config != policy_model.config:
+            raise ConfigError(
+                f"ref_model {config.ref_model} is not the same architecture as {config.model_name_or_path}; "
+                "the reference must share the policy's config"
+            )
+    reward_model, reward_params = _load(config.reward_model, "reward", dtype, "reward_model")
+    _check_reward_vocabulary(config, reward_model, tokenizer)
+    return PPOInputs(tokenizer, dataset, policy_model, policy_params, ref_params, reward_model, reward_params)
+
+
+def total_iterations(config: TrainConfig, num_prompts: int) -> int:
+    if config.max_steps > 0:
+        return config.max_steps
+    return max(1, int(config.num_train_epochs * (num_prompts // config.rollout_batch_size)))
+
+
+def make_ppo_config(
+    config: TrainConfig, *, iterations: int, pad_token_id: int, stop_ids: tuple, control: RunControl
+) -> train.PPOConfig:
+    """The static `PPOConfig` of a run (see the module docstring for the mapping)."""
+    rollout, minibatch = config.rollout_batch_size, config.optimizer_batch_size
+    total_steps = iterations * config.ppo_epochs * (rollout // minibatch)
+    if config.lr_scheduler_type == "linear" and total_steps <= config.warmup_steps:
+        raise ConfigError(
+            f"warmup_steps {config.warmup_steps} is not below the run's {total_steps} optimizer steps (iterations × "
+            "ppo_epochs × minibatches); lower warmup_steps or use lr_scheduler_type: constant"
+        )
+
+    def optimizer(learning_rate: float) -> OptimizerConfig:
+        return OptimizerConfig(
+            learning_rate=learning_rate * control.lr_scale,
+            schedule=config.lr_scheduler_type,
+            warmup_steps=config.warmup_steps,
+            total_steps=total_steps,
+            max_grad_norm=config.max_grad_norm or None,
+        )
+
+    return train.PPOConfig(
+        convention=config.convention,
+        batch_size=rollout,
+        minibatch_size=minibatch,
+        micro_batch_size=config.micro_batch_size,
+        ppo_epochs=config.ppo_epochs,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        stop_token_ids=stop_ids,
+        pad_token_id=pad_token_id,
+        critic_mode=config.critic_mode,
+        policy_optimizer=optimizer(config.learning_rate),
+        critic_optimizer=optimizer(config.critic_learning_rate or config.learning_rate),
+        entropy_coef=config.entropy_coef,
+        early_stop_kl=None if config.target_kl is None else 1.5 * config.target_kl,
+        master_dtype="float32" if config.bf16 else None,
+        reward_gain=control.reward_gain,
+        reward_bias=control.reward_bias,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Score normalisation, the run guard
+
+
+def fit_score_normalisation(
+    config: TrainConfig, ppo_config: train.PPOConfig, models, state, inputs: PPOInputs
+) -> tuple[float, float]:
+    """(gain, bias) making gain · score + bias mean 0, population std 1 over ≥ 64 responses of the initial policy
+    (sampled with a key of their own, so the training stream is the same with and without normalisation)."""
+    raw = ppo_config.replace(reward_gain=1.0, reward_bias=0.0)
+    collect = jax.jit(lambda s, p, ref, rew: train.collect(s, p, ref, rew, config=raw, models=models))
+    batches = data_lib.prompt_batches(
+        inputs.dataset,
+        ppo_config.batch_size,
+        pad_token_id=inputs.tokenizer.pad_token_id,
+        seed=config.seed,
+        bucket=prompt_bucket(config),
+    )
+    state = state.replace(key=jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5C0))
+    scores = []
+    for _ in range(math.ceil(SCORE_NORM_MIN_RESPONSES / ppo_config.batch_size)):
+        batch = next(batches)
+        state, experience = collect(state, (batch.ids, batch.mask), inputs.ref_params, inputs.reward_params)
+        scores.append(np.asarray(experience.scores, np.float64))
+    scores = np.concatenate(scores)
+    std = scores.std()
+    gain = 1.0 / std if std > 0 else 1.0
+    return float(gain), float(-scores.mean() * gain)
+
+
+def rejection(metrics: dict, config: TrainConfig) -> Optional[str]:
+    """Why an iteration's result must not be kept, or None."""
+    kl, loss = metrics["objective/kl"], metrics["loss/total"]
+    if not math.isfinite(loss):
+        return "non-finite loss"
+    if not math.isfinite(kl):
+        return "non-finite KL"
+    if config.early_stop_kl is not None and kl > config.early_stop_kl:
+        return f"KL {kl:.4g} > early_stop_kl {config.early_stop_kl:g}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def export_models(config: TrainConfig, inputs: PPOInputs, models, state) -> None:
+    """Saves the policy (LoRA merged) to output_dir and the value model to output_dir/value_model, both in the
+    model's dtype with the tokenizer."""
+    dtype = inputs.policy_model.dtype
+    if isinstance(state.policy, Lora):
+        policy_params = merge_lora(inputs.policy_model, inputs.policy_params, _cast(state.policy, jnp.float32))
+    else:
+        policy_params = state.policy
+    policy_params = _cast(policy_params, dtype)
+    save_pretrained(config.output_dir, inputs.policy_model, policy_params, inputs.tokenizer)
+    value_dir = os.path.join(config.output_dir, VALUE_MODEL_DIR)
+    if models.critic is None:  # shared trunk: the policy's trunk with the trained value head
+        critic_model = DecoderModel(inputs.policy_model.config, head="value", dtype=dtype)
+        critic_params = {name: sub for name, sub in policy_params.items() if name != "lm_head"}
+        critic_params["value_head"] = _cast(state.critic, dtype)
+    else:
+        critic_model, critic_params = models.critic, _cast(state.critic, dtype)
+    save_pretrained(value_dir, critic_model, critic_params, inputs.tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run
+
+
+def _scale_kl_coef(kl_state, factor: float):
+    """The KL-controller state with β multiplied by `factor` (a NamedTuple or a flax struct with `coef`)."""
+    coef = kl_state.coef * jnp.asarray(factor, kl_state.coef.dtype)
+    return kl_state._replace(coef=coef) if hasattr(kl_state, "_replace") else kl_state.replace(coef=coef)
+
+
+def _metadata(config: TrainConfig, iteration: int, position, control: RunControl, good: bool = True) -> dict:
+    return {
+        "iteration": int(iteration),
+        "step": int(iteration),
+        "data_position": [int(x) for x in position],
+        "config_hash": config.hash(),
+        "good": good,
+        "control": dataclasses.asdict(control),
+    }
+
+
+def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
+    """stage ppo, end to end. Returns the summary dict (also in ppo_metrics/summary.json)."""
+    resuming = check_output_dir(config)
+    inputs = load_inputs(config)
+    batch_size = config.rollout_batch_size
+    if len(inputs.dataset) < batch_size:
+        raise ConfigError(
+            f"{config.dataset}: {len(inputs.dataset)} prompts, fewer than one rollout batch of {batch_size} "
+            "(per_device_train_batch_size × gradient_accumulation_steps × ppo_buffer_size, or batch_size)"
+        )
+    iterations_per_epoch = len(inputs.dataset) // batch_size
+    total = total_iterations(config, len(inputs.dataset))
+    pad_id = inputs.tokenizer.pad_token_id
+    stops = stop_token_ids(inputs.tokenizer, inputs.policy_model)
+
+    def ppo_config_for(control: RunControl) -> train.PPOConfig:
+        return make_ppo_config(config, iterations=total, pad_token_id=pad_id, stop_ids=stops, control=control)
+
+    control = RunControl()
+    lora = None
+    if config.finetuning_type == "lora":
+        lora = init_lora(
+            inputs.policy_model,
+            jax.random.PRNGKey(config.seed + 1),
+            rank=config.lora_rank,
+            alpha=config.lora_scale_alpha,
+            targets=config.lora_target,
+        )
+    state, models = train.init_ppo_state(
+        ppo_config_for(control),
+        inputs.policy_model,
+        inputs.policy_params,
+        jax.random.PRNGKey(config.seed),
+        reward_model=inputs.reward_model,
+        reward_params=inputs.reward_params,
+        critic_init="reward",
+        lora=lora,
+    )
+    ckpt = Checkpointer(config.checkpoint_dir, max_to_keep=config.max_to_keep)
+    position, start = data_lib.DataPosition(), 0
+    resumed = resuming and ckpt.latest_step() is not None
+    if resumed:
+        state, meta = restore_matching(ckpt, state, config)
+        position, start = data_lib.DataPosition(*meta["data_position"]), int(meta["iteration"])
+        control = RunControl(**meta["control"])
+    elif config.ppo_score_norm:
+        gain, bias = fit_score_normalisation(config, ppo_config_for(control), models, state, inputs)
+        control = dataclasses.replace(control, reward_gain=gain, reward_bias=bias)
+    writer = MetricsWriter(
+        config.output_dir,
+        "ppo",
+        total=total,
+        resume_step=start if resumed else None,
+        tensorboard=config.tensorboard,
+        progress=progress,
+    )
+    if not resumed:
+        ckpt.save(0, state, _metadata(config, 0, position, control))  # a rollback target before save_steps
+
+    ref_params, reward_params = inputs.ref_params, inputs.reward_params
+    iterate = train.make_ppo_iteration(ppo_config_for(control), models)
+
+    def batches_from(position):
+        return data_lib.prompt_batches(
+            inputs.dataset,
+            batch_size,
+            pad_token_id=pad_id,
+            seed=config.seed,
+            position=position,
+            bucket=prompt_bucket(config),
+        )
+
+    batches = batches_from(position)
+    iteration, status = start, "completed"
+    try:
+        while iteration < total:
+            batch = next(batches)
+            began = time.time()
+            new_state, metrics, experience = iterate(state, (batch.ids, batch.mask), ref_params, reward_params)
+            metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
+            metrics["time/iteration_s"] = time.time() - began
+            metrics["epoch"] = (iteration + 1) / iterations_per_epoch
+            reason = rejection(metrics, config)
+            if reason is not None:
+                writer.event(
+                    iteration + 1,
+                    "iteration_rejected",
+                    reason=reason,
+                    kl=metrics["objective/kl"],
+                    loss=metrics["loss/total"],
+                )
+                mode = config.on_kl_exceeded
+                if mode == "stop":
+                    state, iteration = new_state, iteration + 1
+                    writer.log(iteration, metrics)
+                    ckpt.save(iteration, state, _metadata(config, iteration, batch.position, control, good=False))
+                    status = f"stopped at iteration {iteration}: {reason}"
+                    writer.event(iteration, "stopped", reason=reason, weights="current")
+                    break
+                ckpt.wait()
+                try:
+                    step, state, meta = rollback(ckpt, state)
+                except CheckpointRestoreError as e:
+                    status = f"stopped at iteration {iteration + 1}: {reason}; {e}"
+                    writer.event(iteration + 1, "stopped", reason=str(e), weights="current")
+                    break
+                if mode == "rollback" or control.rollbacks >= config.max_rollbacks:
+                    iteration = step
+                    status = f"rolled back to iteration {step} and stopped: {reason}"
+                    writer.event(step, "rolled_back_and_stopped", reason=reason, rollbacks=control.rollbacks)
+                    break
+                control = dataclasses.replace(
+                    control, rollbacks=control.rollbacks + 1, lr_scale=control.lr_scale * config.rollback_lr_scale
+                )
+                state = state.replace(
+                    kl=_scale_kl_coef(state.kl, config.rollback_kl_coef_scale),
+                    key=jax.random.fold_in(state.key, control.rollbacks),
+                )
+                iteration, position = step, data_lib.DataPosition(*meta["data_position"])
+                ckpt.save(step, state, _metadata(config, step, position, control), overwrite=True)
+                writer.truncate(step)
+                writer.event(
+                    step,
+                    "rolled_back",
+                    rollbacks=control.rollbacks,
+                    lr_scale=control.lr_scale,
+                    kl_coef=float(state.kl.coef),
+                )
+                iterate = train.make_ppo_iteration(ppo_config_for(control), models)
+                batches = batches_from(position)
+                continue
+            state, iteration = new_state, iteration + 1
+            if iteration % config.logging_steps == 0 or iteration == total:
+                writer.log(iteration, metrics)
+            else:
+                writer.advance(iteration)
+            if config.samples_every and iteration % config.samples_every == 0:
+                prompts, responses = train.decode_responses(experience, inputs.tokenizer.decode)
+                n = config.num_samples
+                writer.samples(iteration, prompts[:n], responses[:n], np.asarray(experience.scores)[:n])
+            if iteration % config.save_steps == 0 or iteration == total:
+                ckpt.save(iteration, state, _metadata(config, iteration, batch.position, control))
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        ckpt.close()
+        summary = writer.close(
+            status,
+            iteration=iteration,
+            total_iterations=total,
+            config_hash=config.hash(),
+            dataset_rows=len(inputs.dataset),
+            truncated_rows=inputs.dataset.truncated,
+            pad_token_id=pad_id,
+            stop_token_ids=list(stops),
+            run_control=dataclasses.asdict(control),
+            events=writer.read_events(),
+            policy_dir=config.output_dir,
+            value_model_dir=os.path.join(config.output_dir, VALUE_MODEL_DIR),
+        )
+    export_models(config, inputs, models, state)
+    return summary
