@@ -2,6 +2,8 @@
 
   ppojax train CONFIG.yaml [key=value ...]   validate the config and data, then run its stage (sft, rm, ppo)
   ppojax demo [--iterations N] [--preset P]  a small, real PPO-RLHF loop on the CPU in seconds
+  ppojax eval-rm --model DIR --data FILE     reward-model accuracy, gold correlation and length bias
+  ppojax review SAMPLES.jsonl                rate samples 1-5 by hand; agreement with the reward model
 
 A bad config, data file or checkpoint is reported as one line on stderr (no traceback) with exit status 2.
 """
@@ -25,6 +27,7 @@ def main(argv=None) -> int:
     demo.add_argument("--iterations", type=int, default=40)
     demo.add_argument("--preset", default="ppojax", help="ppojax | trl | openrlhf | verl | openai")
     demo.add_argument("--seed", type=int, default=0)
+    add_aids_commands(sub)
     args, extra = parser.parse_known_args(argv)  # key=value may also follow an option such as --no-progress
     if args.command == "train":
         unknown = [x for x in extra if x.startswith("-") or "=" not in x]
@@ -36,6 +39,8 @@ def main(argv=None) -> int:
 
     if args.command == "train":
         return _train(args)
+    if args.command in AIDS_COMMANDS:
+        return AIDS_COMMANDS[args.command](args)
     if args.command == "demo":
         from ppojax import demo as demo_module
         from ppojax.presets import PRESETS
@@ -71,6 +76,91 @@ def _train(args) -> int:
         f"reports in {config.output_dir}/{config.stage}_metrics"
     )
     return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Practitioner aids (issue 10): eval-rm, review.
+
+
+def add_aids_commands(sub) -> None:
+    evaluate = sub.add_parser(
+        "eval-rm", help="reward-model accuracy on held-out pairs, correlation with gold scores, length bias"
+    )
+    evaluate.add_argument("--model", required=True, help="reward-model directory (a stage: rm output_dir)")
+    evaluate.add_argument("--data", required=True, help="held-out .json / .jsonl: pairs, or responses with gold scores")
+    evaluate.add_argument("--template", default="default", help="chat template as in training (default: raw text)")
+    evaluate.add_argument("--cutoff-len", type=int, default=2048, help="maximum tokens of prompt + response")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--threshold", type=float, default=0.6, help="gold correlation below it: retrain")
+    evaluate.add_argument("--length-bias-threshold", type=float, default=0.5, help="score-length Spearman flagged")
+    evaluate.add_argument("--bf16", action="store_true", help="bfloat16 weights and compute")
+    evaluate.add_argument("--json", metavar="FILE", help="also write the numbers to FILE (JSON)")
+    _add_review_command(sub)
+
+
+def _eval_rm(args) -> int:
+    import json
+    import os
+
+    from ppojax.config import ConfigError
+    from ppojax.models import CheckpointError
+
+    try:
+        for flag, path, kind in (("--model", args.model, os.path.isdir), ("--data", args.data, os.path.isfile)):
+            if not kind(path):
+                raise ConfigError(f"{flag} {path}: no such {'directory' if kind is os.path.isdir else 'file'}")
+        if args.batch_size < 1 or args.cutoff_len < 2:
+            raise ConfigError(
+                f"--batch-size must be >= 1 and --cutoff-len >= 2, got {args.batch_size}, {args.cutoff_len}"
+            )
+        from ppojax import eval_rm
+
+        result = eval_rm.evaluate_reward_model(
+            os.path.abspath(args.model),
+            os.path.abspath(args.data),
+            template=args.template,
+            cutoff_len=args.cutoff_len,
+            batch_size=args.batch_size,
+            threshold=args.threshold,
+            length_bias_threshold=args.length_bias_threshold,
+            bf16=args.bf16,
+        )
+    except (ConfigError, CheckpointError) as e:
+        print(f"ppojax: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(eval_rm.format_report(result))
+    if args.json:
+        from ppojax.reports import atomic_write
+
+        atomic_write(args.json, json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _add_review_command(sub) -> None:
+    review = sub.add_parser("review", help="rate samples 1-5 by hand (resumable); agreement with the reward model")
+    review.add_argument("samples", help="samples.jsonl (prompt, response, score), e.g. <output_dir>/ppo_metrics/")
+    review.add_argument("--ratings", help="ratings file (default: <samples>.ratings.jsonl beside it)")
+    review.add_argument("--high-score", type=float, help="reward-model score counted as high (default: 75th pct)")
+    review.add_argument("--max-chars", type=int, default=4000, help="longest prompt / response text shown")
+
+
+def _review(args) -> int:
+    import os
+
+    from ppojax.config import ConfigError
+    from ppojax.review import ReviewError, review
+
+    try:
+        if not os.path.isfile(args.samples):
+            raise ConfigError(f"{args.samples}: no such file (expected samples.jsonl from a ppo run)")
+        result = review(args.samples, ratings_path=args.ratings, high_score=args.high_score, max_chars=args.max_chars)
+    except (ConfigError, ReviewError) as e:
+        print(f"ppojax: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 130 if result["stopped"] == "interrupted" else 0
+
+
+AIDS_COMMANDS = {"eval-rm": _eval_rm, "review": _review}
 
 
 if __name__ == "__main__":

@@ -80,6 +80,10 @@ convention's values apply. Keys given explicitly override either.
 | samples_every | 10 | ppo: append prompt / response / score rows to samples.jsonl every N iterations; 0: never |
 | num_samples | 4 | ppo: rows written each time |
 | tensorboard | false | also write TensorBoard event files (only if tensorboardX or tensorboard is installed) |
+| rm_max_length_diff | null | rm: drop pairs whose chosen and rejected responses differ by more than this many tokens (counted in summary.json); null keeps all |
+| length_reward | preset (none) | ppo: none, penalty (score − length_penalty × response tokens) or sqrt (score / √response tokens), against a reward model's length bias |
+| length_penalty | preset (0) | ppo: c in length_reward: penalty (> 0 there, 0 otherwise) |
+| kl_rule | preset (proportional) | how an adaptive β moves: proportional (Ziegler) or step (KL > 1.5 × target: β × 1.5; KL < 0.5 × target: β × 0.75). Needs adap_kl_ctrl |
 """
 
 from __future__ import annotations
@@ -95,8 +99,9 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
 
-from ppojax.kl import KL_ESTIMATORS
+from ppojax.kl import KL_ESTIMATORS, KL_RULES
 from ppojax.presets import PRESETS, Convention
+from ppojax.rewards import LENGTH_REWARDS
 
 
 class ConfigError(ValueError):
@@ -205,6 +210,10 @@ class TrainConfig:
     samples_every: int = _key(10, low=0)
     num_samples: int = _key(4, low=1)
     tensorboard: bool = _key(False)
+    kl_rule: Optional[str] = _key(None, choices=KL_RULES)
+    rm_max_length_diff: Optional[int] = _key(None, low=0)
+    length_reward: Optional[str] = _key(None, choices=LENGTH_REWARDS)
+    length_penalty: Optional[float] = _key(None, low=0.0)
     # The keys the user gave (not a config key): an explicit null differs from "take the preset's value".
     given_keys: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
@@ -281,6 +290,9 @@ CONVENTION_KEYS = {
     "lam": "lam",
     "missing_eos_penalty": "missing_eos_penalty",
     "ppo_whiten_rewards": "whiten_rewards",
+    "kl_rule": "kl_rule",
+    "length_reward": "length_reward",
+    "length_penalty": "length_penalty",
 }
 
 # Other names for the same key (TRL 0.x / OpenRLHF / HF Trainer spellings).
@@ -583,11 +595,23 @@ def _check_consistency(config: TrainConfig, raw: Mapping, where):
             )
     if c.stage == "ppo":
         _check_ppo(c, where)
+        mode = c.length_reward or "none"
+        if (mode == "penalty") != bool(c.length_penalty):
+            key = "length_penalty" if c.length_penalty else "length_reward"
+            raise ConfigError(
+                f"{where(key)}: length_reward {mode!r} with length_penalty {c.length_penalty or 0}; "
+                "length_reward: penalty needs length_penalty > 0, and length_penalty needs length_reward: penalty"
+            )
         conv = c.convention
         if c.ppo_target is not None and not conv.adaptive_kl:
             raise ConfigError(
                 f"{where('ppo_target')}: 'ppo_target' {c.ppo_target} has no effect with a fixed KL coefficient "
                 f"(preset {c.preset!r} has adap_kl_ctrl false); set adap_kl_ctrl: true or drop ppo_target"
+            )
+        if c.kl_rule is not None and not conv.adaptive_kl:
+            raise ConfigError(
+                f"{where('kl_rule')}: 'kl_rule' {c.kl_rule} has no effect with a fixed KL coefficient "
+                f"(adap_kl_ctrl is false); set adap_kl_ctrl: true or drop kl_rule"
             )
     if c.stage != "ppo":
         ppo_only = sorted(k for k in raw if k in _PPO_ONLY_KEYS)
@@ -596,6 +620,11 @@ def _check_consistency(config: TrainConfig, raw: Mapping, where):
                 f"{where(ppo_only[0])}: '{ppo_only[0]}' is a PPO setting but stage is {c.stage!r}; "
                 "remove it or set stage: ppo"
             )
+    if c.rm_max_length_diff is not None and c.stage != "rm":
+        raise ConfigError(
+            f"{where('rm_max_length_diff')}: 'rm_max_length_diff' filters reward-model pairs but stage is "
+            f"{c.stage!r}; remove it or set stage: rm"
+        )
     if c.finetuning_type == "full" and any(k in raw for k in ("lora_rank", "lora_alpha", "lora_target")):
         key = next(k for k in ("lora_rank", "lora_alpha", "lora_target") if k in raw)
         raise ConfigError(
@@ -655,5 +684,8 @@ _PPO_ONLY_KEYS = frozenset(
         "samples_every",
         "num_samples",
         "entropy_coef",
+        "kl_rule",
+        "length_reward",
+        "length_penalty",
     }
 )

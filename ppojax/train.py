@@ -32,7 +32,7 @@ import optax
 from flax import struct
 
 from ppojax import sampling
-from ppojax.kl import KLController, KLControllerState, adaptive_kl_controller, fixed_kl_controller, sequence_kl
+from ppojax.kl import KLController, KLControllerState, make_kl_controller, sequence_kl
 from ppojax.losses import aggregate_loss, entropy_from_logits, value_loss
 from ppojax.models.decoder import DecoderModel, init_value_head, values_from_hidden
 from ppojax.models.lora import Lora
@@ -246,10 +246,14 @@ def critic_from_policy(policy_model: DecoderModel, policy_params: dict) -> tuple
 
 
 def kl_controller(convention: Convention) -> KLController:
-    """The convention's controller: adaptive (Ziegler) or fixed β."""
-    if convention.adaptive_kl:
-        return adaptive_kl_controller(convention.kl_coef, convention.kl_target, convention.kl_horizon)
-    return fixed_kl_controller(convention.kl_coef)
+    """The convention's controller: fixed β, or adaptive by the proportional (Ziegler) or step rule."""
+    return make_kl_controller(
+        adaptive=convention.adaptive_kl,
+        init_coef=convention.kl_coef,
+        target=convention.kl_target,
+        horizon=convention.kl_horizon,
+        rule=convention.kl_rule,
+    )
 
 
 def _cast(tree, dtype):
