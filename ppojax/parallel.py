@@ -815,6 +815,37 @@ def batch_from_process_data(layout: Layout, local_tree, global_rows: int):
     return jax.tree.map(make, local_tree)
 
 
+_DISTRIBUTED_KEYS = ("coordinator_address", "num_processes", "process_id", "local_device_ids")
+
+
+def setup(mesh: Any = None, distributed: Any = None, *, source: str = "config") -> tuple[Layout, DistributedInfo]:
+    """What a run does first: the multi-host start, then the mesh. For config keys such as
+
+        mesh: {data: 2, fsdp: 4, tensor: 1}        # or a MeshConfig; None: every device on `data`
+        distributed: auto                          # or {coordinator_address: host:port, num_processes: N,
+                                                   #     process_id: i}; None: the JAX_* variables, if set
+    Returns (layout with the default rules, this process's DistributedInfo).
+    """
+    if distributed in (None, False):
+        info = initialize_distributed()
+    elif distributed is True or distributed == "auto":
+        info = initialize_distributed(auto=True)
+    elif isinstance(distributed, Mapping):
+        unknown = sorted(set(distributed) - set(_DISTRIBUTED_KEYS))
+        if unknown:
+            raise ValueError(f"{source}: distributed.{unknown[0]} is not a key; the keys are {_DISTRIBUTED_KEYS}")
+        info = initialize_distributed(**distributed)
+    else:
+        raise ValueError(
+            f"{source}: distributed: expected auto, a mapping of {_DISTRIBUTED_KEYS}, or null; found {distributed!r}"
+        )
+    if mesh is None:
+        mesh = MeshConfig()
+    elif not isinstance(mesh, MeshConfig):
+        mesh = MeshConfig.from_dict(mesh, f"{source}: mesh")
+    return Layout(mesh.make_mesh()), info
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Memory estimate
 

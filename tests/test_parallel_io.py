@@ -169,6 +169,13 @@ def test_single_process_feeds_every_row_and_distributed_start_is_optional():
         )
     with pytest.raises(ValueError, match="JAX_NUM_PROCESSES: expected an integer, found 'two'"):
         PL.initialize_distributed(env={"JAX_NUM_PROCESSES": "two"})
+    # The config-level entry: mesh keys, distributed keys.
+    layout, info = PL.setup({"fsdp": 4})
+    assert layout.sizes == {"data": 2, "fsdp": 4, "tensor": 1} and info.process_count == 1
+    with pytest.raises(ValueError, match="config: distributed.coordinator is not a key"):
+        PL.setup(None, {"coordinator": "h:1"})
+    with pytest.raises(ValueError, match="config: mesh: unknown mesh axis 'pipeline'"):
+        PL.setup({"pipeline": 2})
 
 
 # ----------------------------------------------------------------------------------------------------------
