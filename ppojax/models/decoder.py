@@ -24,6 +24,7 @@ left-padded row and the same row unpadded give the same logits at real tokens.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import itertools
@@ -64,6 +65,15 @@ class ModelOutput(NamedTuple):
 
 
 _normal = nn.initializers.normal(_INIT_STD)
+
+# Optional sharding of activations: `ppojax.parallel.activation_sharding` sets hook(x, logical_axes) -> x while
+# a sharded program is traced; without it `constrain` is the identity.
+ACTIVATION_HOOK = contextvars.ContextVar("ppojax_activation_hook", default=None)
+
+
+def constrain(x, *logical_axes):
+    hook = ACTIVATION_HOOK.get()
+    return x if hook is None else hook(x, logical_axes)
 
 
 class _Dense(nn.Module):
@@ -283,6 +293,7 @@ class _Decoder(nn.Module):
             x = x + jnp.take(table, positions, axis=0).astype(self.dtype)
         else:
             cos, sin = rope_cos_sin(cfg, positions)
+        x = constrain(x, "batch", "length", "embed_act")
         lora = lora or {}
         new_caches = []
         # Gradient checkpointing: a rematerialised block keeps only its input for the backward pass.
@@ -292,6 +303,7 @@ class _Decoder(nn.Module):
             x, layer_cache = block(cfg, i, self.dtype, name=f"layers_{i}")(
                 x, cos, sin, slots, layer_cache, lora.get(f"layers_{i}")
             )
+            x = constrain(x, "batch", "length", "embed_act")
             new_caches.append(layer_cache)
         hidden = _Norm(cfg.norm, cfg.norm_eps, self.dtype, name="final_norm")(x)
         if self.head == "lm":
