@@ -51,7 +51,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import workload as wl  # noqa: E402
+import workload as wl
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 MALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true"
@@ -78,7 +78,7 @@ class Worker:
 
     def __init__(self, name: str, argv: list[str], env: dict, log_path: str):
         self.name, self.log_path = name, log_path
-        self.log = open(log_path, "w")
+        self.log = open(log_path, "w")  # noqa: SIM115 (lives as long as the worker)
         self.process = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1, env=env
         )

@@ -21,7 +21,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import workload as wl  # noqa: E402
+import workload as wl
 
 
 def parse_args() -> argparse.Namespace:
@@ -38,15 +38,16 @@ if ARGS.devices > 1:
     flags = f"--xla_force_host_platform_device_count={ARGS.devices} --xla_cpu_multi_thread_eigen=false"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
 
-import functools  # noqa: E402
+import functools
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import ppojax  # noqa: E402
-from ppojax.train import Experience  # noqa: E402
+import ppojax
+from ppojax.train import Experience
 
 
 def make_config(w: wl.Workload, minibatches: int) -> ppojax.PPOConfig:

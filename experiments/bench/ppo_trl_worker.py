@@ -25,14 +25,13 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import workload as wl  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
-from trl.experimental.ppo import ppo_trainer as trl_ppo  # noqa: E402
+import numpy as np
+import torch
+import transformers
+import workload as wl
+from datasets import Dataset
+from trl.experimental.ppo import PPOConfig, PPOTrainer
+from trl.experimental.ppo import ppo_trainer as trl_ppo
 
 
 def parse_args() -> argparse.Namespace:
@@ -145,7 +144,7 @@ def main() -> None:
     )
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (wl.PAD_ID, wl.EOS_ID), "pad / eos ids"
     policy_dir, reward_dir = os.path.join(args.dir, "policy"), os.path.join(args.dir, "reward")
-    load = dict(dtype=dtype)
+    load = {"dtype": dtype}
     policy = transformers.AutoModelForCausalLM.from_pretrained(policy_dir, **load)
     ref_policy = transformers.AutoModelForCausalLM.from_pretrained(policy_dir, **load)
     value_model = transformers.AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1, **load)

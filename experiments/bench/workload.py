@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import time
-from typing import Optional
 
 import numpy as np
 
@@ -225,7 +224,7 @@ def build(w: Workload, directory: str) -> dict:
     import transformers
 
     paths = {name: os.path.join(directory, name) for name in ("tokenizer", "policy", "reward")}
-    tokenizer = build_tokenizer(paths["tokenizer"], w.seed)
+    build_tokenizer(paths["tokenizer"], w.seed)
     dtype = getattr(torch, w.dtype)
     torch.manual_seed(w.seed)
     policy = transformers.Qwen2ForCausalLM(qwen2_config(w)).to(dtype)
@@ -262,7 +261,7 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def current_rss_mb(pid: Optional[int] = None) -> float:
+def current_rss_mb(pid: int | None = None) -> float:
     with open(f"/proc/{pid or 'self'}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
