@@ -74,7 +74,7 @@ def test_phases_match_the_one_program_iteration():
     state, models = T.init_ppo_state(
         config, POLICY, POLICY_PARAMS, jax.random.key(2), reward_fn=target_rate, critic_init="policy"
     )
-    one = T.make_ppo_iteration(config, models)
+    one = T.make_ppo_iteration(config, models, timing=False)
     collect, train = T.make_ppo_phases(config, models)
     s1, m1, e1 = one(state, PROMPTS, POLICY_PARAMS, None)
     s2, e2 = collect(state, PROMPTS, POLICY_PARAMS, None)
@@ -86,3 +86,4 @@ def test_phases_match_the_one_program_iteration():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(jax.random.key_data(s1.key)), np.asarray(jax.random.key_data(s2.key)))
     assert BATCH == e1.response_ids.shape[0]
+
