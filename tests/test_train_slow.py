@@ -86,4 +86,3 @@ def test_phases_match_the_one_program_iteration():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(jax.random.key_data(s1.key)), np.asarray(jax.random.key_data(s2.key)))
     assert BATCH == e1.response_ids.shape[0]
-
