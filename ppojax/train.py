@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -32,13 +33,13 @@ import optax
 from flax import struct
 
 from ppojax import sampling
+from ppojax.generation import _forward, _response_slice, response_logprobs, response_values, rollout, sequence_reward
 from ppojax.kl import KLController, KLControllerState, make_kl_controller, sequence_kl
-from ppojax.losses import aggregate_loss, entropy_from_logits, value_loss
+from ppojax.losses import aggregate_loss, value_loss
 from ppojax.models.decoder import DecoderModel, init_value_head, values_from_hidden
 from ppojax.models.lora import Lora
 from ppojax.optim import OptimizerConfig, make_optimizer, make_schedule
 from ppojax.presets import PRESETS, Convention, assemble_advantages, ppo_losses
-from ppojax.generation import _forward, _response_slice, response_logprobs, response_values, rollout, sequence_reward
 from ppojax.stats import as_f32, masked_count, masked_max, masked_mean, masked_var, safe_divide, whiten
 
 CRITIC_MODES = ("separate", "joint", "shared")
@@ -720,8 +721,10 @@ def ppo_iteration(state: PPOState, prompts, ref_params, reward_params, *, config
     policy/{approxkl, clipfrac, clipfrac_lower, ratio_mean, ratio_max, first_ratio_max, first_clipfrac,
     first_approxkl, logprob_gap, logprob_gap_max}, loss/{policy, value, total}, value/{clipfrac, explained_variance},
     returns/{mean, var}, advantages/{mean, var}, response/{length_mean, clip_ratio, eos_rate},
-    grad/{policy_norm, critic_norm}, lr/{policy, critic}, train/{updates, skipped_updates, early_stopped}.
-    Per-update metrics are averaged over the updates attempted (ratio_max: their max).
+    grad/{policy_norm, critic_norm}, lr/{policy, critic}, train/{updates, skipped_updates, early_stopped};
+    with `config.exact_old_logprobs` also grad/old_pass_norm and policy/old_pass_gap_max. Per-update metrics
+    are averaged over the updates attempted (ratio_max: their max). `make_ppo_iteration` adds the host-timed
+    throughput metrics perf/*.
     """
     state, experience = collect(state, prompts, ref_params, reward_params, config=config, models=models)
     state, metrics = train_on_batch(state, experience, ref_params, config=config, models=models)
@@ -755,28 +758,55 @@ def make_ppo_iteration(
     *,
     text_reward_fn: Optional[Callable[[Sequence[str], Sequence[str]], Sequence[float]]] = None,
     decode: Optional[Callable[[list[int]], str]] = None,
+    timing: bool = True,
 ):
     """iteration(state, prompts, ref_params, reward_params) -> (state, metrics, experience).
 
-    Without `text_reward_fn`: one jitted program. With it: the jitted phases with the host-side reward in
-    between, `text_reward_fn(prompt_texts, response_texts) -> [B]` added to the scores; `decode(token ids)
-    -> str` (e.g. `tokenizer.decode`) turns ids into text.
+    With `timing` (default), or with a `text_reward_fn`: the two jitted phases (`make_ppo_phases`), each
+    waited for and timed on the host, which adds the throughput metrics (numpy float32 scalars; the first
+    call's figures include compilation):
+      perf/rollout_s, perf/rollout_tokens_per_s: the collection phase (sampling, the teacher-forced passes,
+        scoring) and the response tokens generated (real tokens, padding excluded) per second of it;
+      perf/update_s, perf/update_tokens_per_s: the training phase and the tokens (prompt + response, real)
+        through the updates' forward and backward passes (each attempted update, one minibatch's share of the
+        batch) per second of it; perf/text_reward_s with a `text_reward_fn`.
+    With `timing=False` and no text reward: one jitted program (`ppo_iteration`), no host round trip between
+    the phases, no perf/ metrics.
+
+    `text_reward_fn(prompt_texts, response_texts) -> [B]` is added to the scores between the phases; `decode(
+    token ids) -> str` (e.g. `tokenizer.decode`) turns ids into text. The phased iteration exposes its two
+    jitted programs as `iteration.phases` (collect, train_on_batch).
     """
-    if text_reward_fn is None:
-        return jax.jit(functools.partial(ppo_iteration, config=config, models=models))
-    if decode is None:
+    if text_reward_fn is not None and decode is None:
         raise ValueError("make_ppo_iteration: text_reward_fn needs decode (token ids -> str), e.g. tokenizer.decode")
+    if text_reward_fn is None and not timing:
+        return jax.jit(functools.partial(ppo_iteration, config=config, models=models))
     collect_jit, train_jit = make_ppo_phases(config, models)
 
     def iteration(state, prompts, ref_params, reward_params):
-        state, experience = collect_jit(state, prompts, ref_params, reward_params)
-        text_scores = np.asarray(text_reward_fn(*decode_responses(experience, decode)), np.float32)
-        if text_scores.shape != (config.batch_size,):
-            raise ValueError(f"text_reward_fn returned shape {text_scores.shape}; expected ({config.batch_size},)")
-        experience = experience.replace(scores=experience.scores + text_scores)
-        state, metrics = train_jit(state, experience, ref_params)
-        return state, metrics, experience
+        perf = {}
+        start = time.perf_counter()
+        state, experience = jax.block_until_ready(collect_jit(state, prompts, ref_params, reward_params))
+        perf["perf/rollout_s"] = time.perf_counter() - start
+        if text_reward_fn is not None:
+            start = time.perf_counter()
+            text_scores = np.asarray(text_reward_fn(*decode_responses(experience, decode)), np.float32)
+            if text_scores.shape != (config.batch_size,):
+                raise ValueError(f"text_reward_fn returned shape {text_scores.shape}; expected ({config.batch_size},)")
+            experience = experience.replace(scores=experience.scores + text_scores)
+            perf["perf/text_reward_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        state, metrics = jax.block_until_ready(train_jit(state, experience, ref_params))
+        perf["perf/update_s"] = time.perf_counter() - start
+        response_mask, prompt_mask = jax.device_get((experience.response_mask, experience.prompt_mask))
+        response_tokens = float(np.sum(response_mask > 0))
+        update_tokens = (response_tokens + float(np.sum(prompt_mask > 0))) * float(metrics["train/updates"])
+        update_tokens /= config.minibatches
+        perf["perf/rollout_tokens_per_s"] = response_tokens / max(perf["perf/rollout_s"], 1e-9)
+        perf["perf/update_tokens_per_s"] = update_tokens / max(perf["perf/update_s"], 1e-9)
+        return state, {**metrics, **{name: np.float32(value) for name, value in perf.items()}}, experience
 
+    iteration.phases = (collect_jit, train_jit)
     return iteration
 
 

@@ -9,9 +9,9 @@ import optax
 import pytest
 
 from ppojax import train as T
+from ppojax.generation import pad_prompts
 from ppojax.models import DecoderModel, ModelConfig
 from ppojax.optim import OptimizerConfig, make_optimizer
-from ppojax.generation import pad_prompts
 
 VOCAB, PAD, TARGET, N = 64, 63, 7, 6
 CONFIG = ModelConfig(
