@@ -660,10 +660,21 @@ def sharded_ppo_phases(
     return collect, train_on_batch
 
 
-def _train_state_roles(optimizer):
-    return (
-        lambda layout, state: layout.train_state(state, optimizer),
+def sharded_train_step(
+    step: Callable, optimizer: optax.GradientTransformation, layout: Layout, *, compiler_options=None, name=""
+) -> ShardedFunction:
+    """Any step(state: TrainState, batch, base_params) -> (state, metrics) over `optimizer`'s state, sharded:
+    the `TrainState` donated, the batch (a pytree of [B, ...] arrays) split over the batch axes, base params by
+    the rules (None without LoRA), metrics replicated. `sharded_sft_step` and `sharded_reward_model_step` are
+    this with `ppojax.train`'s steps; a runner's own loss goes the same way."""
+    return ShardedFunction(
+        step,
+        layout,
+        (lambda layout, state: layout.train_state(state, optimizer), _batch_role, _params_role),
         lambda layout, args: (layout.train_state(args[0], optimizer), layout.replicated),
+        donate_argnums=(0,),
+        compiler_options=compiler_options,
+        name=name or getattr(step, "__name__", "train step"),
     )
 
 
@@ -672,16 +683,8 @@ def sharded_sft_step(
 ) -> ShardedFunction:
     """sft_step(state, batch, base_params) -> (state, metrics); `TrainState` donated, the `SequenceBatch`
     batch-sharded (pass base_params=None without LoRA). See `ppojax.train.sft_step`."""
-    state_role, out_role = _train_state_roles(optimizer)
-    return ShardedFunction(
-        functools.partial(train.sft_step, model=model, optimizer=optimizer),
-        layout,
-        (state_role, _batch_role, _params_role),
-        out_role,
-        donate_argnums=(0,),
-        compiler_options=compiler_options,
-        name="sft_step",
-    )
+    step = functools.partial(train.sft_step, model=model, optimizer=optimizer)
+    return sharded_train_step(step, optimizer, layout, compiler_options=compiler_options, name="sft_step")
 
 
 def sharded_reward_model_step(
@@ -689,16 +692,8 @@ def sharded_reward_model_step(
 ) -> ShardedFunction:
     """reward_model_step(state, batch, base_params) -> (state, metrics); `TrainState` donated, the
     `PreferenceBatch` batch-sharded. See `ppojax.train.reward_model_step`."""
-    state_role, out_role = _train_state_roles(optimizer)
-    return ShardedFunction(
-        functools.partial(train.reward_model_step, model=model, optimizer=optimizer),
-        layout,
-        (state_role, _batch_role, _params_role),
-        out_role,
-        donate_argnums=(0,),
-        compiler_options=compiler_options,
-        name="reward_model_step",
-    )
+    step = functools.partial(train.reward_model_step, model=model, optimizer=optimizer)
+    return sharded_train_step(step, optimizer, layout, compiler_options=compiler_options, name="reward_model_step")
 
 
 # ----------------------------------------------------------------------------------------------------------

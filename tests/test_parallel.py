@@ -388,3 +388,20 @@ def test_batch_rows_must_divide_over_the_batch_shards():
     rollout = PL.sharded_rollout(POLICY, lay, max_new_tokens=N, compiler_options=FAST)
     with pytest.raises(ValueError, match="batch: 6 rows are not a multiple of the 8 batch shards"):
         rollout(PARAMS, PROMPT_IDS[:6], PROMPT_MASK[:6], jax.random.key(0), stop_token_ids=[5], pad_token_id=PAD)
+
+
+@pytest.mark.slow  # one more pair of train-step compilations
+def test_reward_model_step_equals_one_device():
+    lay = layout((2, 2, 2))
+    chosen_ids, chosen_mask = _responses(ROWS, 9)
+    batch = T.PreferenceBatch(PROMPT_IDS, PROMPT_MASK, chosen_ids, chosen_mask, RESPONSE_IDS, RESPONSE_MASK)
+    state = T.init_train_state(REWARD_PARAMS, SFT_OPTIMIZER)
+    step = functools.partial(T.reward_model_step, model=REWARD, optimizer=SFT_OPTIMIZER)
+    single_state, single_metrics = jax.device_get(jax.jit(step, compiler_options=FAST)(state, batch, None))
+    sharded = PL.sharded_reward_model_step(REWARD, SFT_OPTIMIZER, lay, compiler_options=FAST)
+    fresh = T.init_train_state(_fresh(REWARD_PARAMS), SFT_OPTIMIZER)
+    new_state, metrics = sharded(PL.place(fresh, lay.train_state(fresh, SFT_OPTIMIZER)), batch, None)
+    for name, value in single_metrics.items():
+        np.testing.assert_allclose(metrics[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+    _assert_close_to_scale((new_state.params, new_state.opt_state), (single_state.params, single_state.opt_state))
+    assert _normalise(new_state.params["score"]["kernel"].sharding.spec) == P("fsdp")
