@@ -156,9 +156,9 @@ def run_setting(args, directory: str, minibatches: int, workload: wl.Workload) -
                 run["load"] = load
                 result["runs"][name].append(run)
             print(
-                f"  [{minibatches} minibatch(es)] round {round_ + 1}/{args.updates}: "
-                + "; ".join(f"{n} {sum(result['runs'][n][-1]['wall'].values()):.2f} s" for n in names)
-                + f" (load {load:.1f}, JAX peak {peak['jax']['square_gflops']:.0f} GFLOP/s)",
+                f"  [{minibatches} minibatch(es)] round {round_ + 1}/{args.updates} "
+                f"(load {load:.1f}, JAX peak {peak['jax']['square_gflops']:.0f} GFLOP/s): "
+                + "; ".join(f"{n} {fmt_phases(result['runs'][n][-1])}" for n in names),
                 flush=True,
             )
         result["memory"] = {name: worker.ask("memory") for name, worker in workers.items()}
@@ -166,6 +166,13 @@ def run_setting(args, directory: str, minibatches: int, workload: wl.Workload) -
         for worker in workers.values():
             worker.close()
     return result
+
+
+def fmt_phases(run: dict) -> str:
+    wall, cpu = run["wall"], run["cpu"]
+    return (
+        " + ".join(f"{wall[p]:.2f}" for p in PHASES) + f" = {sum(wall.values()):.2f} s (CPU {sum(cpu.values()):.2f} s)"
+    )
 
 
 def fmt_update(runs: list[dict]) -> str:
@@ -207,6 +214,9 @@ def summarise(result: dict, workload: wl.Workload) -> dict:
         summary["speedup_of_medians"] = (
             summary["libraries"]["trl"]["total_median"] / summary["libraries"]["ppojax"]["total_median"]
         )
+        summary["cpu_speedup_of_medians"] = (
+            summary["libraries"]["trl"]["total_cpu_median"] / summary["libraries"]["ppojax"]["total_cpu_median"]
+        )
         summary["train_speedup"] = (
             summary["libraries"]["trl"]["phases"]["train"]["seconds"]
             / summary["libraries"]["ppojax"]["phases"]["train"]["seconds"]
@@ -230,15 +240,16 @@ def print_table(workload: wl.Workload, summaries: list[tuple[int, dict]], header
     print()
     print(
         "| minibatches | library | generate s | score s | train s | update s (median / best) | "
-        "train GFLOP/s (% of peak) | generate / score % of peak | peak RSS MB | load |"
+        "update CPU s | train GFLOP/s (% of peak) | generate / score % of peak | peak RSS MB | load |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for minibatches, s in summaries:
         for name, lib in s["libraries"].items():
             ph = lib["phases"]
             print(
                 f"| {minibatches} | {name} | {ph['generate']['seconds']:.3f} | {ph['score']['seconds']:.3f} | "
                 f"{ph['train']['seconds']:.3f} | {lib['total_median']:.3f} / {lib['total_best']:.3f} | "
+                f"{lib['total_cpu_median']:.2f} | "
                 f"{ph['train']['gflops']:.0f} ({100 * ph['train']['of_peak']:.0f} %) | "
                 f"{100 * ph['generate']['of_peak']:.0f} / {100 * ph['score']['of_peak']:.0f} | "
                 f"{lib['peak_rss_mb']:.0f} | {lib['load'][0]:.1f}–{lib['load'][1]:.1f} |"
@@ -253,7 +264,8 @@ def print_table(workload: wl.Workload, summaries: list[tuple[int, dict]], header
         if "speedup_paired_median" in s:
             line += (
                 f"; ppojax / TRL speed-up: update {s['speedup_paired_median']:.2f}× (paired median; "
-                f"{s['speedup_of_medians']:.2f}× of medians), train phase {s['train_speedup']:.2f}×"
+                f"{s['speedup_of_medians']:.2f}× of medians; CPU time {s['cpu_speedup_of_medians']:.2f}×), "
+                f"train phase {s['train_speedup']:.2f}×"
             )
         print(line)
 
@@ -280,19 +292,21 @@ def main(argv=None) -> dict:
         "jemalloc": not args.no_jemalloc and os.path.exists(JEMALLOC),
     }
     summaries, results = [], []
+    out = {"header": header, "workload": workload.__dict__, "flops": wl.phase_flops(workload), "settings": []}
     with tempfile.TemporaryDirectory(prefix="ppojax_bench_") as directory:
         wl.build(workload, directory)
         for minibatches in args.minibatches:
             result = run_setting(args, directory, minibatches, workload)
             results.append(result)
             summaries.append((minibatches, summarise(result, workload)))
-    print_table(workload, summaries, header)
-    out = {"header": header, "workload": workload.__dict__, "flops": wl.phase_flops(workload)}
-    out["settings"] = [{"raw": r, "summary": s} for r, (_, s) in zip(results, summaries)]
-    if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+            out["settings"].append({"raw": result, "summary": summaries[-1][1]})
+            if args.json:  # after every setting, so a long run keeps what it measured
+                with open(args.json + ".tmp", "w") as f:
+                    json.dump(out, f, indent=1)
+                os.replace(args.json + ".tmp", args.json)
+            print_table(workload, summaries[-1:], header)
+    if len(summaries) > 1:
+        print_table(workload, summaries, header)
     return out
 
 

@@ -288,3 +288,13 @@ def read_command() -> str:
 def process_times() -> tuple[float, float]:
     """(wall seconds, process CPU seconds) now."""
     return time.perf_counter(), time.process_time()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a benchmark workload directory.")
+    parser.add_argument("--build", required=True, metavar="DIR")
+    parser.add_argument("--workload", default="cpu", choices=sorted(WORKLOADS))
+    cli = parser.parse_args()
+    print(build(get(cli.workload), cli.build))
