@@ -163,11 +163,11 @@ def make_prompts(w: Workload) -> list[list[int]]:
     return [rng.integers(2, TOKENIZER_VOCAB, int(n)).tolist() for n in lengths]
 
 
-def _corpus(seed: int, lines: int = 4000) -> list[str]:
+def _corpus(seed: int, lines: int = 1000) -> list[str]:
     """Pseudo-text: words of 1–4 random syllables (enough distinct pairs for 254 merges)."""
     syllables = [c + v for c in "bcdfghklmnprstvwz" for v in "aeiou"] + ["the", "and", "ing", "ion", "er"]
     rng = np.random.default_rng(seed)
-    words = ["".join(rng.choice(syllables, rng.integers(1, 5))) for _ in range(3000)]
+    words = ["".join(rng.choice(syllables, rng.integers(1, 5))) for _ in range(1000)]
     return [" ".join(rng.choice(words, rng.integers(5, 20))) + "." for _ in range(lines)]
 
 
