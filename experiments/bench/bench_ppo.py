@@ -134,7 +134,7 @@ def run_setting(args, directory: str, minibatches: int, workload: wl.Workload) -
         )
     }
     if not args.no_trl:
-        trl_env = dict(env, PYTHONPATH=HERE)
+        trl_env = dict(env, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
         workers["trl"] = Worker(
             "trl",
             [args.trl_python, os.path.join(HERE, "ppo_trl_worker.py"), "--dir", directory]
