@@ -68,7 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-trl", action="store_true", help="ppojax only")
     parser.add_argument("--devices", type=int, default=1, help="virtual JAX CPU devices for ppojax")
     parser.add_argument("--no-jemalloc", action="store_true")
-    parser.add_argument("--peak-size", type=int, default=2048)
+    parser.add_argument("--peak-size", type=int, default=2048, help="square matmul size of the peak (8192 on a GPU)")
+    parser.add_argument(
+        "--bandwidth-mb", type=int, default=256, help="array size of the bandwidth test (4096 on a GPU)"
+    )
     parser.add_argument("--json", default=None, help="write every measurement here")
     return parser.parse_args(argv)
 
@@ -110,6 +113,7 @@ def worker_env(args) -> dict:
     env = dict(os.environ)
     repo = os.path.dirname(os.path.dirname(HERE))
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # on a GPU, leave memory for the torch worker
     if not args.no_jemalloc and os.path.exists(JEMALLOC):
         env["LD_PRELOAD"] = (env.get("LD_PRELOAD", "") + " " + JEMALLOC).strip()
         env["MALLOC_CONF"] = MALLOC_CONF
@@ -123,13 +127,14 @@ def run_setting(args, directory: str, minibatches: int, workload: wl.Workload) -
         "ppojax": Worker(
             "ppojax",
             [sys.executable, os.path.join(HERE, "ppo_ppojax_worker.py"), "--dir", directory]
-            + ["--minibatches", str(minibatches), "--devices", str(args.devices), "--peak-size", str(args.peak_size)],
+            + ["--minibatches", str(minibatches), "--devices", str(args.devices), "--peak-size", str(args.peak_size)]
+            + ["--bandwidth-mb", str(args.bandwidth_mb)],
             env,
             os.path.join(directory, f"ppojax_{minibatches}.log"),
         )
     }
     if not args.no_trl:
-        trl_env = dict(env, PYTHONPATH=HERE)
+        trl_env = dict(env, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
         workers["trl"] = Worker(
             "trl",
             [args.trl_python, os.path.join(HERE, "ppo_trl_worker.py"), "--dir", directory]
@@ -184,6 +189,11 @@ def summarise(result: dict, workload: wl.Workload) -> dict:
     peaks = [p["jax"]["square_gflops"] for p in result["peaks"]]
     peak = statistics.median(peaks)
     summary = {"peak_gflops_median": peak, "peak_gflops_max": max(peaks), "libraries": {}}
+    bandwidth = statistics.median(p["jax"].get("bandwidth_gbs", float("nan")) for p in result["peaks"])
+    summary["bandwidth_gbs_median"] = bandwidth
+    roofline_seconds = wl.decode_bytes(workload) / (bandwidth * 1e9)
+    peak_per_cpu = statistics.median(p["jax"].get("square_gflops_per_cpu_s", 0.0) for p in result["peaks"])
+    summary["peak_gflops_per_cpu_s_median"] = peak_per_cpu
     if "train_shape_gflops" in result["peaks"][0]["jax"]:
         summary["train_shape_gflops_median"] = statistics.median(
             p["jax"]["train_shape_gflops"] for p in result["peaks"]
@@ -197,8 +207,13 @@ def summarise(result: dict, workload: wl.Workload) -> dict:
             cpu = statistics.median(r["cpu"][phase] for r in runs)
             gflops = flops[phase] / seconds / 1e9
             lib["phases"][phase] = {"seconds": seconds, "cpu_seconds": cpu, "gflops": gflops, "of_peak": gflops / peak}
+            if peak_per_cpu:
+                lib["phases"][phase]["of_peak_per_cpu_s"] = flops[phase] / cpu / 1e9 / peak_per_cpu
         totals = [sum(r["wall"].values()) for r in runs]
         lib["total_median"], lib["total_best"] = statistics.median(totals), min(totals)
+        generate = lib["phases"]["generate"]["seconds"]
+        lib["generate_tokens_per_s"] = workload.batch_size * workload.new_tokens / generate
+        lib["decode_of_bandwidth_roofline"] = roofline_seconds / generate
         lib["total_cpu_median"] = statistics.median(sum(r["cpu"].values()) for r in runs)
         lib["load"] = (min(r["load"] for r in runs), max(r["load"] for r in runs))
         lib["peak_rss_mb"] = result["memory"][name]["peak_rss_mb"]
@@ -240,9 +255,10 @@ def print_table(workload: wl.Workload, summaries: list[tuple[int, dict]], header
     print()
     print(
         "| minibatches | library | generate s | score s | train s | update s (median / best) | "
-        "update CPU s | train GFLOP/s (% of peak) | generate / score % of peak | peak RSS MB | load |"
+        "update CPU s | train GFLOP/s (% of peak) | generate / score % of peak | generate tok/s (% of roofline) | "
+        "peak RSS MB | load |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for minibatches, s in summaries:
         for name, lib in s["libraries"].items():
             ph = lib["phases"]
@@ -252,11 +268,21 @@ def print_table(workload: wl.Workload, summaries: list[tuple[int, dict]], header
                 f"{lib['total_cpu_median']:.2f} | "
                 f"{ph['train']['gflops']:.0f} ({100 * ph['train']['of_peak']:.0f} %) | "
                 f"{100 * ph['generate']['of_peak']:.0f} / {100 * ph['score']['of_peak']:.0f} | "
+                f"{lib['generate_tokens_per_s']:.0f} ({100 * lib['decode_of_bandwidth_roofline']:.0f} %) | "
                 f"{lib['peak_rss_mb']:.0f} | {lib['load'][0]:.1f}–{lib['load'][1]:.1f} |"
             )
     print()
     for minibatches, s in summaries:
-        line = f"{minibatches} minibatch(es): JAX peak {s['peak_gflops_median']:.0f} GFLOP/s (max {s['peak_gflops_max']:.0f})"
+        line = (
+            f"{minibatches} minibatch(es): JAX peak {s['peak_gflops_median']:.0f} GFLOP/s (max {s['peak_gflops_max']:.0f}), "
+            f"bandwidth {s['bandwidth_gbs_median']:.0f} GB/s; per CPU-second: JAX peak "
+            f"{s['peak_gflops_per_cpu_s_median']:.0f} GFLOP, train phase "
+            + ", ".join(
+                f"{n} {100 * lib['phases']['train'].get('of_peak_per_cpu_s', 0):.0f} %"
+                for n, lib in s["libraries"].items()
+            )
+            + " of it"
+        )
         if "train_shape_gflops_median" in s:
             line += f", train-shape matmul {s['train_shape_gflops_median']:.0f}"
         if "torch_peak_gflops_median" in s:

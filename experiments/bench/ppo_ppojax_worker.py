@@ -30,15 +30,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--minibatches", type=int, default=1)
     parser.add_argument("--devices", type=int, default=1, help="virtual CPU devices; the rows are split over them")
     parser.add_argument("--peak-size", type=int, default=2048, help="square matmul size for the peak")
+    parser.add_argument("--bandwidth-mb", type=int, default=256, help="array size for the memory bandwidth")
     return parser.parse_args()
 
 
-ARGS = parse_args()
-if ARGS.devices > 1:
-    flags = f"--xla_force_host_platform_device_count={ARGS.devices} --xla_cpu_multi_thread_eigen=false"
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+def set_devices(devices: int) -> None:
+    """Split the CPU into `devices` single-threaded XLA devices (call before jax is imported)."""
+    if devices > 1:
+        flags = f"--xla_force_host_platform_device_count={devices} --xla_cpu_multi_thread_eigen=false"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None:
+    set_devices(ARGS.devices)
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +109,7 @@ def score_phase(state, prompt_ids, prompt_mask, sampled, ref_params, reward_para
     )
 
 
-def matmul_peak(size: int, dtype=jnp.float32, repeats: int = 5) -> dict:
+def matmul_peak(w: wl.Workload, size: int, dtype=jnp.float32, repeats: int = 5) -> dict:
     """GFLOP/s of a [size, size] @ [size, size] matmul with the rows of A split over every device (so all
     cores work whether XLA runs one multi-threaded device or several single-threaded ones), and of the
     train step's largest matmul shape ([B·S, hidden] @ [hidden, intermediate]). Best of `repeats` each."""
@@ -109,53 +118,89 @@ def matmul_peak(size: int, dtype=jnp.float32, repeats: int = 5) -> dict:
     matmul = jax.jit(jnp.matmul)
     out = {}
     shapes = {"square": (size, size, size)}
-    if W.batch_size * W.sequence_length % len(jax.devices()) == 0:
-        shapes["train_shape"] = (W.batch_size * W.sequence_length, W.hidden_size, W.intermediate_size)
+    if w.batch_size * w.sequence_length % len(jax.devices()) == 0:
+        shapes["train_shape"] = (w.batch_size * w.sequence_length, w.hidden_size, w.intermediate_size)
     for name, (m, k, n) in shapes.items():
         a = jax.device_put(jnp.ones((m, k), dtype), rows)
         b = jax.device_put(jnp.ones((k, n), dtype), replicated)
         matmul(a, b).block_until_ready()
-        best = float("inf")
+        best, cpu = float("inf"), []
         for _ in range(repeats):
-            start = wl.process_times()[0]
+            wall0, cpu0 = wl.process_times()
             matmul(a, b).block_until_ready()
-            best = min(best, wl.process_times()[0] - start)
+            wall1, cpu1 = wl.process_times()
+            best, cpu = min(best, wall1 - wall0), [*cpu, cpu1 - cpu0]
         out[name + "_gflops"] = 2.0 * m * k * n / best / 1e9
+        # Per CPU-second (all threads): what a core delivers while it runs, which neighbours distort less.
+        out[name + "_gflops_per_cpu_s"] = 2.0 * m * k * n / sorted(cpu)[len(cpu) // 2] / 1e9
     return out
 
 
-W, PROMPTS = wl.load(ARGS.dir)
+def memory_bandwidth(megabytes: int, repeats: int = 5) -> dict:
+    """GB/s of `x * 2` over a float32 array of `megabytes` (read + write counted), split over the devices."""
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    n = megabytes * 2**20 // 4 // len(jax.devices()) * len(jax.devices())
+    x = jax.device_put(jnp.ones((n,), jnp.float32), NamedSharding(mesh, P("d")))
+    double = jax.jit(lambda x: x * 2.0)
+    double(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = wl.process_times()[0]
+        double(x).block_until_ready()
+        best = min(best, wl.process_times()[0] - start)
+    return {"bandwidth_gbs": 2.0 * n * 4 / best / 1e9}
 
 
-def main() -> None:
-    rss_start = wl.current_rss_mb()
-    config = make_config(W, ARGS.minibatches)
-    dtype = jnp.dtype(W.dtype)
-    policy, params = ppojax.load_pretrained(os.path.join(ARGS.dir, "policy"), head="lm", dtype=dtype)
-    reward, reward_params = ppojax.load_pretrained(os.path.join(ARGS.dir, "reward"), head="reward", dtype=dtype)
-    key = jax.random.key(W.seed)
+class Setup(NamedTuple):
+    workload: wl.Workload
+    state: ppojax.PPOState
+    ref_params: dict
+    reward_params: dict
+    prompt_ids: jax.Array
+    prompt_mask: jax.Array
+    generate: Callable  # (policy params, prompt ids, prompt mask, key) -> Rollout
+    score: Callable  # (state, prompt ids, prompt mask, rollout, ref params, reward params) -> Experience
+    train: Callable  # (state, experience, ref params) -> (state, metrics)
+
+
+def setup(directory: str, minibatches: int) -> Setup:
+    """Load the workload from `directory` and build the three jitted phases (rows split over the devices)."""
+    w, prompts = wl.load(directory)
+    config = make_config(w, minibatches)
+    dtype = jnp.dtype(w.dtype)
+    policy, params = ppojax.load_pretrained(os.path.join(directory, "policy"), head="lm", dtype=dtype)
+    reward, reward_params = ppojax.load_pretrained(os.path.join(directory, "reward"), head="reward", dtype=dtype)
+    key = jax.random.key(w.seed)
     state, models = ppojax.init_ppo_state(config, policy, params, key, reward_model=reward, reward_params=reward_params)
     ref_params = params
-    prompt_ids, prompt_mask = ppojax.pad_prompts(PROMPTS, wl.PAD_ID, bucket=W.prompt_max)
-    if prompt_ids.shape != (W.batch_size, W.prompt_max):
-        raise RuntimeError(f"prompts padded to {prompt_ids.shape}, expected {(W.batch_size, W.prompt_max)}")
+    prompt_ids, prompt_mask = ppojax.pad_prompts(prompts, wl.PAD_ID, bucket=w.prompt_max)
+    if prompt_ids.shape != (w.batch_size, w.prompt_max):
+        raise RuntimeError(f"prompts padded to {prompt_ids.shape}, expected {(w.batch_size, w.prompt_max)}")
     prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)
     if len(jax.devices()) > 1:
         mesh = Mesh(np.array(jax.devices()), ("data",))
         rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
         prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), rows)
         state, ref_params, reward_params = jax.device_put((state, ref_params, reward_params), replicated)
-
     generate = functools.partial(
         ppojax.rollout_jit,
         policy,
-        max_new_tokens=W.new_tokens,
-        temperature=W.temperature,
+        max_new_tokens=w.new_tokens,
+        temperature=w.temperature,
         stop_token_ids=(),
         pad_token_id=wl.PAD_ID,
     )
     score = jax.jit(functools.partial(score_phase, config=config, models=models))
     train = jax.jit(functools.partial(ppojax.train_on_batch, config=config, models=models))
+    return Setup(w, state, ref_params, reward_params, prompt_ids, prompt_mask, generate, score, train)
+
+
+def main() -> None:
+    rss_start = wl.current_rss_mb()
+    run = setup(ARGS.dir, ARGS.minibatches)
+    state, ref_params, reward_params = run.state, run.ref_params, run.reward_params
+    prompt_ids, prompt_mask = run.prompt_ids, run.prompt_mask
+    generate, score, train = run.generate, run.score, run.train
     wl.emit(
         {"ready": True, "rss_start_mb": rss_start, "rss_loaded_mb": wl.current_rss_mb(), "devices": len(jax.devices())}
     )
@@ -163,7 +208,6 @@ def main() -> None:
     while True:
         command = wl.read_command()
         if command == "update":
-            times = {}
             key, sample_key = jax.random.split(state.key)
             state = state.replace(key=key)
             wall0, cpu0 = wl.process_times()
@@ -188,7 +232,8 @@ def main() -> None:
                 }
             )
         elif command == "peak":
-            wl.emit(matmul_peak(ARGS.peak_size, dtype))
+            peak = matmul_peak(run.workload, ARGS.peak_size, jnp.dtype(run.workload.dtype))
+            wl.emit({**peak, **memory_bandwidth(ARGS.bandwidth_mb)})
         elif command == "memory":
             wl.emit({"peak_rss_mb": wl.peak_rss_mb(), "rss_mb": wl.current_rss_mb()})
         else:

@@ -87,8 +87,12 @@ def main() -> dict:
 
         score_kernel = safetensors.numpy.load_file(os.path.join(reward_dir, "model.safetensors"))["score.weight"].T
         # The reward checkpoint's keys start with "model." like the causal LM's, minus lm_head (tied anyway).
-        critic = ScoreModel(qwen2_params.create_model_from_safe_tensors(reward_dir, config, mesh), jnp.asarray(score_kernel))
-        reward = ScoreModel(qwen2_params.create_model_from_safe_tensors(reward_dir, config, mesh), jnp.asarray(score_kernel))
+        critic = ScoreModel(
+            qwen2_params.create_model_from_safe_tensors(reward_dir, config, mesh), jnp.asarray(score_kernel)
+        )
+        reward = ScoreModel(
+            qwen2_params.create_model_from_safe_tensors(reward_dir, config, mesh), jnp.asarray(score_kernel)
+        )
 
         tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(
             os.path.join(args.dir, "tokenizer"), padding_side="left"

@@ -144,6 +144,21 @@ def phase_flops(w: Workload) -> dict[str, float]:
     }
 
 
+def dtype_bytes(w: Workload) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[w.dtype]
+
+
+def decode_bytes(w: Workload) -> float:
+    """HBM/DRAM bytes the N − 1 decode steps must read at least: every step reads the policy's weights once
+    (decoder matmuls + the tied embedding as LM head) and the KV cache written so far (B rows × context ×
+    layers × K and V × KV heads × head dim). Activations are left out (small at these batch sizes).
+    `decode_bytes / bandwidth` is the bandwidth roofline of the decode loop."""
+    b, p, n = w.batch_size, w.prompt_max, w.new_tokens
+    weights = (matmul_params(w) + w.vocab_size * w.hidden_size) * dtype_bytes(w)
+    kv_per_position = w.num_layers * 2 * w.num_kv_heads * w.head_dim * dtype_bytes(w)
+    return sum(weights + b * (p + t) * kv_per_position for t in range(1, n))
+
+
 def param_count(w: Workload) -> int:
     norms = w.num_layers * 2 * w.hidden_size + w.hidden_size
     biases = w.num_layers * (w.hidden_size + 2 * w.num_kv_heads * w.head_dim)  # Qwen2: q/k/v biases
@@ -163,11 +178,11 @@ def make_prompts(w: Workload) -> list[list[int]]:
     return [rng.integers(2, TOKENIZER_VOCAB, int(n)).tolist() for n in lengths]
 
 
-def _corpus(seed: int, lines: int = 4000) -> list[str]:
+def _corpus(seed: int, lines: int = 1000) -> list[str]:
     """Pseudo-text: words of 1–4 random syllables (enough distinct pairs for 254 merges)."""
     syllables = [c + v for c in "bcdfghklmnprstvwz" for v in "aeiou"] + ["the", "and", "ing", "ion", "er"]
     rng = np.random.default_rng(seed)
-    words = ["".join(rng.choice(syllables, rng.integers(1, 5))) for _ in range(3000)]
+    words = ["".join(rng.choice(syllables, rng.integers(1, 5))) for _ in range(1000)]
     return [" ".join(rng.choice(words, rng.integers(5, 20))) + "." for _ in range(lines)]
 
 
