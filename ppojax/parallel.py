@@ -164,7 +164,8 @@ class MeshConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "mesh") -> "MeshConfig":
-        """From a config mapping like `{data: 2, fsdp: 4, tensor: 1}` (missing axes: data -1, others 1)."""
+        """From a config mapping like `{data: 2, fsdp: 4, tensor: 1}`. Missing axes are 1, except `data`, which
+        takes the rest (-1) unless another axis does: `{fsdp: -1}` is FSDP over every device."""
         if not isinstance(values, Mapping):
             raise ValueError(f"{source}: expected a mapping like {{data: 2, fsdp: 4, tensor: 1}}, found {values!r}")
         unknown = sorted(set(values) - set(MESH_AXES))
@@ -177,6 +178,10 @@ class MeshConfig:
                 if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
                     raise ValueError(f"{source}.{name}: expected a positive integer or -1, found {value!r}")
                 sizes[name] = value
+        if list(sizes.values()).count(-1) > 1:
+            raise ValueError(f"{source}: at most one axis may be -1, found {sizes}")
+        if "data" not in sizes:
+            sizes["data"] = 1 if -1 in sizes.values() else -1
         return cls(**sizes)
 
     def sizes(self, device_count: int) -> dict[str, int]:

@@ -105,6 +105,9 @@ def test_mesh_config_sizes_and_errors():
     assert PL.MeshConfig(-1, 4, 1).sizes(8) == {"data": 2, "fsdp": 4, "tensor": 1}
     assert PL.MeshConfig(1, -1, 2).sizes(8) == {"data": 1, "fsdp": 4, "tensor": 2}
     assert PL.MeshConfig.from_dict({"fsdp": 4}).sizes(8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert PL.MeshConfig.from_dict({"fsdp": -1, "tensor": 2}).sizes(8) == {"data": 1, "fsdp": 4, "tensor": 2}
+    with pytest.raises(ValueError, match="mesh: at most one axis may be -1"):
+        PL.MeshConfig.from_dict({"fsdp": -1, "tensor": -1})
     with pytest.raises(ValueError, match="at most one axis may be -1"):
         PL.MeshConfig(-1, -1, 1).sizes(8)
     with pytest.raises(ValueError, match="multiply to 6, but there are 8 devices"):
