@@ -18,7 +18,8 @@ The pieces:
 - `Layout(mesh, rules)`: the shardings of params, optimizer states, train states and batches.
 - `sharded_rollout`, `sharded_score`, `sharded_update_step`, `sharded_ppo_iteration`, `sharded_ppo_phases`,
   `sharded_sft_step`, `sharded_reward_model_step`: the library's entry points under `jax.jit` with
-  `in_shardings` / `out_shardings` from the layout; the train state is donated (its buffers are reused).
+  `in_shardings` / `out_shardings` from the layout; the train state is donated (its buffers are reused; pass
+  `donate=False` to keep the input state alive, e.g. to compare or roll back).
 - `load_sharded`: a Hugging Face directory read tensor by tensor straight into its sharding.
 - `initialize_distributed`, `process_batch_rows`, `batch_from_process_data`: multi-host start, each process
   feeding its rows of the global batch.
@@ -163,7 +164,8 @@ class MeshConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "mesh") -> "MeshConfig":
-        """From a config mapping like `{data: 2, fsdp: 4, tensor: 1}` (missing axes: data -1, others 1)."""
+        """From a config mapping like `{data: 2, fsdp: 4, tensor: 1}`. Missing axes are 1, except `data`, which
+        takes the rest (-1) unless another axis does: `{fsdp: -1}` is FSDP over every device."""
         if not isinstance(values, Mapping):
             raise ValueError(f"{source}: expected a mapping like {{data: 2, fsdp: 4, tensor: 1}}, found {values!r}")
         unknown = sorted(set(values) - set(MESH_AXES))
@@ -176,6 +178,10 @@ class MeshConfig:
                 if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
                     raise ValueError(f"{source}.{name}: expected a positive integer or -1, found {value!r}")
                 sizes[name] = value
+        if list(sizes.values()).count(-1) > 1:
+            raise ValueError(f"{source}: at most one axis may be -1, found {sizes}")
+        if "data" not in sizes:
+            sizes["data"] = 1 if -1 in sizes.values() else -1
         return cls(**sizes)
 
     def sizes(self, device_count: int) -> dict[str, int]:
@@ -599,7 +605,7 @@ def _ppo_roles(config):
 
 
 def sharded_update_step(
-    config: train.PPOConfig, models: train.PPOModels, layout: Layout, *, compiler_options=None
+    config: train.PPOConfig, models: train.PPOModels, layout: Layout, *, compiler_options=None, donate: bool = True
 ) -> ShardedFunction:
     """update_step(state, minibatch, ref_params) -> (state, metrics); the state is donated, the minibatch
     batch-sharded, metrics replicated. See `ppojax.train.update_step`."""
@@ -609,14 +615,14 @@ def sharded_update_step(
         layout,
         (state_role, _batch_role, _params_role),
         lambda layout, args: (state_out(layout, args), layout.replicated),
-        donate_argnums=(0,),
+        donate_argnums=(0,) if donate else (),
         compiler_options=compiler_options,
         name="update_step",
     )
 
 
 def sharded_ppo_iteration(
-    config: train.PPOConfig, models: train.PPOModels, layout: Layout, *, compiler_options=None
+    config: train.PPOConfig, models: train.PPOModels, layout: Layout, *, compiler_options=None, donate: bool = True
 ) -> ShardedFunction:
     """iteration(state, prompts, ref_params, reward_params) -> (state, metrics, experience), one program;
     state donated, prompts `(ids, mask)` and the experience batch-sharded. See `ppojax.train.ppo_iteration`."""
@@ -626,14 +632,14 @@ def sharded_ppo_iteration(
         layout,
         (state_role, _batch_role, _params_role, _params_role),
         lambda layout, args: (state_out(layout, args), layout.replicated, layout.batch),
-        donate_argnums=(0,),
+        donate_argnums=(0,) if donate else (),
         compiler_options=compiler_options,
         name="ppo_iteration",
     )
 
 
 def sharded_ppo_phases(
-    config: train.PPOConfig, models: train.PPOModels, layout: Layout, *, compiler_options=None
+    config: train.PPOConfig, models: train.PPOModels, layout: Layout, *, compiler_options=None, donate: bool = True
 ) -> tuple[ShardedFunction, ShardedFunction]:
     """(collect, train_on_batch) as in `ppojax.train.make_ppo_phases`, sharded, the state donated:
     collect(state, prompts, ref_params, reward_params) -> (state, experience);
@@ -644,7 +650,7 @@ def sharded_ppo_phases(
         layout,
         (state_role, _batch_role, _params_role, _params_role),
         lambda layout, args: (state_out(layout, args), layout.batch),
-        donate_argnums=(0,),
+        donate_argnums=(0,) if donate else (),
         compiler_options=compiler_options,
         name="collect",
     )
@@ -653,7 +659,7 @@ def sharded_ppo_phases(
         layout,
         (state_role, _batch_role, _params_role),
         lambda layout, args: (state_out(layout, args), layout.replicated),
-        donate_argnums=(0,),
+        donate_argnums=(0,) if donate else (),
         compiler_options=compiler_options,
         name="train_on_batch",
     )
@@ -661,7 +667,13 @@ def sharded_ppo_phases(
 
 
 def sharded_train_step(
-    step: Callable, optimizer: optax.GradientTransformation, layout: Layout, *, compiler_options=None, name=""
+    step: Callable,
+    optimizer: optax.GradientTransformation,
+    layout: Layout,
+    *,
+    compiler_options=None,
+    name="",
+    donate: bool = True,
 ) -> ShardedFunction:
     """Any step(state: TrainState, batch, base_params) -> (state, metrics) over `optimizer`'s state, sharded:
     the `TrainState` donated, the batch (a pytree of [B, ...] arrays) split over the batch axes, base params by
@@ -672,28 +684,42 @@ def sharded_train_step(
         layout,
         (lambda layout, state: layout.train_state(state, optimizer), _batch_role, _params_role),
         lambda layout, args: (layout.train_state(args[0], optimizer), layout.replicated),
-        donate_argnums=(0,),
+        donate_argnums=(0,) if donate else (),
         compiler_options=compiler_options,
         name=name or getattr(step, "__name__", "train step"),
     )
 
 
 def sharded_sft_step(
-    model: DecoderModel, optimizer: optax.GradientTransformation, layout: Layout, *, compiler_options=None
+    model: DecoderModel,
+    optimizer: optax.GradientTransformation,
+    layout: Layout,
+    *,
+    compiler_options=None,
+    donate: bool = True,
 ) -> ShardedFunction:
     """sft_step(state, batch, base_params) -> (state, metrics); `TrainState` donated, the `SequenceBatch`
     batch-sharded (pass base_params=None without LoRA). See `ppojax.train.sft_step`."""
     step = functools.partial(train.sft_step, model=model, optimizer=optimizer)
-    return sharded_train_step(step, optimizer, layout, compiler_options=compiler_options, name="sft_step")
+    return sharded_train_step(
+        step, optimizer, layout, compiler_options=compiler_options, name="sft_step", donate=donate
+    )
 
 
 def sharded_reward_model_step(
-    model: DecoderModel, optimizer: optax.GradientTransformation, layout: Layout, *, compiler_options=None
+    model: DecoderModel,
+    optimizer: optax.GradientTransformation,
+    layout: Layout,
+    *,
+    compiler_options=None,
+    donate: bool = True,
 ) -> ShardedFunction:
     """reward_model_step(state, batch, base_params) -> (state, metrics); `TrainState` donated, the
     `PreferenceBatch` batch-sharded. See `ppojax.train.reward_model_step`."""
     step = functools.partial(train.reward_model_step, model=model, optimizer=optimizer)
-    return sharded_train_step(step, optimizer, layout, compiler_options=compiler_options, name="reward_model_step")
+    return sharded_train_step(
+        step, optimizer, layout, compiler_options=compiler_options, name="reward_model_step", donate=donate
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -982,3 +1008,34 @@ def estimate_memory(
             )
         )
     return MemoryEstimate(tuple(rows), sizes)
+
+
+def estimate_ppo_memory(
+    config: train.PPOConfig,
+    models: train.PPOModels,
+    mesh_sizes: Mapping[str, int],
+    *,
+    prompt_length: int,
+    lora: bool = False,
+    rules=DEFAULT_RULES,
+) -> MemoryEstimate:
+    """`estimate_memory` for a PPO run: the policy (trainable unless `lora`, whose adapters are left out), its
+    frozen reference (the same base with LoRA: not counted twice), the critic (trainable, "separate" / "joint")
+    and the reward model (frozen); micro-batch and widths from `config`."""
+    entries = {"policy": (models.policy, not lora)}
+    if not lora:
+        entries["reference"] = (models.policy, False)
+    if models.critic is not None:
+        entries["critic"] = (models.critic, True)
+    if models.reward is not None:
+        entries["reward"] = (models.reward, False)
+    return estimate_memory(
+        mesh_sizes,
+        models=entries,
+        batch_size=config.batch_size,
+        micro_batch_size=config.micro_size,
+        prompt_length=prompt_length,
+        max_new_tokens=config.max_new_tokens,
+        master_dtype=config.master_dtype,
+        rules=rules,
+    )

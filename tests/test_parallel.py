@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from ppojax import generation as G
 from ppojax import parallel as PL
 from ppojax import train as T
-from ppojax.models import DecoderModel, ModelConfig
+from ppojax.models import DecoderModel, ModelConfig, init_lora
 from ppojax.optim import OptimizerConfig, make_optimizer
 from ppojax.presets import get_preset
 
@@ -105,6 +105,9 @@ def test_mesh_config_sizes_and_errors():
     assert PL.MeshConfig(-1, 4, 1).sizes(8) == {"data": 2, "fsdp": 4, "tensor": 1}
     assert PL.MeshConfig(1, -1, 2).sizes(8) == {"data": 1, "fsdp": 4, "tensor": 2}
     assert PL.MeshConfig.from_dict({"fsdp": 4}).sizes(8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert PL.MeshConfig.from_dict({"fsdp": -1, "tensor": 2}).sizes(8) == {"data": 1, "fsdp": 4, "tensor": 2}
+    with pytest.raises(ValueError, match="mesh: at most one axis may be -1"):
+        PL.MeshConfig.from_dict({"fsdp": -1, "tensor": -1})
     with pytest.raises(ValueError, match="at most one axis may be -1"):
         PL.MeshConfig(-1, -1, 1).sizes(8)
     with pytest.raises(ValueError, match="multiply to 6, but there are 8 devices"):
@@ -174,6 +177,48 @@ def test_unmatched_parameter_is_an_error_naming_it():
         layout((2, 2, 2)).params(tree)
     with pytest.raises(PL.ShardingRuleError, match="logical axis 'experts' has no rule"):
         PL.fit_spec((4,), ("experts",), {"data": 1, "fsdp": 1, "tensor": 1})
+
+
+def test_every_family_head_and_lora_adapter_has_a_rule():
+    """Shapes only (no compilation): every parameter of every supported layout maps to a spec."""
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    configs = [
+        ModelConfig(model_type="llama", head_dim=8, max_position_embeddings=64, **base),
+        ModelConfig(model_type="qwen2", head_dim=8, max_position_embeddings=64, qkv_bias=True, **base),
+        ModelConfig(model_type="qwen3", head_dim=8, max_position_embeddings=64, qk_norm=True, **base),
+        ModelConfig(
+            model_type="gpt2",
+            **{**base, "num_kv_heads": 4},
+            head_dim=8,
+            max_position_embeddings=64,
+            norm="layer",
+            activation="gelu_new",
+            gated_mlp=False,
+            position="learned",
+            qkv_bias=True,
+            o_bias=True,
+            mlp_bias=True,
+            fused_qkv=True,
+            tie_word_embeddings=True,
+        ),
+    ]
+    lay = layout((1, 2, 4))
+    for config in configs:
+        for head in ("lm", "value", "reward"):
+            model = DecoderModel(config, head=head)
+            specs = jax.tree.map(lambda s: _normalise(s.spec), lay.params(model.param_shapes()))
+            assert all(isinstance(s, P) for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))
+        lora = init_lora(DecoderModel(config), jax.random.key(0), rank=4, targets="all")
+        lora_specs = lay.params(lora)
+        adapters = lora_specs.adapters["layers_1"]
+        if config.fused_qkv:
+            assert _normalise(adapters["attn"]["qkv"]["b"].spec) == P(None, "tensor")  # [rank, 3H]: heads
+            assert _normalise(lay.params(model.param_shapes())["pos_embed"]["embedding"].spec) == P(None, "fsdp")
+        else:
+            assert _normalise(adapters["attn"]["q"]["a"].spec) == P("fsdp")  # [H, rank]
+            assert _normalise(adapters["attn"]["k"]["b"].spec) == P(None, "tensor")  # [rank, kv]
+            assert _normalise(adapters["mlp"]["down"]["a"].spec) == P("tensor")  # [I, rank]
+            assert _normalise(adapters["attn"]["o"]["b"].spec) == P(None, "fsdp")  # [rank, H]
 
 
 def test_optimizer_state_and_ppo_state_follow_the_params():
@@ -380,7 +425,7 @@ def test_sft_step_equals_one_device(mesh):
         np.testing.assert_allclose(metrics[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
     _assert_close_to_scale((new_state.params, new_state.opt_state), (single_state.params, single_state.opt_state))
     spec = new_state.params["layers_0"]["mlp"]["down"]["kernel"].sharding.spec
-    assert _normalise(spec) == _expected_spec("layers_0/mlp/down/kernel", (64, 32), lay.sizes)
+    assert _normalise(spec) == _normalise(_expected_spec("layers_0/mlp/down/kernel", (64, 32), lay.sizes))
 
 
 def test_batch_rows_must_divide_over_the_batch_shards():

@@ -143,6 +143,28 @@ def test_memory_estimate_remat_and_master_weights():
     assert get(bf16, "activations") >= get(no_remat, "activations")  # one layer: remat keeps its input too
 
 
+def test_ppo_memory_estimate_counts_the_four_models():
+    config, models, *_ = S.ppo_setup()
+    sizes = {"data": 2, "fsdp": 4, "tensor": 1}
+    estimate = PL.estimate_ppo_memory(config, models, sizes, prompt_length=4)
+    explicit = PL.estimate_memory(
+        sizes,
+        models={
+            "policy": (models.policy, True),
+            "reference": (models.policy, False),
+            "critic": (models.critic, True),
+            "reward": (models.reward, False),
+        },
+        batch_size=config.batch_size,
+        micro_batch_size=config.micro_size,
+        prompt_length=4,
+        max_new_tokens=config.max_new_tokens,
+    )
+    assert estimate == explicit
+    lora = {r.name for r in PL.estimate_ppo_memory(config, models, sizes, prompt_length=4, lora=True).rows}
+    assert "params reference" not in lora and "params policy" in lora
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Multi-host helpers in one process
 
