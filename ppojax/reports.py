@@ -126,8 +126,8 @@ class MetricsWriter:
                 total=total, initial=int(resume_step or 0), desc=f"ppojax {stage}", unit="step", dynamic_ncols=True
             )
         self._tb = make_tensorboard_writer(os.path.join(self.directory, "tensorboard")) if tensorboard else None
-        # Set by the run (ppojax.health, stages): a note for the progress bar, (first, last, check, severity)
-        # spans shaded on every panel, (x, label) marks drawn as vertical lines (stage boundaries).
+        # Set by the run (ppojax.health, stages): a note for the progress bar, (first, last, check, severity,
+        # metric) spans shaded on the panels of their metric, (x, label) marks drawn as vertical lines (stages).
         self.note: Optional[str] = None
         self.spans: list = []
         self.marks: list = []
@@ -313,7 +313,7 @@ class MetricsWriter:
             axes.set_xlabel(STEP, fontsize=8)
             axes.tick_params(labelsize=7)
             axes.grid(alpha=0.3)
-            self._draw_spans_and_marks(axes, label=i == 0)
+            self._draw_spans_and_marks(axes, keys, label=i == 0)
             if len(keys) > 1:
                 axes.legend(fontsize=7)
         figure.suptitle(f"ppojax {self.stage}", fontsize=11)
@@ -325,9 +325,12 @@ class MetricsWriter:
 
     _SPAN_COLOURS = {"critical": "tab:red", "warning": "tab:orange", "info": "tab:gray"}
 
-    def _draw_spans_and_marks(self, axes, *, label: bool) -> None:
-        for first, last, _check, severity in self.spans:
-            axes.axvspan(first - 0.5, last + 0.5, color=self._SPAN_COLOURS.get(severity, "tab:red"), alpha=0.12, lw=0)
+    def _draw_spans_and_marks(self, axes, keys, *, label: bool) -> None:
+        """Shades each span on the panels that plot its metric; draws every mark on every panel."""
+        for first, last, _check, severity, metric in self.spans:
+            if any(name in keys for name in metric.split(", ")):
+                colour = self._SPAN_COLOURS.get(severity, "tab:red")
+                axes.axvspan(first - 0.5, last + 0.5, color=colour, alpha=0.15, lw=0)
         for x, text in self.marks:
             axes.axvline(x, color="tab:purple", linestyle="--", linewidth=0.8)
             if label:
