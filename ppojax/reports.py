@@ -239,12 +239,15 @@ class MetricsWriter:
             with open(self.events_path, encoding="utf-8") as f:
                 old = f.read()
         atomic_write(self.events_path, old + json.dumps(row, default=str) + "\n")
-        text = f"ppojax {self.stage} step {int(step)}: {event}" + "".join(f"; {k} {v}" for k, v in detail.items())
+        self.say(f"ppojax {self.stage} step {int(step)}: {event}" + "".join(f"; {k} {v}" for k, v in detail.items()))
+        return row
+
+    def say(self, text: str) -> None:
+        """Prints a line above the progress bar (stderr without one)."""
         if self._bar is not None:
             self._bar.write(text)
         else:
             print(text, file=sys.stderr)
-        return row
 
     def read_events(self) -> list[dict]:
         if not os.path.exists(self.events_path):

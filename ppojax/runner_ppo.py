@@ -332,8 +332,8 @@ def _enter_stage(config: TrainConfig, index: int, state, control: RunControl, wr
 
 
 class HealthWatch:
-    """The metric health report kept current: the progress line, shading on the curves, an event when a
-    critical or warning violation begins (ppojax.health)."""
+    """The metric health report kept current: the progress line, shading on the curves, a printed line when a
+    critical or warning violation begins (ppojax.health; the full report goes to summary.json at the end)."""
 
     def __init__(self, writer: MetricsWriter):
         self.writer = writer
@@ -346,7 +346,7 @@ class HealthWatch:
         for v in report.ongoing:
             if v.severity != "info" and (v.check, v.began) not in self.announced:
                 self.announced.add((v.check, v.began))
-                self.writer.event(iteration, "health", check=v.check, severity=v.severity, message=v.message)
+                self.writer.say(f"ppojax ppo step {iteration}: health {v.severity}: {v.message}")
 
 
 def _metadata(config: TrainConfig, iteration: int, position, control: RunControl, good: bool = True) -> dict:

@@ -225,11 +225,13 @@ def test_curves_shade_each_span_on_its_metric_panel(tmp_path):
     assert writer.plot() and os.path.getsize(writer.plot_path) > 1000
 
 
-def test_health_watch_announces_each_violation_once(tmp_path):
+def test_health_watch_says_each_violation_once(tmp_path):
     from ppojax.reports import MetricsWriter
     from ppojax.runner_ppo import HealthWatch
 
     writer = MetricsWriter(str(tmp_path), "ppo", progress=False, plot_every=1000)
+    said = []
+    writer.say = said.append
     watch = HealthWatch(writer)
     history = rows_of(healthy())
     for row in history[:15]:
@@ -237,6 +239,7 @@ def test_health_watch_announces_each_violation_once(tmp_path):
         step = int(row.pop("step"))
         watch.update(step, row)
         writer.log(step, row)
-    events = [e for e in writer.read_events() if e["event"] == "health"]
-    assert [(e["step"], e["check"], e["severity"]) for e in events] == [(100, "kl", "critical")]
-    assert writer.note == "KL high since 100"
+    began = check_health(writer.rows[:10]).violations[0]  # the report as it stood at step 100
+    assert began.message.startswith("KL to the reference above 10") and (began.began, began.ended) == (100, 100)
+    assert said == ["ppojax ppo step 100: health critical: " + began.message]
+    assert writer.note == "KL high since 100" and writer.read_events() == []
