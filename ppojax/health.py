@@ -148,9 +148,10 @@ class HealthReport:
             items.append(f"+{len(ongoing) - max_items} more")
         return "; ".join(items)
 
-    def spans(self) -> list[tuple[int, int, str, str]]:
-        """(began, ended, check, severity) per violation, for shading the curves between iterations."""
-        return [(v.began, v.ended, v.check, v.severity) for v in self.violations]
+    def spans(self) -> list[tuple[int, int, str, str, str]]:
+        """(began, ended, check, severity, metric) per violation, for shading the curves between iterations
+        (`metric` is the name of the metric checked, or several joined by ", " for non_finite)."""
+        return [(v.began, v.ended, v.check, v.severity, v.metric) for v in self.violations]
 
 
 _SHORT = {

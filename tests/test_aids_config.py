@@ -137,3 +137,67 @@ def test_length_reward_keys(workdir):
         assert "length_reward: penalty needs length_penalty > 0" in msg
     assert "allowed: none, penalty, sqrt" in error(config_from_dict, base(length_reward="log"))
     assert "PPO setting" in error(config_from_dict, rm_base(length_reward="sqrt"))
+
+
+# ---- stages: staged training ----------------------------------------------------------------------------
+
+WARMUP_MAIN_FINISH = [
+    {
+        "name": "warm-up",
+        "iterations": 500,
+        "learning_rate": 5e-7,
+        "cliprange": 0.1,
+        "init_kl_coef": 0.05,
+        "ppo_epochs": 2,
+    },
+    {"name": "main", "iterations": 5000, "overrides": {"learning_rate": 1e-6, "cliprange": 0.2, "kl_coef": 0.02}},
+    {"iterations": 500, "learning_rate": "5e-7", "cliprange": 0.15, "kl_coef": 0.03, "ppo_epochs": 3},
+]
+
+
+def test_stages_parse_and_apply(workdir):
+    from ppojax.config import stage_at, stage_config, stage_starts
+    from ppojax.runner_ppo import total_iterations, total_optimizer_steps
+
+    config = config_from_dict(
+        base(stages=WARMUP_MAIN_FINISH, ppo_epochs=4, per_device_train_batch_size=2, batch_size=4)
+    )
+    assert [s.name for s in config.stages] == ["warm-up", "main", "stage 3"]
+    assert stage_starts(config) == (1, 501, 5501)
+    assert [stage_at(config, i) for i in (1, 500, 501, 5500, 5501, 6000, 7000)] == [0, 0, 1, 1, 2, 2, 2]
+    warm, main, finish = (stage_config(config, i) for i in range(3))
+    assert (warm.learning_rate, warm.convention.clip_eps, warm.convention.kl_coef, warm.ppo_epochs) == (
+        5e-7,
+        0.1,
+        0.05,
+        2,
+    )
+    assert (main.learning_rate, main.convention.clip_eps, main.convention.kl_coef, main.ppo_epochs) == (
+        1e-6,
+        0.2,
+        0.02,
+        4,
+    )
+    assert (finish.learning_rate, finish.convention.clip_eps, finish.ppo_epochs) == (5e-7, 0.15, 3)
+    assert finish.convention.adaptive_kl  # what a stage does not override is the run's
+    assert total_iterations(config, 10) == 6000
+    # The schedule spans the whole run: iterations × the stage's ppo_epochs × 2 minibatches, summed.
+    assert total_optimizer_steps(config, 6000) == (500 * 2 + 5000 * 4 + 500 * 3) * 2
+    assert config.hash() != config_from_dict(base(ppo_epochs=4, per_device_train_batch_size=2, batch_size=4)).hash()
+
+
+def test_stage_errors(workdir):
+    msg = error(config_from_dict, base(stages=[{"iterations": 0}]))
+    assert "stages[0]: 'iterations' is 0" in msg
+    msg = error(config_from_dict, base(stages=[{"iterations": 5, "lora_rank": 4}]))
+    assert "stages[0]: 'lora_rank' cannot change between stages" in msg
+    msg = error(config_from_dict, base(stages=[{"iterations": 5, "clip_range": 0.1}]))
+    assert "stages[0]: unknown key 'clip_range'" in msg
+    msg = error(config_from_dict, base(stages=[{"iterations": 5, "cliprange": -1}]))
+    assert "stages[0]: 'cliprange' is -1" in msg
+    assert "non-empty list" in error(config_from_dict, base(stages={"iterations": 5}))
+    msg = error(config_from_dict, base(stages=[{"iterations": 5}, {"iterations": 2}], max_steps=6))
+    assert "'max_steps' 6 differs from the stages' 7 iterations" in msg
+    msg = error(config_from_dict, base(preset="trl", stages=[{"iterations": 5, "ppo_target": 3.0}]))
+    assert "stages[0]" in msg and "adap_kl_ctrl" in msg
+    assert "PPO setting" in error(config_from_dict, rm_base(stages=[{"iterations": 5}]))

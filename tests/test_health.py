@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -78,7 +79,7 @@ def test_a_violation_that_ended_is_not_ongoing():
     v = single(report)
     assert (v.began, v.ended, v.ongoing) == (STEPS[5], STEPS[8], False)
     assert report.ok and report.line() == "ok (1 earlier)"
-    assert report.spans() == [(STEPS[5], STEPS[8], "kl", "critical")]
+    assert report.spans() == [(STEPS[5], STEPS[8], "kl", "critical", "objective/kl")]
 
 
 def test_kl_limit_is_configurable():
@@ -186,3 +187,59 @@ def test_bad_input_names_the_row_and_key():
     with pytest.raises(ValueError, match="clipfrac_low <= clipfrac_high"):
         HealthLimits(clipfrac_low=0.5, clipfrac_high=0.3)
     assert math.isfinite(HealthLimits().max_kl)
+
+
+class RecordingAxes:
+    def __init__(self):
+        self.spans, self.lines = [], []
+
+    def axvspan(self, x0, x1, **kw):
+        self.spans.append((x0, x1, kw["color"]))
+
+    def axvline(self, x, **kw):
+        self.lines.append(x)
+
+    def annotate(self, *args, **kw):
+        pass
+
+
+def test_curves_shade_each_span_on_its_metric_panel(tmp_path):
+    from ppojax.reports import MetricsWriter
+
+    writer = MetricsWriter(str(tmp_path), "ppo", progress=False, plot_every=1000)
+    history = healthy()
+    history["objective/kl"][20:] = 15.0
+    history["objective/kl"][3] = np.nan
+    report = check_health(rows_of(history))
+    writer.spans, writer.marks = report.spans(), [(0.5, "warm-up"), (10.5, "main")]
+    kl_panel, entropy_panel = RecordingAxes(), RecordingAxes()
+    writer._draw_spans_and_marks(kl_panel, ["objective/kl"], label=True)
+    writer._draw_spans_and_marks(entropy_panel, ["objective/entropy"], label=False)
+    assert kl_panel.spans == [
+        (STEPS[3] - 0.5, STEPS[3] + 0.5, "tab:red"),
+        (STEPS[20] - 0.5, STEPS[-1] + 0.5, "tab:red"),
+    ]
+    assert entropy_panel.spans == [] and entropy_panel.lines == kl_panel.lines == [0.5, 10.5]
+    for i, row in enumerate(rows_of(history)[:3]):
+        writer.log(STEPS[i], row)
+    assert writer.plot() and os.path.getsize(writer.plot_path) > 1000
+
+
+def test_health_watch_says_each_violation_once(tmp_path):
+    from ppojax.reports import MetricsWriter
+    from ppojax.runner_ppo import HealthWatch
+
+    writer = MetricsWriter(str(tmp_path), "ppo", progress=False, plot_every=1000)
+    said = []
+    writer.say = said.append
+    watch = HealthWatch(writer)
+    history = rows_of(healthy())
+    for row in history[:15]:
+        row = dict(row, **{"objective/kl": 12.0 if row["step"] >= 100 else row["objective/kl"]})
+        step = int(row.pop("step"))
+        watch.update(step, row)
+        writer.log(step, row)
+    began = check_health(writer.rows[:10]).violations[0]  # the report as it stood at step 100
+    assert began.message.startswith("KL to the reference above 10") and (began.began, began.ended) == (100, 100)
+    assert said == ["ppojax ppo step 100: health critical: " + began.message]
+    assert writer.note == "KL high since 100" and writer.read_events() == []
