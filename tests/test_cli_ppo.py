@@ -234,6 +234,7 @@ def test_kill9_then_rerun_resumes_bit_identically(workdir, ppo_run):
     assert samples(out) == samples(uninterrupted)
 
 
+@pytest.mark.slow  # one more PPO process (~20 s of CPU with the cached programs); the default budget is spent
 def test_rollback_continue_restores_the_last_good_checkpoint_and_logs_each_event(workdir, ppo_run):
     """KL above early_stop_kl at iteration 2 (iteration 1's KL is exactly 0: LoRA's b starts at 0): restore
     iteration 1 with β doubled and a new key, go on; the next rejection (max_rollbacks 1) restores the last good
