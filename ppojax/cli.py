@@ -1,6 +1,7 @@
 """The `ppojax` command.
 
   ppojax train CONFIG.yaml [key=value ...]   validate the config and data, then run its stage (sft, rm, ppo)
+  ppojax generate --model DIR --prompts FILE sample responses from a local HF directory (JSON lines out)
   ppojax demo [--fast] [--output-dir DIR]   the whole RLHF pipeline on a synthetic task with a known gold reward
   ppojax eval-rm --model DIR --data FILE     reward-model accuracy, gold correlation and length bias
   ppojax review SAMPLES.jsonl                rate samples 1-5 by hand; agreement with the reward model
@@ -23,6 +24,7 @@ def main(argv=None) -> int:
     train.add_argument("config", help="YAML file of key: value settings (see ppojax/config.py for every key)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override a key; the value is read as YAML")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_generate_parser(sub)
     demo = sub.add_parser("demo", help="the whole RLHF pipeline (data, sft, rm, ppo, evaluation) on a synthetic task")
     demo.add_argument("--output-dir", default="ppojax_demo", help="where every stage writes (default ./ppojax_demo)")
     demo.add_argument("--fast", action="store_true", help="tiny sizes: a smoke test in about a minute")
@@ -53,6 +55,8 @@ def main(argv=None) -> int:
         return _train(args)
     if args.command in AIDS_COMMANDS:
         return AIDS_COMMANDS[args.command](args)
+    if args.command == "generate":
+        return _generate(args)
     if args.command == "demo":
         return _demo(args, parser)
     return 0
@@ -173,6 +177,58 @@ def _review(args) -> int:
 
 
 AIDS_COMMANDS = {"eval-rm": _eval_rm, "review": _review}
+
+
+# ---- ppojax generate ------------------------------------------------------------------------------------
+
+
+def _add_generate_parser(sub) -> None:
+    gen = sub.add_parser("generate", help="sample responses to a prompts file from a local HF model directory")
+    gen.add_argument("--model", required=True, help="local Hugging Face directory (e.g. a ppo output_dir)")
+    gen.add_argument("--prompts", required=True, help="JSON / JSONL prompts (instruction/input, prompt or messages)")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0, help="0 is off")
+    gen.add_argument("--template", default="none", help="none (raw text) or a name: the tokenizer's chat template")
+    gen.add_argument("--max-prompt-length", type=int, default=512, help="longer prompts keep their last tokens")
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--bf16", action="store_true", help="bfloat16 weights and compute")
+    gen.add_argument("--output", help="write the JSON lines here instead of stdout")
+
+
+def _generate(args) -> int:
+    import json
+
+    from ppojax.config import ConfigError
+    from ppojax.models import CheckpointError
+    from ppojax.reports import atomic_write
+    from ppojax.runner_generate import generate
+
+    try:
+        rows = generate(
+            args.model,
+            args.prompts,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            template=args.template,
+            max_prompt_length=args.max_prompt_length,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            bf16=args.bf16,
+        )
+        if args.output:
+            atomic_write(args.output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        else:
+            for row in rows:
+                print(json.dumps(row, ensure_ascii=False), flush=True)
+    except (ConfigError, CheckpointError) as e:
+        print(f"ppojax: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
 
 
 if __name__ == "__main__":

@@ -481,7 +481,7 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
                     step, state, meta = rollback(ckpt, state)
                 except CheckpointRestoreError as e:
                     status = f"stopped at iteration {iteration + 1}: {reason}; {e}"
-                    writer.event(iteration + 1, "stopped", reason=str(e), weights="current")
+                    writer.event(iteration + 1, "stopped", reason=str(e), weights="last accepted iteration")
                     break
                 if mode == "rollback" or control.rollbacks >= config.max_rollbacks:
                     iteration = step
