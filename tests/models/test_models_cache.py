@@ -61,8 +61,9 @@ def test_cache_layout(checkpoint):
     cache = model.init_cache(2, 16, dtype=jnp.bfloat16)
     cfg = model.config
     assert len(cache.keys) == len(cache.values) == cfg.num_layers
-    assert cache.keys[0].shape == (2, 16, cfg.num_kv_heads, cfg.head_dim)
-    assert cache.keys[0].dtype == jnp.bfloat16
+    assert cache.keys[0].shape == (2, cfg.num_kv_heads, cfg.head_dim, 16)  # keys transposed
+    assert cache.values[0].shape == (2, cfg.num_kv_heads, 16, cfg.head_dim)
+    assert cache.keys[0].dtype == cache.values[0].dtype == jnp.bfloat16
     assert cache.index.dtype == jnp.int32 and cache.index.shape == ()
     assert cache.mask.shape == (2, 16) and not cache.mask.any()
 
