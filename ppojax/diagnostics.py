@@ -95,7 +95,11 @@ class Flag(NamedTuple):
     reason: str
 
 
-def _ends(rows: Sequence[Mapping], key: str, window: int) -> tuple[float, float] | None:
+def _ends(rows: Sequence[Mapping], keys: Sequence[str], window: int) -> tuple[float, float] | None:
+    keys = (keys,) if isinstance(keys, str) else keys
+    key = next((k for k in keys if any(k in r for r in rows)), None)
+    if key is None:
+        return None
     values = np.array([float(r[key]) for r in rows if key in r and np.isfinite(float(r[key]))], np.float64)
     if len(values) < 2:
         return None
@@ -107,14 +111,16 @@ def hacking_flags(
     rows: Sequence[Mapping],
     thresholds: Thresholds = Thresholds(),
     *,
-    proxy_key: str = "hacking/proxy_mean",
-    gold_key: str = "hacking/gold_mean",
-    corr_key: str = "hacking/proxy_gold_corr",
-    length_key: str = "hacking/length_mean",
-    repetition_key: str = "hacking/repetition",
-    entropy_key: str = "objective/entropy",
+    proxy_key: Sequence[str] = ("hacking/proxy_mean", "objective/scores"),
+    gold_key: Sequence[str] = ("hacking/gold_mean",),
+    corr_key: Sequence[str] = ("hacking/proxy_gold_corr",),
+    length_key: Sequence[str] = ("hacking/length_mean", "response/length_mean"),
+    repetition_key: Sequence[str] = ("hacking/repetition",),
+    entropy_key: Sequence[str] = ("objective/entropy",),
 ) -> list[Flag]:
-    """Flags over a run's logged rows (dicts, first to last). A flag whose metric is absent is not reported."""
+    """Flags over a run's logged rows (dicts, first to last), e.g. `ppojax.reports.read_metrics_csv` of any
+    `ppo_metrics/training_metrics.csv`. Each key argument lists candidate column names, the first present is
+    used (the `ppojax train` metric names are the fallbacks). A flag whose metric is absent is not reported."""
     t, flags = thresholds, []
     proxy, gold = _ends(rows, proxy_key, t.window), _ends(rows, gold_key, t.window)
     if proxy and gold:

@@ -108,3 +108,13 @@ def test_hacking_flags_raise_on_the_patterns_and_stay_quiet_otherwise():
     assert not any(f.raised for f in diagnostics.hacking_flags(healthy))
     assert diagnostics.hacking_flags(rows(other=t)) == []
     assert diagnostics.format_flags(diagnostics.hacking_flags(hacked)).count("[!]") == 5
+
+
+def test_hacking_flags_read_the_metric_names_of_ppojax_train():
+    t = np.linspace(0, 1, 12)
+    flags = diagnostics.hacking_flags(
+        rows(**{"objective/scores": t, "response/length_mean": 10 - 8 * t, "objective/entropy": 1.0 + 0 * t})
+    )
+    by_name = {f.name: f for f in flags}
+    assert set(by_name) == {"length_drift", "entropy_collapse"}
+    assert by_name["length_drift"].raised and not by_name["entropy_collapse"].raised
