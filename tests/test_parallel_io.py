@@ -120,10 +120,10 @@ def test_memory_estimate_matches_a_hand_computed_case():
     # head_dim 4, K and V, 1 layer, float32.
     assert rows["KV cache"] == 2 * 1 * 4 * 8 * 1 * 4 * 4
     # Activations: micro-batch 4 / 2 = 2 rows x 8 tokens; per token and layer 4 H = 32, q and attention output
-    # 2 x 8 / 2, k and v 2 x 4 / 2, gate/up/product 3 x 16 / 2 -> 68 float32, plus probabilities 2 heads / 2 x 8
-    # slots float32; LM head 2 rows x 4 new tokens x 32 / 2 vocab x 2 float32.
-    per_token = 68 * 4 + 1 * 8 * 4
-    assert rows["activations"] == 2 * 8 * per_token + 2 * 4 * 16 * 4 * 2
+    # 2 x 8 / 2, k and v 2 x 4 / 2, gate/up/product 3 x 16 / 2 -> 68 float32, plus attention logits and
+    # probabilities 2 x (2 heads / 2) x 8 slots float32; LM head 2 rows x 8 positions x 32 / 2 vocab x 2 float32.
+    per_token = 68 * 4 + 2 * 1 * 8 * 4
+    assert rows["activations"] == 2 * 8 * per_token + 2 * 8 * 16 * 4 * 2
     assert estimate.total == sum(rows.values())
     text = estimate.format()
     assert "mesh data=1, fsdp=2, tensor=2" in text and "KV cache" in text and "total" in text
