@@ -836,7 +836,7 @@ def batch_from_process_data(layout: Layout, local_tree, global_rows: int):
     return jax.tree.map(make, local_tree)
 
 
-_DISTRIBUTED_KEYS = ("coordinator_address", "num_processes", "process_id", "local_device_ids")
+DISTRIBUTED_KEYS = ("coordinator_address", "num_processes", "process_id", "local_device_ids")
 
 
 def setup(mesh: Any = None, distributed: Any = None, *, source: str = "config") -> tuple[Layout, DistributedInfo]:
@@ -852,13 +852,13 @@ def setup(mesh: Any = None, distributed: Any = None, *, source: str = "config") 
     elif distributed is True or distributed == "auto":
         info = initialize_distributed(auto=True)
     elif isinstance(distributed, Mapping):
-        unknown = sorted(set(distributed) - set(_DISTRIBUTED_KEYS))
+        unknown = sorted(set(distributed) - set(DISTRIBUTED_KEYS))
         if unknown:
-            raise ValueError(f"{source}: distributed.{unknown[0]} is not a key; the keys are {_DISTRIBUTED_KEYS}")
+            raise ValueError(f"{source}: distributed.{unknown[0]} is not a key; the keys are {DISTRIBUTED_KEYS}")
         info = initialize_distributed(**distributed)
     else:
         raise ValueError(
-            f"{source}: distributed: expected auto, a mapping of {_DISTRIBUTED_KEYS}, or null; found {distributed!r}"
+            f"{source}: distributed: expected auto, a mapping of {DISTRIBUTED_KEYS}, or null; found {distributed!r}"
         )
     if mesh is None:
         mesh = MeshConfig()
