@@ -15,7 +15,7 @@ from ppojax.presets import get_preset
 
 VOCAB, PAD, TARGET, N, BATCH = 64, 63, 7, 6, 16
 CONFIG = ModelConfig(
-    model_type="qwen2",
+    model_type="llama",
     vocab_size=VOCAB,
     hidden_size=32,
     intermediate_size=64,

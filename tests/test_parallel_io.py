@@ -38,7 +38,7 @@ def _spec(x):
 
 
 def test_load_sharded_places_each_tensor_in_its_sharding(tmp_path):
-    config = ModelConfig(**{**S.CONFIG.__dict__, "qkv_bias": True})
+    config = ModelConfig(**{**S.CONFIG.__dict__, "qkv_bias": True, "o_bias": True})  # Llama attention_bias
     model = DecoderModel(config)
     params = model.init_params(jax.random.key(5))
     save_pretrained(str(tmp_path), model, params)
@@ -120,10 +120,10 @@ def test_memory_estimate_matches_a_hand_computed_case():
     # head_dim 4, K and V, 1 layer, float32.
     assert rows["KV cache"] == 2 * 1 * 4 * 8 * 1 * 4 * 4
     # Activations: micro-batch 4 / 2 = 2 rows x 8 tokens; per token and layer 4 H = 32, q and attention output
-    # 2 x 8 / 2, k and v 2 x 4 / 2, gate/up/product 3 x 16 / 2 -> 68 float32, plus probabilities 2 heads / 2 x 8
-    # slots float32; LM head 2 rows x 4 new tokens x 32 / 2 vocab x 2 float32.
-    per_token = 68 * 4 + 1 * 8 * 4
-    assert rows["activations"] == 2 * 8 * per_token + 2 * 4 * 16 * 4 * 2
+    # 2 x 8 / 2, k and v 2 x 4 / 2, gate/up/product 3 x 16 / 2 -> 68 float32, plus attention logits and
+    # probabilities 2 x (2 heads / 2) x 8 slots float32; LM head 2 rows x 8 positions x 32 / 2 vocab x 2 float32.
+    per_token = 68 * 4 + 2 * 1 * 8 * 4
+    assert rows["activations"] == 2 * 8 * per_token + 2 * 8 * 16 * 4 * 2
     assert estimate.total == sum(rows.values())
     text = estimate.format()
     assert "mesh data=1, fsdp=2, tensor=2" in text and "KV cache" in text and "total" in text
@@ -217,6 +217,7 @@ port, process_id, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 info = PL.initialize_distributed(f"127.0.0.1:{port}", 2, process_id)
 assert tuple(info) == (process_id, 2, 2, 4), info
 config, models, state, (ids, mask), ref_params, reward_params = S.ppo_setup()
+host_params = jax.device_get(ref_params)
 layout = PL.Layout(PL.MeshConfig(2, 2, 1).make_mesh())
 state = PL.place(state, layout.ppo_state(state, config))
 ref_params = PL.place(ref_params, layout.params(ref_params))
@@ -226,6 +227,11 @@ assert rows == slice(8 * process_id, 8 * process_id + 8), rows
 prompts = PL.batch_from_process_data(layout, (ids[rows], mask[rows]), S.BATCH)  # this process's rows only
 iteration = PL.sharded_ppo_iteration(config, models, layout, compiler_options=S.FAST)
 state, metrics, experience = iteration(state, prompts, ref_params, reward_params)
+# Loading into shardings across processes: each process reads only its own devices' blocks of the file.
+_, loaded = PL.load_sharded(os.path.join(out, "hf"), layout)
+for (path, leaf), expected in zip(jax.tree_util.tree_leaves_with_path(loaded), jax.tree.leaves(host_params)):
+    for shard in leaf.addressable_shards:
+        np.testing.assert_array_equal(shard.data, expected[shard.index], err_msg=PL.path_string(path))
 with Checkpointer(os.path.join(out, "ckpt")) as checkpointer:
     checkpointer.save(1, state, {"processes": 2})
 gathered = multihost_utils.process_allgather(
@@ -248,6 +254,8 @@ def _free_port():
 @pytest.mark.slow  # three PPO-iteration compilations (two processes + the reference): ~1-2 min on 2 cores
 def test_two_processes_run_a_ppo_iteration_like_one_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    config, models, state, prompts, ref_params, reward_params = S.ppo_setup()
+    save_pretrained(str(tmp_path / "hf"), models.policy, ref_params)  # the workers load it into their shards
     port = str(_free_port())
     workers = [
         subprocess.Popen(
@@ -260,7 +268,6 @@ def test_two_processes_run_a_ppo_iteration_like_one_process(tmp_path):
         for i in range(2)
     ]
     # The single-process reference meanwhile: the same mesh shape over 4 of this process's 8 devices.
-    config, models, state, prompts, ref_params, reward_params = S.ppo_setup()
     layout = _layout(2, 2, 1, jax.devices()[:4])
     iteration = PL.sharded_ppo_iteration(config, models, layout, compiler_options=S.FAST)
     placed = PL.place(jax.tree.map(jnp.copy, state), layout.ppo_state(state, config))
