@@ -1,7 +1,7 @@
 """The `ppojax` command.
 
   ppojax train CONFIG.yaml [key=value ...]   validate the config and data, then run its stage (sft, rm, ppo)
-  ppojax demo [--iterations N] [--preset P]  a small, real PPO-RLHF loop on the CPU in seconds
+  ppojax demo [--fast] [--output-dir DIR]   the whole RLHF pipeline on a synthetic task with a known gold reward
   ppojax eval-rm --model DIR --data FILE     reward-model accuracy, gold correlation and length bias
   ppojax review SAMPLES.jsonl                rate samples 1-5 by hand; agreement with the reward model
 
@@ -23,10 +23,22 @@ def main(argv=None) -> int:
     train.add_argument("config", help="YAML file of key: value settings (see ppojax/config.py for every key)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override a key; the value is read as YAML")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    demo = sub.add_parser("demo", help="run a small, real PPO-RLHF loop on the CPU in seconds")
-    demo.add_argument("--iterations", type=int, default=40)
-    demo.add_argument("--preset", default="ppojax", help="ppojax | trl | openrlhf | verl | openai")
+    demo = sub.add_parser("demo", help="the whole RLHF pipeline (data, sft, rm, ppo, evaluation) on a synthetic task")
+    demo.add_argument("--output-dir", default="ppojax_demo", help="where every stage writes (default ./ppojax_demo)")
+    demo.add_argument("--fast", action="store_true", help="tiny sizes: a smoke test in about a minute")
+    demo.add_argument("--iterations", type=int, default=None, help="PPO iterations (default: the demo's)")
+    demo.add_argument("--kl-coef", type=float, default=None, help="fixed KL coefficient β")
+    demo.add_argument(
+        "--length-bias", type=float, default=None, help="bias the preference labels toward longer responses"
+    )
+    demo.add_argument("--preset", default="ppojax", help="PPO convention: ppojax | trl | openrlhf | verl | openai")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the data, sft and rm stages of an earlier run in --output-dir made with the same settings",
+    )
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_aids_commands(sub)
     args, extra = parser.parse_known_args(argv)  # key=value may also follow an option such as --no-progress
     if args.command == "train":
@@ -42,20 +54,20 @@ def main(argv=None) -> int:
     if args.command in AIDS_COMMANDS:
         return AIDS_COMMANDS[args.command](args)
     if args.command == "demo":
-        from ppojax import demo as demo_module
-        from ppojax.presets import PRESETS
+        return _demo(args, parser)
+    return 0
 
-        if args.preset not in PRESETS:
-            parser.error(f"--preset: unknown preset {args.preset!r}; expected one of {sorted(PRESETS)}")
-        cfg = demo_module.DemoConfig(preset=args.preset)
-        print(
-            f"ppojax demo: tabular policy, vocab {cfg.vocab_size}, {cfg.response_length} tokens, preset {cfg.preset!r}"
-        )
-        history = demo_module.run(cfg, iterations=args.iterations, seed=args.seed)
-        first, last = history[0], history[-1]
-        print(
-            f"score {first['score']:.3f} -> {last['score']:.3f}; KL to reference {last['kl']:.3f} nats (target {cfg.kl_target})"
-        )
+
+def _demo(args, parser) -> int:
+    from ppojax import demo as demo_module
+    from ppojax.presets import PRESETS
+
+    if args.preset not in PRESETS:
+        parser.error(f"--preset: unknown preset {args.preset!r}; expected one of {sorted(PRESETS)}")
+    cfg = (demo_module.FAST if args.fast else demo_module.DemoConfig()).replace(seed=args.seed, preset=args.preset)
+    changes = {"ppo_iterations": args.iterations, "kl_coef": args.kl_coef, "length_bias": args.length_bias}
+    cfg = cfg.replace(**{k: v for k, v in changes.items() if v is not None})
+    demo_module.run(args.output_dir, cfg, progress=not args.no_progress, reuse=args.reuse)
     return 0
 
 

@@ -30,6 +30,7 @@ convention's values apply. Keys given explicitly override either.
 | template | default | chat template: any name (qwen, llama3, ...) uses the tokenizer's own chat template; none / default / empty = raw text |
 | cutoff_len | 2048 | sft / rm: maximum tokens of prompt + response (longer rows are cut, counted and reported) |
 | max_prompt_length | 512 | ppo: maximum prompt tokens |
+| pad_multiple | 64 | sft / rm: prompt and response widths are padded to a multiple of this (fewer compiled shapes vs less padding) |
 | prompt_overflow | truncate | ppo: a longer prompt is truncate-d (its first tokens dropped, rows counted) or refuse-d (error naming the row) |
 | per_device_train_batch_size | 1 | micro batch (alias: mini_batch_size) |
 | gradient_accumulation_steps | 1 | micro batches per optimizer step |
@@ -162,6 +163,7 @@ class TrainConfig:
     template: str = _key("default")
     cutoff_len: int = _key(2048, low=2)
     max_prompt_length: int = _key(512, low=1)
+    pad_multiple: int = _key(64, low=1)
     prompt_overflow: str = _key("truncate", choices=PROMPT_OVERFLOW)
     per_device_train_batch_size: int = _key(1, low=1)
     gradient_accumulation_steps: int = _key(1, low=1)

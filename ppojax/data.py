@@ -461,7 +461,10 @@ def response_batches(
     kinds = len(dataset.responses[0])
     for indices, after in batch_indices(len(dataset), batch_size, seed=seed, position=position):
         prompt_ids, prompt_mask = pad_prompts([dataset.prompts[i] for i in indices], pad_token_id, bucket=bucket)
-        responses = tuple(
-            pad_responses([dataset.responses[i][k] for i in indices], pad_token_id, bucket=bucket) for k in range(kinds)
+        # every kind (rm: chosen and rejected) padded to one width: they are concatenated into one forward pass
+        ids, mask = pad_responses(
+            [dataset.responses[i][k] for k in range(kinds) for i in indices], pad_token_id, bucket=bucket
         )
+        rows = len(indices)
+        responses = tuple((ids[k * rows : (k + 1) * rows], mask[k * rows : (k + 1) * rows]) for k in range(kinds))
         yield ResponseBatch(prompt_ids, prompt_mask, responses, indices, after)

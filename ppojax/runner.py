@@ -207,7 +207,12 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
         progress=progress,
     )
     batches = data_lib.response_batches(
-        dataset, batch_size, pad_token_id=tokenizer.pad_token_id, seed=config.seed, position=position
+        dataset,
+        batch_size,
+        pad_token_id=tokenizer.pad_token_id,
+        seed=config.seed,
+        position=position,
+        bucket=config.pad_multiple,
     )
     status = "completed"
     try:

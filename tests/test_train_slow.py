@@ -74,7 +74,7 @@ def test_phases_match_the_one_program_iteration():
     state, models = T.init_ppo_state(
         config, POLICY, POLICY_PARAMS, jax.random.key(2), reward_fn=target_rate, critic_init="policy"
     )
-    one = T.make_ppo_iteration(config, models)
+    one = T.make_ppo_iteration(config, models, timing=False)
     collect, train = T.make_ppo_phases(config, models)
     s1, m1, e1 = one(state, PROMPTS, POLICY_PARAMS, None)
     s2, e2 = collect(state, PROMPTS, POLICY_PARAMS, None)

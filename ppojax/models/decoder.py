@@ -2,7 +2,7 @@
 and reward heads and an explicit KV cache.
 
 `DecoderModel` is a frozen, hashable dataclass (config, head, dtype): pass it as a static argument to
-`jax.jit`. Its `apply(params, input_ids, attention_mask, *, cache, lora, positions)` is pure over a plain
+`jax.jit`. Its `apply(params, input_ids, attention_mask, *, cache, lora, positions, head_at)` is pure over a plain
 nested-dict params pytree; nothing is stored in the model. No dropout anywhere.
 
 Params layout (one path per tensor; `hf.py` maps these to Hugging Face names):
@@ -24,6 +24,7 @@ left-padded row and the same row unpadded give the same logits at real tokens.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import itertools
@@ -53,7 +54,7 @@ class KVCache(NamedTuple):
 
 class ModelOutput(NamedTuple):
     """`logits [B, S, V]` (compute dtype, head="lm"), `values [B, S]` float32 (head="value"),
-    `scores [B, S]` float32 per-token reward (head="reward"), `hidden [B, S, H]` the last hidden state
+    `scores [B, S]` float32 per-token reward (head="reward"), with S = 1 under `apply(..., head_at="last")`, `hidden [B, S, H]` the last hidden state
     after the final norm, `cache` the updated KVCache (None when none was given)."""
 
     logits: jax.Array | None
@@ -64,6 +65,15 @@ class ModelOutput(NamedTuple):
 
 
 _normal = nn.initializers.normal(_INIT_STD)
+
+# Optional sharding of activations: `ppojax.parallel.activation_sharding` sets hook(x, logical_axes) -> x while
+# a sharded program is traced; without it `constrain` is the identity.
+ACTIVATION_HOOK = contextvars.ContextVar("ppojax_activation_hook", default=None)
+
+
+def constrain(x, *logical_axes):
+    hook = ACTIVATION_HOOK.get()
+    return x if hook is None else hook(x, logical_axes)
 
 
 class _Dense(nn.Module):
@@ -271,7 +281,7 @@ class _Decoder(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, input_ids, positions, slots, layer_caches, lora):
+    def __call__(self, input_ids, positions, slots, layer_caches, lora, head_at="all"):
         cfg = self.config
         embedding = _Weight("embedding", (cfg.vocab_size, cfg.hidden_size), _normal, self.dtype, name="embed")()
         x = jnp.take(embedding, input_ids, axis=0).astype(self.dtype)
@@ -283,6 +293,7 @@ class _Decoder(nn.Module):
             x = x + jnp.take(table, positions, axis=0).astype(self.dtype)
         else:
             cos, sin = rope_cos_sin(cfg, positions)
+        x = constrain(x, "batch", "length", "embed_act")
         lora = lora or {}
         new_caches = []
         # Gradient checkpointing: a rematerialised block keeps only its input for the backward pass.
@@ -292,17 +303,19 @@ class _Decoder(nn.Module):
             x, layer_cache = block(cfg, i, self.dtype, name=f"layers_{i}")(
                 x, cos, sin, slots, layer_cache, lora.get(f"layers_{i}")
             )
+            x = constrain(x, "batch", "length", "embed_act")
             new_caches.append(layer_cache)
         hidden = _Norm(cfg.norm, cfg.norm_eps, self.dtype, name="final_norm")(x)
+        head_in = hidden[:, -1:] if head_at == "last" else hidden
         if self.head == "lm":
             if cfg.tie_word_embeddings:
-                return hidden, jnp.dot(hidden, embedding.astype(self.dtype).T), new_caches
+                return hidden, jnp.dot(head_in, embedding.astype(self.dtype).T), new_caches
             kernel = _Weight("kernel", (cfg.hidden_size, cfg.vocab_size), _normal, self.dtype, name="lm_head")()
-            return hidden, jnp.dot(hidden, kernel.astype(self.dtype)), new_caches
+            return hidden, jnp.dot(head_in, kernel.astype(self.dtype)), new_caches
         # A scalar head: the critic's starts at zero, the reward model's is always loaded.
         name, initializer = ("value_head", nn.initializers.zeros) if self.head == "value" else ("score", _normal)
         kernel = _Weight("kernel", (cfg.hidden_size, 1), initializer, self.dtype, name=name)()
-        return hidden, values_from_hidden({"kernel": kernel}, hidden), new_caches
+        return hidden, values_from_hidden({"kernel": kernel}, head_in), new_caches
 
 
 class _Weight(nn.Module):
@@ -359,7 +372,15 @@ class DecoderModel:
         return _Decoder(self.config, self.head, jnp.dtype(self.dtype), self.remat)
 
     def apply(
-        self, params, input_ids, attention_mask=None, *, cache: KVCache | None = None, lora=None, positions=None
+        self,
+        params,
+        input_ids,
+        attention_mask=None,
+        *,
+        cache: KVCache | None = None,
+        lora=None,
+        positions=None,
+        head_at: str = "all",
     ) -> ModelOutput:
         """input_ids `[B, S] int32`, attention_mask `[B, S]` (1 = real token; default all ones).
 
@@ -369,7 +390,12 @@ class DecoderModel:
         `[B, 1]` tokens (decode; mask 0 for finished rows). `positions` default: from the masks.
         `lora`: adapters from `init_lora` (None = base model, e.g. the reference policy).
         The cache must have room: `cache.index + S <= max_length` (not checked; the index is traced).
+        `head_at`: "all" (default) applies the head (logits, values or scores) at every column; "last" only at
+        the last column, giving `[B, 1, ...]` (a prefill needs just that one: it skips the head's matmul over
+        the other columns); `hidden` is `[B, S, H]` either way.
         """
+        if head_at not in ("all", "last"):
+            raise ValueError(f"head_at must be 'all' or 'last', found {head_at!r}")
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, S], found shape {input_ids.shape}")
@@ -396,7 +422,7 @@ class DecoderModel:
             positions = positions_from_mask(attention_mask, valid_before)
         lora_tree = None if lora is None else lora.per_module()
         hidden, head_out, new_caches = self._module().apply(
-            {"params": params}, input_ids, positions, slots, layer_caches, lora_tree
+            {"params": params}, input_ids, positions, slots, layer_caches, lora_tree, head_at
         )
         new_cache = None
         if cache is not None:
