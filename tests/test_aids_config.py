@@ -201,3 +201,19 @@ def test_stage_errors(workdir):
     msg = error(config_from_dict, base(preset="trl", stages=[{"iterations": 5, "ppo_target": 3.0}]))
     assert "stages[0]" in msg and "adap_kl_ctrl" in msg
     assert "PPO setting" in error(config_from_dict, rm_base(stages=[{"iterations": 5}]))
+
+
+def test_staged_example_yaml_validates(workdir):
+    import os
+
+    from ppojax.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "experiments", "configs", "ppo_staged.yaml")).read()
+    text = text.replace("path/to/local/hf-model", "model").replace("path/to/prompts.json", "prompts.json")
+    with open("staged.yaml", "w") as f:
+        f.write(text)
+    config = load_config("staged.yaml")
+    assert [(s.name, s.iterations) for s in config.stages] == [("warm-up", 500), ("main", 5000), ("finish", 500)]
+    conv = config.convention
+    assert (conv.kl_rule, conv.length_reward, conv.length_penalty, conv.adaptive_kl) == ("step", "penalty", 0.001, True)
