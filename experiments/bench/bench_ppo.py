@@ -66,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed updates of each library first")
     parser.add_argument("--trl-python", default="/work/venvs/trl/bin/python")
     parser.add_argument("--no-trl", action="store_true", help="ppojax only")
+    parser.add_argument("--torch-threads", type=int, default=0, help="torch threads in the TRL worker (0: default)")
     parser.add_argument("--devices", type=int, default=1, help="virtual JAX CPU devices for ppojax")
     parser.add_argument("--no-jemalloc", action="store_true")
     parser.add_argument("--peak-size", type=int, default=2048, help="square matmul size of the peak (8192 on a GPU)")
@@ -138,7 +139,8 @@ def run_setting(args, directory: str, minibatches: int, workload: wl.Workload) -
         workers["trl"] = Worker(
             "trl",
             [args.trl_python, os.path.join(HERE, "ppo_trl_worker.py"), "--dir", directory]
-            + ["--minibatches", str(minibatches), "--updates", str(total), "--peak-size", str(args.peak_size)],
+            + ["--minibatches", str(minibatches), "--updates", str(total), "--peak-size", str(args.peak_size)]
+            + ["--torch-threads", str(args.torch_threads)],
             trl_env,
             os.path.join(directory, f"trl_{minibatches}.log"),
         )

@@ -41,6 +41,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--updates", type=int, required=True, help="updates the coordinator will ask for")
     parser.add_argument("--output-dir", default=None, help="TRL output_dir (default: WORKLOAD_DIR/trl_out)")
     parser.add_argument("--peak-size", type=int, default=2048)
+    parser.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     return parser.parse_args()
 
 
@@ -136,6 +137,8 @@ def main() -> None:
     global CLOCK
     args = parse_args()
     w, prompts = wl.load(args.dir)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     dtype = getattr(torch, w.dtype)
     np.random.seed(w.seed)
     torch.manual_seed(w.seed)
