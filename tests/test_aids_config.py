@@ -209,7 +209,8 @@ def test_staged_example_yaml_validates(workdir):
     from ppojax.config import load_config
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    text = open(os.path.join(root, "experiments", "configs", "ppo_staged.yaml")).read()
+    with open(os.path.join(root, "experiments", "configs", "ppo_staged.yaml")) as f:
+        text = f.read()
     text = text.replace("path/to/local/hf-model", "model").replace("path/to/prompts.json", "prompts.json")
     with open("staged.yaml", "w") as f:
         f.write(text)

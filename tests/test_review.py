@@ -4,9 +4,10 @@ pseudo-terminal: it saves every rating, survives Ctrl-C (SIGINT from the termina
 import io
 import json
 import os
-import pty
 import select
+import shutil
 import signal
+import subprocess
 import sys
 import time
 
@@ -97,13 +98,18 @@ def test_stale_or_bad_ratings_file_is_an_error(samples_file):
 
 
 class Terminal:
-    """The command in a pseudo-terminal (its controlling tty, so Ctrl-C there is a real SIGINT)."""
+    """The command in a pseudo-terminal that is its controlling tty (so Ctrl-C there is a real SIGINT).
+
+    Started with util-linux `setsid --ctty` through subprocess (fork + exec in C): `pty.fork()` would fork this
+    multi-threaded (JAX) process in Python, which JAX warns may deadlock."""
 
     def __init__(self, *args):
         env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-        self.pid, self.fd = pty.fork()
-        if self.pid == 0:  # the child: exec at once (the parent has threads)
-            os.execvpe(sys.executable, [sys.executable, "-m", "ppojax.cli", *args], env)
+        self.fd, slave = os.openpty()
+        command = ["setsid", "--ctty", sys.executable, "-m", "ppojax.cli", *args]
+        self.process = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+        os.close(slave)
+        self.pid = self.process.pid
         self.seen = b""
 
     def expect(self, text: str, timeout: float = 90.0) -> str:
@@ -126,7 +132,6 @@ class Terminal:
         os.write(self.fd, data.encode())
 
     def wait(self) -> int:
-        rest = b""
         while True:
             try:
                 chunk = os.read(self.fd, 4096)
@@ -134,13 +139,13 @@ class Terminal:
                 break
             if not chunk:
                 break
-            rest += chunk
-        self.seen += rest
-        _, status = os.waitpid(self.pid, 0)
+            self.seen += chunk
+        code = self.process.wait(timeout=60)
         os.close(self.fd)
-        return os.waitstatus_to_exitcode(status)
+        return code if code >= 0 else 128 - code
 
 
+@pytest.mark.skipif(shutil.which("setsid") is None, reason="needs util-linux setsid to give the command a tty")
 def test_terminal_session_survives_ctrl_c_and_resumes(samples_file):
     prompt = "rating 1-5, s = skip, q = quit: "
     term = Terminal("review", samples_file)
