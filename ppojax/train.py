@@ -850,7 +850,6 @@ def guarded_step(state: TrainState, loss_fn, optimizer: optax.GradientTransforma
     return TrainState(step=state.step + ok.astype(jnp.int32), params=params, opt_state=opt_state), metrics
 
 
-_guarded_step = guarded_step  # the former private name (ppojax/runner.py uses it)
 
 
 def sft_step(
