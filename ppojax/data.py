@@ -335,6 +335,38 @@ def load_sft(path: str, tokenizer, *, template: str, cutoff_len: int) -> Respons
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Length-balanced reward-model pairs (issue 10)
+
+
+def drop_length_mismatched_pairs(dataset: ResponseDataset, max_length_diff: int) -> tuple[ResponseDataset, int]:
+    """(the rm pairs whose chosen and rejected responses differ by at most `max_length_diff` tokens, how many
+    were dropped).
+
+    A reward model trained on pairs where the chosen answer is usually the longer one learns "longer is
+    better", and PPO then pads its answers to farm reward. Keeping pairs of similar length removes that cue.
+    Lengths are token counts of the responses as loaded (after the cutoff, EOS included in both).
+    """
+    if max_length_diff < 0:
+        raise ValueError(f"max_length_diff must be >= 0, found {max_length_diff}")
+    if dataset.responses and len(dataset.responses[0]) != 2:
+        raise ValueError(
+            f"length filtering needs (chosen, rejected) pairs, found {len(dataset.responses[0])} responses"
+        )
+    keep = [
+        i
+        for i, (chosen, rejected) in enumerate(dataset.responses)
+        if abs(len(chosen) - len(rejected)) <= max_length_diff
+    ]
+    kept = dataclasses.replace(
+        dataset,
+        prompts=tuple(dataset.prompts[i] for i in keep),
+        responses=tuple(dataset.responses[i] for i in keep),
+        sources=tuple(dataset.sources[i] for i in keep),
+    )
+    return kept, len(dataset) - len(keep)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Batching with a resumable position
 
 
@@ -429,7 +461,10 @@ def response_batches(
     kinds = len(dataset.responses[0])
     for indices, after in batch_indices(len(dataset), batch_size, seed=seed, position=position):
         prompt_ids, prompt_mask = pad_prompts([dataset.prompts[i] for i in indices], pad_token_id, bucket=bucket)
-        responses = tuple(
-            pad_responses([dataset.responses[i][k] for i in indices], pad_token_id, bucket=bucket) for k in range(kinds)
+        # every kind (rm: chosen and rejected) padded to one width: they are concatenated into one forward pass
+        ids, mask = pad_responses(
+            [dataset.responses[i][k] for k in range(kinds) for i in indices], pad_token_id, bucket=bucket
         )
+        rows = len(indices)
+        responses = tuple((ids[k * rows : (k + 1) * rows], mask[k * rows : (k + 1) * rows]) for k in range(kinds))
         yield ResponseBatch(prompt_ids, prompt_mask, responses, indices, after)

@@ -155,6 +155,14 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
     tokenizer, _ = data_lib.ensure_pad_token(data_lib.load_tokenizer(config.model_name_or_path))
     loader = data_lib.load_sft if config.stage == "sft" else data_lib.load_preferences
     dataset = loader(config.dataset, tokenizer, template=config.template, cutoff_len=config.cutoff_len)
+    dropped_pairs = 0
+    if config.stage == "rm" and config.rm_max_length_diff is not None:
+        dataset, dropped_pairs = data_lib.drop_length_mismatched_pairs(dataset, config.rm_max_length_diff)
+        if len(dataset) < config.optimizer_batch_size:
+            raise ConfigError(
+                f"{config.dataset}: rm_max_length_diff {config.rm_max_length_diff} dropped {dropped_pairs} pairs, "
+                f"leaving {len(dataset)}, fewer than one optimizer batch; raise rm_max_length_diff"
+            )
     batch_size = config.optimizer_batch_size
     if len(dataset) < batch_size:
         raise ConfigError(
@@ -199,7 +207,12 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
         progress=progress,
     )
     batches = data_lib.response_batches(
-        dataset, batch_size, pad_token_id=tokenizer.pad_token_id, seed=config.seed, position=position
+        dataset,
+        batch_size,
+        pad_token_id=tokenizer.pad_token_id,
+        seed=config.seed,
+        position=position,
+        bucket=config.pad_multiple,
     )
     status = "completed"
     try:
@@ -230,6 +243,7 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
             config_hash=config.hash(),
             dataset_rows=len(dataset),
             truncated_rows=dataset.truncated,
+            **({"dropped_pairs_length_diff": dropped_pairs} if config.rm_max_length_diff is not None else {}),
             pad_token_id=tokenizer.pad_token_id,
         )
     final_params, lora = _merged(state.params, base)

@@ -50,7 +50,8 @@ import numpy as np
 from ppojax import data as data_lib
 from ppojax import train
 from ppojax.checkpoint import Checkpointer, CheckpointRestoreError, rollback
-from ppojax.config import ConfigError, TrainConfig
+from ppojax.config import ConfigError, TrainConfig, stage_at, stage_config, stage_starts
+from ppojax.health import check_health
 from ppojax.generation import bucket_length
 from ppojax.models import CheckpointError, DecoderModel, init_lora, load_pretrained, merge_lora, save_pretrained
 from ppojax.models.lora import Lora
@@ -163,17 +164,38 @@ def load_inputs(config: TrainConfig) -> PPOInputs:
 
 
 def total_iterations(config: TrainConfig, num_prompts: int) -> int:
+    if config.stages:
+        return sum(stage.iterations for stage in config.stages)
     if config.max_steps > 0:
         return config.max_steps
     return max(1, int(config.num_train_epochs * (num_prompts // config.rollout_batch_size)))
 
 
+def total_optimizer_steps(config: TrainConfig, iterations: int) -> int:
+    """Optimizer steps of the whole run (the learning-rate schedule's length): iterations × ppo_epochs ×
+    minibatches, summed over the stages when there are stages (their ppo_epochs may differ)."""
+    minibatches = config.rollout_batch_size // config.optimizer_batch_size
+    if not config.stages:
+        return iterations * config.ppo_epochs * minibatches
+    return sum(
+        stage.iterations * stage_config(config, i).ppo_epochs * minibatches for i, stage in enumerate(config.stages)
+    )
+
+
 def make_ppo_config(
-    config: TrainConfig, *, iterations: int, pad_token_id: int, stop_ids: tuple, control: RunControl
+    config: TrainConfig,
+    *,
+    iterations: int,
+    pad_token_id: int,
+    stop_ids: tuple,
+    control: RunControl,
+    total_steps: Optional[int] = None,
 ) -> train.PPOConfig:
-    """The static `PPOConfig` of a run (see the module docstring for the mapping)."""
+    """The static `PPOConfig` of a run, or of one stage when `config` is a `stage_config` and `total_steps` the
+    whole run's (see the module docstring for the mapping)."""
     rollout, minibatch = config.rollout_batch_size, config.optimizer_batch_size
-    total_steps = iterations * config.ppo_epochs * (rollout // minibatch)
+    if total_steps is None:
+        total_steps = iterations * config.ppo_epochs * (rollout // minibatch)
     if config.lr_scheduler_type == "linear" and total_steps <= config.warmup_steps:
         raise ConfigError(
             f"warmup_steps {config.warmup_steps} is not below the run's {total_steps} optimizer steps (iterations × "
@@ -292,6 +314,41 @@ def _scale_kl_coef(kl_state, factor: float):
     return kl_state._replace(coef=coef) if hasattr(kl_state, "_replace") else kl_state.replace(coef=coef)
 
 
+def _enter_stage(config: TrainConfig, index: int, state, control: RunControl, writer, iteration: int):
+    """At a stage's first iteration: β set to the stage's kl_coef when it has one (times the rollback β scale
+    for each rollback so far, so a rollback's tightening is kept), and an event for the curves and the log.
+    A function of (config, stage, control) only, so a resumed run enters a stage exactly as an uninterrupted one."""
+    stage = config.stages[index]
+    overrides = dict(stage.overrides)
+    if "kl_coef" in overrides:
+        coef = overrides["kl_coef"] * config.rollback_kl_coef_scale**control.rollbacks
+        kl = state.kl
+        coef = jnp.asarray(coef, kl.coef.dtype)
+        state = state.replace(kl=kl._replace(coef=coef) if hasattr(kl, "_replace") else kl.replace(coef=coef))
+    writer.event(
+        iteration, "stage", name=stage.name, first_iteration=iteration + 1, iterations=stage.iterations, **overrides
+    )
+    return state
+
+
+class HealthWatch:
+    """The metric health report kept current: the progress line, shading on the curves, a printed line when a
+    critical or warning violation begins (ppojax.health; the full report goes to summary.json at the end)."""
+
+    def __init__(self, writer: MetricsWriter):
+        self.writer = writer
+        self.announced: set = set()
+
+    def update(self, iteration: int, metrics: dict) -> None:
+        report = check_health(self.writer.rows + [{"step": iteration, **metrics}])
+        self.writer.note = report.line()
+        self.writer.spans = report.spans()
+        for v in report.ongoing:
+            if v.severity != "info" and (v.check, v.began) not in self.announced:
+                self.announced.add((v.check, v.began))
+                self.writer.say(f"ppojax ppo step {iteration}: health {v.severity}: {v.message}")
+
+
 def _metadata(config: TrainConfig, iteration: int, position, control: RunControl, good: bool = True) -> dict:
     return {
         "iteration": int(iteration),
@@ -318,8 +375,17 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
     pad_id = inputs.tokenizer.pad_token_id
     stops = stop_token_ids(inputs.tokenizer, inputs.policy_model)
 
-    def ppo_config_for(control: RunControl) -> train.PPOConfig:
-        return make_ppo_config(config, iterations=total, pad_token_id=pad_id, stop_ids=stops, control=control)
+    run_steps = total_optimizer_steps(config, total)
+
+    def ppo_config_for(control: RunControl, stage: int = 0) -> train.PPOConfig:
+        return make_ppo_config(
+            stage_config(config, stage),
+            iterations=total,
+            pad_token_id=pad_id,
+            stop_ids=stops,
+            control=control,
+            total_steps=run_steps,
+        )
 
     control = RunControl()
     lora = None
@@ -363,7 +429,10 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
         ckpt.save(0, state, _metadata(config, 0, position, control))  # a rollback target before save_steps
 
     ref_params, reward_params = inputs.ref_params, inputs.reward_params
-    iterate = train.make_ppo_iteration(ppo_config_for(control), models)
+    starts = stage_starts(config)
+    writer.marks = [(start - 0.5, stage.name) for start, stage in zip(starts, config.stages or ())]
+    stage, iterate = None, None  # the stage `iterate` was built for; (re)built at the top of the loop
+    health = HealthWatch(writer)
 
     def batches_from(position):
         return data_lib.prompt_batches(
@@ -379,6 +448,11 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
     iteration, status = start, "completed"
     try:
         while iteration < total:
+            wanted = stage_at(config, iteration + 1)
+            if wanted != stage:
+                stage, iterate = wanted, train.make_ppo_iteration(ppo_config_for(control, wanted), models)
+            if config.stages and iteration + 1 == starts[stage]:
+                state = _enter_stage(config, stage, state, control, writer, iteration)
             batch = next(batches)
             began = time.time()
             new_state, metrics, experience = iterate(state, (batch.ids, batch.mask), ref_params, reward_params)
@@ -431,11 +505,12 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
                     lr_scale=control.lr_scale,
                     kl_coef=float(state.kl.coef),
                 )
-                iterate = train.make_ppo_iteration(ppo_config_for(control), models)
+                stage = None  # rebuilt with the new learning-rate scale
                 batches = batches_from(position)
                 continue
             state, iteration = new_state, iteration + 1
             if iteration % config.logging_steps == 0 or iteration == total:
+                health.update(iteration, metrics)
                 writer.log(iteration, metrics)
             else:
                 writer.advance(iteration)
@@ -460,6 +535,16 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
             pad_token_id=pad_id,
             stop_token_ids=list(stops),
             run_control=dataclasses.asdict(control),
+            health=check_health(writer.rows).to_json(),
+            stages=[
+                {
+                    "name": st.name,
+                    "first_iteration": first,
+                    "iterations": st.iterations,
+                    "overrides": dict(st.overrides),
+                }
+                for st, first in zip(config.stages or (), starts)
+            ],
             events=writer.read_events(),
             policy_dir=config.output_dir,
             value_model_dir=os.path.join(config.output_dir, VALUE_MODEL_DIR),
