@@ -136,15 +136,7 @@ def _rm_lora_step(state, batch, base_params, *, model, optimizer):
         aux = {"accuracy": jnp.mean((chosen > rejected).astype(jnp.float32)), "margin": jnp.mean(chosen - rejected)}
         return train.reward_model_loss(chosen, rejected, batch.margin), aux
 
-    return guarded_step(state, loss_fn, optimizer)
-
-
-def guarded_step(state, loss_fn, optimizer):
-    """`ppojax.train`'s non-finite-guarded optimizer step (named `_guarded_step` before issue 5 finished)."""
-    from ppojax import train
-
-    step = getattr(train, "guarded_step", None) or train._guarded_step
-    return step(state, loss_fn, optimizer)
+    return train.guarded_step(state, loss_fn, optimizer)
 
 
 def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
