@@ -153,7 +153,7 @@ def ppo_run(workdir, reward_dir):
 
 def csv_rows(out):
     rows = read_metrics_csv(str(out / "ppo_metrics" / "training_metrics.csv"))
-    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+    return [{k: v for k, v in row.items() if not k.startswith(("time/", "perf/"))} for row in rows]  # wall-clock
 
 
 def weights(directory):
