@@ -153,7 +153,7 @@ def ppo_run(workdir, reward_dir):
 
 def csv_rows(out):
     rows = read_metrics_csv(str(out / "ppo_metrics" / "training_metrics.csv"))
-    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+    return [{k: v for k, v in row.items() if not k.startswith(("time/", "perf/"))} for row in rows]  # wall-clock
 
 
 def weights(directory):
@@ -333,3 +333,29 @@ def test_generate_greedy_matches_a_cacheless_forward_pass(workdir, ppo_run, monk
     assert main([*args, "--top-p", "0"]) == 2
     err = capsys.readouterr().err
     assert err == "ppojax: error: command line: '--top-p' is 0.0; must be > 0 and <= 1\n"
+
+
+@pytest.mark.slow  # its own compilations (full fine-tuning, shared trunk, score normalisation): ~60 s of CPU
+def test_full_finetuning_shared_critic_and_score_norm(workdir, reward_dir):
+    out = workdir / "saves" / "ppo_full"
+    extra = dict(finetuning_type="full", critic_mode="shared", ppo_score_norm="true", bf16="false")
+    path = ppo_yaml(workdir, "saves/ppo_full", **extra)
+    path_text = open(path).read()
+    path_text = "\n".join(line for line in path_text.splitlines() if not line.startswith(("lora_rank", "lora_target")))
+    open(path, "w").write(path_text + "\n")
+    sizes = [o for o in PPO_OVERRIDES if not o.startswith(("lora_rank", "max_steps"))]
+    result = run_cli(workdir, "train", path, "--no-progress", *sizes, "max_steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "ppo_metrics" / "summary.json").read_text())
+    control = summary["run_control"]
+    assert summary["status"] == "completed" and control["reward_gain"] > 0 and control["reward_gain"] != 1.0
+    rows = csv_rows(out)
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["objective/kl"] == 0.0
+    policy, params = load_pretrained(str(out), head="lm")
+    _, base = load_pretrained(str(workdir / "qwen2-tiny"), head="lm")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    assert not np.array_equal(np.asarray(params["embed"]["embedding"])[:20], np.asarray(base["embed"]["embedding"]))
+    value_model, value_params = load_pretrained(str(out / "value_model"), head="value")
+    # Shared trunk: the value model is the trained policy trunk with the trained value head.
+    np.testing.assert_array_equal(value_params["embed"]["embedding"], params["embed"]["embedding"])
+    assert np.abs(np.asarray(value_params["value_head"]["kernel"])).max() > 0  # from 0, trained
