@@ -289,7 +289,7 @@ class _Decoder(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, input_ids, positions, slots, layer_caches, lora, head_at="all"):
+    def __call__(self, input_ids, positions, slots, layer_caches, lora, head_at="all", rope_table_size=None):
         cfg = self.config
         embedding = _Weight("embedding", (cfg.vocab_size, cfg.hidden_size), _normal, self.dtype, name="embed")()
         x = jnp.take(embedding, input_ids, axis=0).astype(self.dtype)
@@ -300,7 +300,7 @@ class _Decoder(nn.Module):
             )()
             x = x + jnp.take(table, positions, axis=0).astype(self.dtype)
         else:
-            cos, sin = rope_cos_sin(cfg, positions)
+            cos, sin = rope_cos_sin(cfg, positions, rope_table_size)
         x = constrain(x, "batch", "length", "embed_act")
         lora = lora or {}
         new_caches = []
@@ -426,11 +426,14 @@ class DecoderModel:
             max_length = cache.mask.shape[1]
             slots = (index + jnp.arange(seq), jnp.arange(max_length), mask, index)
             layer_caches = list(zip(cache.keys, cache.values))
+        # Positions from the masks stay below the slot count, so RoPE can read cos / sin from a table that size.
+        rope_table_size = None
         if positions is None:
             positions = positions_from_mask(attention_mask, valid_before)
+            rope_table_size = slots[1].shape[0]
         lora_tree = None if lora is None else lora.per_module()
         hidden, head_out, new_caches = self._module().apply(
-            {"params": params}, input_ids, positions, slots, layer_caches, lora_tree, head_at
+            {"params": params}, input_ids, positions, slots, layer_caches, lora_tree, head_at, rope_table_size
         )
         new_cache = None
         if cache is not None:
