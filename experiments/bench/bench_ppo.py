@@ -178,7 +178,10 @@ def run_setting(args, directory: str, minibatches: int, workload: wl.Workload) -
 def fmt_phases(run: dict) -> str:
     wall, cpu = run["wall"], run["cpu"]
     return (
-        " + ".join(f"{wall[p]:.2f}" for p in PHASES) + f" = {sum(wall.values()):.2f} s (CPU {sum(cpu.values()):.2f} s)"
+        " + ".join(f"{wall[p]:.2f}" for p in PHASES)
+        + f" = {sum(wall.values()):.2f} s (CPU "
+        + " + ".join(f"{cpu[p]:.2f}" for p in PHASES)
+        + f" = {sum(cpu.values()):.2f} s)"
     )
 
 
