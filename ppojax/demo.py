@@ -72,7 +72,7 @@ class DemoConfig:
     ppo_epochs: int = 4
     policy_lr: float = 2e-4
     critic_lr: float = 3e-4
-    kl_coef: float = 0.02
+    kl_coef: float = 0.1
     kl_target: float = 6.0  # nats per sequence: the evaluated KL of the final policy must stay under it
     preset: str = "ppojax"
     score_norm: bool = True  # normalise the RM's score on the SFT model's samples before PPO (ppo_score_norm)

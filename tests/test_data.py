@@ -199,6 +199,16 @@ def test_preferences_and_sft(tmp_path):
         )
     )
     assert len(pair_batch.responses) == 2
+    # chosen and rejected share one width even when their lengths fall in different buckets (one forward pass)
+    uneven = write(
+        tmp_path, "uneven.jsonl", [{"prompt": "hi", "chosen": "yes and no yes and no", "rejected": "no"}] * 2
+    )
+    ((chosen, _), (rejected, _)) = next(
+        response_batches(
+            load_preferences(uneven, tok, template="none", cutoff_len=64), 2, pad_token_id=0, seed=0, bucket=4
+        )
+    ).responses
+    assert chosen.shape == rejected.shape == (2, 8)
 
 
 def test_batches_are_deterministic_and_resumable(tmp_path):

@@ -181,7 +181,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=150)
     parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=None, help="prompts per iteration per replica (default: the demo's)")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="prompts per iteration per replica (default: the demo's)"
+    )
     parser.add_argument("--length-bias", type=float, default=0.3, help="per token, for the length-biased RM")
     parser.add_argument("--no-length", action="store_true", help="skip the length-biased reward model")
     args = parser.parse_args(argv)
