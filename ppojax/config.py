@@ -81,6 +81,8 @@ convention's values apply. Keys given explicitly override either.
 | samples_every | 10 | ppo: append prompt / response / score rows to samples.jsonl every N iterations; 0: never |
 | num_samples | 4 | ppo: rows written each time |
 | tensorboard | false | also write TensorBoard event files (only if tensorboardX or tensorboard is installed) |
+| mesh | null | device mesh for stage ppo, e.g. {data: 2, fsdp: 4, tensor: 1} (one size may be -1: the rest); null: one program on the default device. See README "Many devices and hosts" |
+| distributed | null | multi-host start for stage ppo: auto (JAX cluster detection: TPU pods, SLURM, Open MPI), or {coordinator_address: host:port, num_processes: N, process_id: i}; null: the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables when set |
 | rm_max_length_diff | null | rm: drop pairs whose chosen and rejected responses differ by more than this many tokens (counted in summary.json); null keeps all |
 | length_reward | preset (none) | ppo: none, penalty (score − length_penalty × response tokens) or sqrt (score / √response tokens), against a reward model's length bias |
 | length_penalty | preset (0) | ppo: c in length_reward: penalty (> 0 there, 0 otherwise) |
@@ -213,6 +215,8 @@ class TrainConfig:
     samples_every: int = _key(10, low=0)
     num_samples: int = _key(4, low=1)
     tensorboard: bool = _key(False)
+    mesh: Optional[dict] = _key(None)
+    distributed: Optional[Union[str, dict]] = _key(None)
     kl_rule: Optional[str] = _key(None, choices=KL_RULES)
     rm_max_length_diff: Optional[int] = _key(None, low=0)
     length_reward: Optional[str] = _key(None, choices=LENGTH_REWARDS)
@@ -326,6 +330,8 @@ _NON_TRAJECTORY_KEYS = frozenset(
     {
         "output_dir",
         "overwrite_output_dir",
+        "mesh",
+        "distributed",
         "logging_steps",
         "save_steps",
         "max_to_keep",
@@ -459,6 +465,8 @@ def _check_value(key: str, value, source: str, raw: Mapping):
         raise ConfigError(f"{source}: '{key}' must not be null; default is {field.default!r}")
     if key == "lora_target":
         return _lora_target(value, source)
+    if key in ("mesh", "distributed"):
+        return _parallel_key(key, value, source)
     if key == "stages":
         return _stages(value, source, raw)
     base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
@@ -548,6 +556,26 @@ def _dir_hint(key: str) -> str:
     return ""
 
 
+def _parallel_key(key: str, value, source: str):
+    """mesh -> {data, fsdp, tensor} sizes (-1 kept); distributed -> "auto" or a dict of jax.distributed keys."""
+    from ppojax import parallel
+
+    try:
+        if key == "mesh":
+            mesh = parallel.MeshConfig.from_dict(value, "mesh")
+            return {axis: getattr(mesh, axis) for axis in parallel.MESH_AXES}
+        if value is True or value == "auto":
+            return "auto"
+        if not isinstance(value, Mapping):
+            raise ValueError(f"distributed: expected auto or a mapping of {parallel.DISTRIBUTED_KEYS}, found {value!r}")
+        unknown = sorted(set(value) - set(parallel.DISTRIBUTED_KEYS))
+        if unknown:
+            raise ValueError(f"distributed.{unknown[0]} is not a key; the keys are {parallel.DISTRIBUTED_KEYS}")
+        return dict(value)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
 def _lora_target(value, source: str):
     names = value.split(",") if isinstance(value, str) else value
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
@@ -580,6 +608,9 @@ def _check_consistency(config: TrainConfig, raw: Mapping, where):
     c = config
     if not c.do_train:
         raise ConfigError(f"{where('do_train')}: 'do_train' is false; ppojax train only trains (set do_train: true)")
+    for key in ("mesh", "distributed"):
+        if getattr(c, key) is not None and c.stage != "ppo":
+            raise ConfigError(f"{where(key)}: '{key}' is supported by stage ppo only; remove it for stage {c.stage}")
     if c.stage == "ppo" and c.reward_model is None:
         raise ConfigError(f"{where('stage')}: stage ppo needs 'reward_model' (the output_dir of a stage: rm run)")
     step = c.optimizer_batch_size

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 from typing import Any, NamedTuple, Optional
 
@@ -48,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppojax import data as data_lib
-from ppojax import train
+from ppojax import parallel, train
 from ppojax.checkpoint import Checkpointer, CheckpointRestoreError, rollback
 from ppojax.config import ConfigError, TrainConfig, stage_at, stage_config, stage_starts
 from ppojax.health import check_health
@@ -102,9 +103,10 @@ def prompt_bucket(config: TrainConfig) -> int:
     return min(PROMPT_BUCKET, config.max_prompt_length)
 
 
-def _load(path: str, head: str, dtype, key: str) -> tuple[DecoderModel, dict]:
+def _load(path: str, head: str, dtype, key: str, layout=None) -> tuple[DecoderModel, dict]:
+    shardings = None if layout is None else (lambda model: layout.params(model.param_shapes()))
     try:
-        return load_pretrained(path, head=head, dtype=dtype)
+        return load_pretrained(path, head=head, dtype=dtype, shardings=shardings)
     except CheckpointError as e:
         if head == "reward" and "score.weight" in str(e):
             raise ConfigError(
@@ -129,8 +131,9 @@ def _check_reward_vocabulary(config: TrainConfig, reward_model: DecoderModel, to
             )
 
 
-def load_inputs(config: TrainConfig) -> PPOInputs:
-    """Tokenizer (with a dedicated pad token), prompts, policy, reference and reward model."""
+def load_inputs(config: TrainConfig, layout=None) -> PPOInputs:
+    """Tokenizer (with a dedicated pad token), prompts, policy, reference and reward model (each tensor read
+    straight into its shards when a `parallel.Layout` is given)."""
     tokenizer, _ = data_lib.ensure_pad_token(data_lib.load_tokenizer(config.model_name_or_path))
     dataset = data_lib.load_prompts(
         config.dataset,
@@ -141,7 +144,7 @@ def load_inputs(config: TrainConfig) -> PPOInputs:
     )
     dtype = jnp.bfloat16 if config.bf16 else jnp.float32
     policy_model, policy_params = fit_vocabulary(
-        *_load(config.model_name_or_path, "lm", dtype, "model_name_or_path"), tokenizer
+        *_load(config.model_name_or_path, "lm", dtype, "model_name_or_path", layout), tokenizer
     )
     positions = bucket_length(config.max_prompt_length, prompt_bucket(config)) + config.max_new_tokens
     if positions > policy_model.config.max_position_embeddings:
@@ -152,13 +155,13 @@ def load_inputs(config: TrainConfig) -> PPOInputs:
         )
     ref_params = policy_params
     if config.ref_model is not None:
-        ref_model, ref_params = fit_vocabulary(*_load(config.ref_model, "lm", dtype, "ref_model"), tokenizer)
+        ref_model, ref_params = fit_vocabulary(*_load(config.ref_model, "lm", dtype, "ref_model", layout), tokenizer)
         if ref_model.config != policy_model.config:
             raise ConfigError(
                 f"ref_model {config.ref_model} is not the same architecture as {config.model_name_or_path}; "
                 "the reference must share the policy's config"
             )
-    reward_model, reward_params = _load(config.reward_model, "reward", dtype, "reward_model")
+    reward_model, reward_params = _load(config.reward_model, "reward", dtype, "reward_model", layout)
     _check_reward_vocabulary(config, reward_model, tokenizer)
     return PPOInputs(tokenizer, dataset, policy_model, policy_params, ref_params, reward_model, reward_params)
 
@@ -360,10 +363,49 @@ def _metadata(config: TrainConfig, iteration: int, position, control: RunControl
     }
 
 
+def start_parallel(config: TrainConfig) -> Optional[parallel.Layout]:
+    """The `mesh` / `distributed` keys: jax.distributed (before any other JAX work), then the mesh. None when
+    neither key is set (one program on the default device, as before)."""
+    if config.mesh is None and config.distributed is None:
+        return None
+    try:
+        layout, _ = parallel.setup(config.mesh, config.distributed, source="config")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return layout
+
+
+def shard_inputs(inputs: PPOInputs, layout: parallel.Layout) -> PPOInputs:
+    """The loaded params placed by the sharding rules (policy, reference, reward)."""
+    place = lambda params: parallel.place(params, layout.params(params))  # noqa: E731
+    policy = place(inputs.policy_params)
+    ref = policy if inputs.ref_params is inputs.policy_params else place(inputs.ref_params)
+    return inputs._replace(policy_params=policy, ref_params=ref, reward_params=place(inputs.reward_params))
+
+
+def make_iterate(ppo_config: train.PPOConfig, models, layout: Optional[parallel.Layout]):
+    """iteration(state, (ids, mask), ref_params, reward_params): one jitted program, sharded over `layout` if
+    given (the state is not donated: the run loop keeps it for stop / rollback). Each process feeds its rows."""
+    if layout is None:
+        return train.make_ppo_iteration(ppo_config, models)
+    sharded = parallel.sharded_ppo_iteration(ppo_config, models, layout, donate=False)
+
+    def iterate(state, prompts, ref_params, reward_params):
+        ids, mask = prompts
+        rows = parallel.process_batch_rows(layout, ids.shape[0])
+        batch = parallel.batch_from_process_data(layout, (ids[rows], mask[rows]), ids.shape[0])
+        return sharded(state, batch, ref_params, reward_params)
+
+    return iterate
+
+
 def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
     """stage ppo, end to end. Returns the summary dict (also in ppo_metrics/summary.json)."""
     resuming = check_output_dir(config)
-    inputs = load_inputs(config)
+    layout = start_parallel(config)
+    inputs = load_inputs(config, layout)
+    if layout is not None:
+        inputs = shard_inputs(inputs, layout)  # again after a vocabulary resize
     batch_size = config.rollout_batch_size
     if len(inputs.dataset) < batch_size:
         raise ConfigError(
@@ -407,6 +449,13 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
         critic_init="reward",
         lora=lora,
     )
+    if layout is not None:
+        state = parallel.place(state, layout.ppo_state(state, ppo_config_for(control)))
+        prompt_length = bucket_length(config.max_prompt_length, prompt_bucket(config))
+        estimate = parallel.estimate_ppo_memory(
+            ppo_config_for(control), models, layout.sizes, prompt_length=prompt_length, lora=lora is not None
+        )
+        print(estimate.format(), file=sys.stderr)
     ckpt = Checkpointer(config.checkpoint_dir, max_to_keep=config.max_to_keep)
     position, start = data_lib.DataPosition(), 0
     resumed = resuming and ckpt.latest_step() is not None
@@ -450,7 +499,7 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
         while iteration < total:
             wanted = stage_at(config, iteration + 1)
             if wanted != stage:
-                stage, iterate = wanted, train.make_ppo_iteration(ppo_config_for(control, wanted), models)
+                stage, iterate = wanted, make_iterate(ppo_config_for(control, wanted), models, layout)
             if config.stages and iteration + 1 == starts[stage]:
                 state = _enter_stage(config, stage, state, control, writer, iteration)
             batch = next(batches)
