@@ -218,3 +218,15 @@ def test_staged_example_yaml_validates(workdir):
     assert [(s.name, s.iterations) for s in config.stages] == [("warm-up", 500), ("main", 5000), ("finish", 500)]
     conv = config.convention
     assert (conv.kl_rule, conv.length_reward, conv.length_penalty, conv.adaptive_kl) == ("step", "penalty", 0.001, True)
+
+
+def test_ppo_runner_config_carries_the_aids(workdir):
+    """The PPO runner's PPOConfig gets the step rule and the length-aware reward through the convention."""
+    from ppojax.runner_ppo import RunControl, make_ppo_config
+
+    config = config_from_dict(base(kl_rule="step", length_reward="sqrt", max_steps=10))
+    ppo = make_ppo_config(config, iterations=10, pad_token_id=0, stop_ids=(1,), control=RunControl())
+    assert (ppo.convention.kl_rule, ppo.convention.length_reward) == ("step", "sqrt")
+    controller = kl_controller(ppo.convention)
+    state = controller.update(controller.init(), 1.0, 8)  # below 0.5 × 6 nats: β × 0.75
+    assert abs(float(state.coef) - 0.2 * 0.75) < 1e-7
