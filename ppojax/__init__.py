@@ -3,6 +3,7 @@
 from ppojax.advantages import compute_gae
 from ppojax.kl import (
     KL_ESTIMATORS,
+    KL_RULES,
     KLController,
     KLControllerState,
     adaptive_kl_controller,
@@ -10,11 +11,23 @@ from ppojax.kl import (
     kl_for_controller,
     kl_from_logits,
     kl_penalty,
+    make_kl_controller,
     sequence_kl,
+    step_kl_controller,
 )
+from ppojax.health import HealthLimits, HealthReport, Violation, check_health
 from ppojax.losses import LOSS_AGGREGATIONS, aggregate_loss, clipped_loss, entropy_from_logits, value_loss
 from ppojax.presets import PRESETS, Advantages, Convention, assemble_advantages, get_preset, masks_for, ppo_losses
-from ppojax.rewards import SCORE_PLACEMENTS, adjust_scores, extend_mask, last_valid_index, score_index, shape_rewards
+from ppojax.rewards import (
+    LENGTH_REWARDS,
+    SCORE_PLACEMENTS,
+    adjust_scores,
+    extend_mask,
+    last_valid_index,
+    length_aware_scores,
+    score_index,
+    shape_rewards,
+)
 from ppojax.stats import SumCount, masked_count, masked_max, masked_mean, masked_sum, masked_var, whiten
 
 __version__ = "0.1.0.dev0"

@@ -81,6 +81,13 @@ convention's values apply. Keys given explicitly override either.
 | samples_every | 10 | ppo: append prompt / response / score rows to samples.jsonl every N iterations; 0: never |
 | num_samples | 4 | ppo: rows written each time |
 | tensorboard | false | also write TensorBoard event files (only if tensorboardX or tensorboard is installed) |
+| mesh | null | device mesh for stage ppo, e.g. {data: 2, fsdp: 4, tensor: 1} (one size may be -1: the rest); null: one program on the default device. See README "Many devices and hosts" |
+| distributed | null | multi-host start for stage ppo: auto (JAX cluster detection: TPU pods, SLURM, Open MPI), or {coordinator_address: host:port, num_processes: N, process_id: i}; null: the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables when set |
+| rm_max_length_diff | null | rm: drop pairs whose chosen and rejected responses differ by more than this many tokens (counted in summary.json); null keeps all |
+| length_reward | preset (none) | ppo: none, penalty (score − length_penalty × response tokens) or sqrt (score / √response tokens), against a reward model's length bias |
+| length_penalty | preset (0) | ppo: c in length_reward: penalty (> 0 there, 0 otherwise) |
+| stages | null | ppo: a list of training stages run in order, each {name?, iterations, overrides...}; overrides (flat or under `overrides:`) among learning_rate, critic_learning_rate, cliprange, cliprange_value, kl_coef (β at the stage's start), ppo_target, ppo_epochs, entropy_coef, vf_coef, target_kl. The run's iterations are their sum (max_steps, if set, must equal it) |
+| kl_rule | preset (proportional) | how an adaptive β moves: proportional (Ziegler) or step (KL > 1.5 × target: β × 1.5; KL < 0.5 × target: β × 0.75). Needs adap_kl_ctrl |
 """
 
 from __future__ import annotations
@@ -96,8 +103,9 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
 
-from ppojax.kl import KL_ESTIMATORS
+from ppojax.kl import KL_ESTIMATORS, KL_RULES
 from ppojax.presets import PRESETS, Convention
+from ppojax.rewards import LENGTH_REWARDS
 
 
 class ConfigError(ValueError):
@@ -207,6 +215,13 @@ class TrainConfig:
     samples_every: int = _key(10, low=0)
     num_samples: int = _key(4, low=1)
     tensorboard: bool = _key(False)
+    mesh: Optional[dict] = _key(None)
+    distributed: Optional[Union[str, dict]] = _key(None)
+    kl_rule: Optional[str] = _key(None, choices=KL_RULES)
+    rm_max_length_diff: Optional[int] = _key(None, low=0)
+    length_reward: Optional[str] = _key(None, choices=LENGTH_REWARDS)
+    length_penalty: Optional[float] = _key(None, low=0.0)
+    stages: Optional[tuple] = _key(None)
     # The keys the user gave (not a config key): an explicit null differs from "take the preset's value".
     given_keys: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
@@ -283,6 +298,9 @@ CONVENTION_KEYS = {
     "lam": "lam",
     "missing_eos_penalty": "missing_eos_penalty",
     "ppo_whiten_rewards": "whiten_rewards",
+    "kl_rule": "kl_rule",
+    "length_reward": "length_reward",
+    "length_penalty": "length_penalty",
 }
 
 # Other names for the same key (TRL 0.x / OpenRLHF / HF Trainer spellings).
@@ -312,6 +330,8 @@ _NON_TRAJECTORY_KEYS = frozenset(
     {
         "output_dir",
         "overwrite_output_dir",
+        "mesh",
+        "distributed",
         "logging_steps",
         "save_steps",
         "max_to_keep",
@@ -445,6 +465,10 @@ def _check_value(key: str, value, source: str, raw: Mapping):
         raise ConfigError(f"{source}: '{key}' must not be null; default is {field.default!r}")
     if key == "lora_target":
         return _lora_target(value, source)
+    if key in ("mesh", "distributed"):
+        return _parallel_key(key, value, source)
+    if key == "stages":
+        return _stages(value, source, raw)
     base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
     value = _coerce(key, value, base, source)
     if meta["choices"] is not None and value not in meta["choices"]:
@@ -532,6 +556,26 @@ def _dir_hint(key: str) -> str:
     return ""
 
 
+def _parallel_key(key: str, value, source: str):
+    """mesh -> {data, fsdp, tensor} sizes (-1 kept); distributed -> "auto" or a dict of jax.distributed keys."""
+    from ppojax import parallel
+
+    try:
+        if key == "mesh":
+            mesh = parallel.MeshConfig.from_dict(value, "mesh")
+            return {axis: getattr(mesh, axis) for axis in parallel.MESH_AXES}
+        if value is True or value == "auto":
+            return "auto"
+        if not isinstance(value, Mapping):
+            raise ValueError(f"distributed: expected auto or a mapping of {parallel.DISTRIBUTED_KEYS}, found {value!r}")
+        unknown = sorted(set(value) - set(parallel.DISTRIBUTED_KEYS))
+        if unknown:
+            raise ValueError(f"distributed.{unknown[0]} is not a key; the keys are {parallel.DISTRIBUTED_KEYS}")
+        return dict(value)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
 def _lora_target(value, source: str):
     names = value.split(",") if isinstance(value, str) else value
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
@@ -564,6 +608,9 @@ def _check_consistency(config: TrainConfig, raw: Mapping, where):
     c = config
     if not c.do_train:
         raise ConfigError(f"{where('do_train')}: 'do_train' is false; ppojax train only trains (set do_train: true)")
+    for key in ("mesh", "distributed"):
+        if getattr(c, key) is not None and c.stage != "ppo":
+            raise ConfigError(f"{where(key)}: '{key}' is supported by stage ppo only; remove it for stage {c.stage}")
     if c.stage == "ppo" and c.reward_model is None:
         raise ConfigError(f"{where('stage')}: stage ppo needs 'reward_model' (the output_dir of a stage: rm run)")
     step = c.optimizer_batch_size
@@ -585,11 +632,25 @@ def _check_consistency(config: TrainConfig, raw: Mapping, where):
             )
     if c.stage == "ppo":
         _check_ppo(c, where)
+        mode = c.length_reward or "none"
+        if (mode == "penalty") != bool(c.length_penalty):
+            key = "length_penalty" if c.length_penalty else "length_reward"
+            raise ConfigError(
+                f"{where(key)}: length_reward {mode!r} with length_penalty {c.length_penalty or 0}; "
+                "length_reward: penalty needs length_penalty > 0, and length_penalty needs length_reward: penalty"
+            )
+        if c.stages:
+            _check_stages(c, where)
         conv = c.convention
         if c.ppo_target is not None and not conv.adaptive_kl:
             raise ConfigError(
                 f"{where('ppo_target')}: 'ppo_target' {c.ppo_target} has no effect with a fixed KL coefficient "
                 f"(preset {c.preset!r} has adap_kl_ctrl false); set adap_kl_ctrl: true or drop ppo_target"
+            )
+        if c.kl_rule is not None and not conv.adaptive_kl:
+            raise ConfigError(
+                f"{where('kl_rule')}: 'kl_rule' {c.kl_rule} has no effect with a fixed KL coefficient "
+                f"(adap_kl_ctrl is false); set adap_kl_ctrl: true or drop kl_rule"
             )
     if c.stage != "ppo":
         ppo_only = sorted(k for k in raw if k in _PPO_ONLY_KEYS)
@@ -598,6 +659,11 @@ def _check_consistency(config: TrainConfig, raw: Mapping, where):
                 f"{where(ppo_only[0])}: '{ppo_only[0]}' is a PPO setting but stage is {c.stage!r}; "
                 "remove it or set stage: ppo"
             )
+    if c.rm_max_length_diff is not None and c.stage != "rm":
+        raise ConfigError(
+            f"{where('rm_max_length_diff')}: 'rm_max_length_diff' filters reward-model pairs but stage is "
+            f"{c.stage!r}; remove it or set stage: rm"
+        )
     if c.finetuning_type == "full" and any(k in raw for k in ("lora_rank", "lora_alpha", "lora_target")):
         key = next(k for k in ("lora_rank", "lora_alpha", "lora_target") if k in raw)
         raise ConfigError(
@@ -657,5 +723,111 @@ _PPO_ONLY_KEYS = frozenset(
         "samples_every",
         "num_samples",
         "entropy_coef",
+        "kl_rule",
+        "length_reward",
+        "length_penalty",
+        "stages",
     }
 )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Staged training (issue 10): e.g. a cautious warm-up, the main phase, a cautious finish, in one run.
+
+STAGE_OVERRIDES = (
+    "learning_rate",
+    "critic_learning_rate",
+    "cliprange",
+    "cliprange_value",
+    "kl_coef",
+    "ppo_target",
+    "ppo_epochs",
+    "entropy_coef",
+    "vf_coef",
+    "target_kl",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingStage:
+    """One entry of `stages`: `iterations` PPO iterations with `overrides` ((key, value) pairs, validated)."""
+
+    name: str
+    iterations: int
+    overrides: tuple = ()
+
+
+def _stages(value, source: str, raw: Mapping) -> tuple:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{source}: 'stages' must be a non-empty list of {{iterations: N, <overrides>}} mappings")
+    out = []
+    for i, entry in enumerate(value):
+        where = f"{source}: stages[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(
+                f"{where} is {entry!r}; expected a mapping such as {{iterations: 500, learning_rate: 5e-7}}"
+            )
+        entry = dict(entry)
+        name = str(entry.pop("name", f"stage {i + 1}"))
+        iterations = entry.pop("iterations", None)
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ConfigError(f"{where}: 'iterations' is {iterations!r}; expected an integer >= 1")
+        nested = entry.pop("overrides", {})
+        if not isinstance(nested, Mapping):
+            raise ConfigError(f"{where}: 'overrides' must be a mapping of key: value")
+        overrides = {}
+        for key, item in {**entry, **nested}.items():
+            canonical = _canonical(key, f"{where}")
+            if canonical not in STAGE_OVERRIDES:
+                raise ConfigError(
+                    f"{where}: '{key}' cannot change between stages; allowed: {', '.join(STAGE_OVERRIDES)}"
+                )
+            overrides[canonical] = _check_value(canonical, item, where, raw)
+        out.append(TrainingStage(name, iterations, tuple(sorted(overrides.items()))))
+    return tuple(out)
+
+
+def stage_config(config: TrainConfig, index: int) -> TrainConfig:
+    """The run's config with stage `index`'s overrides applied (the config itself when there are no stages)."""
+    if not config.stages:
+        return config
+    overrides = dict(config.stages[index].overrides)
+    return config.replace(**overrides, given_keys=config.given_keys | frozenset(overrides))
+
+
+def stage_starts(config: TrainConfig) -> tuple:
+    """The 1-based iteration at which each stage begins: (1, 1 + n_1, 1 + n_1 + n_2, ...)."""
+    starts, first = [], 1
+    for stage in config.stages or ():
+        starts.append(first)
+        first += stage.iterations
+    return tuple(starts)
+
+
+def stage_at(config: TrainConfig, iteration: int) -> int:
+    """The index of the stage that runs 1-based `iteration` (the last stage past the end; 0 without stages)."""
+    index = 0
+    for i, start in enumerate(stage_starts(config)):
+        if iteration >= start:
+            index = i
+    return index
+
+
+def _check_stages(c: TrainConfig, where) -> None:
+    total = sum(stage.iterations for stage in c.stages)
+    if c.max_steps > 0 and c.max_steps != total:
+        raise ConfigError(
+            f"{where('max_steps')}: 'max_steps' {c.max_steps} differs from the stages' {total} iterations; "
+            "drop max_steps (the stages set the length of the run) or make them agree"
+        )
+    for i, stage in enumerate(c.stages):
+        staged = stage_config(c, i)
+        try:
+            conv = staged.convention
+        except ValueError as e:
+            raise ConfigError(f"{where('stages')}: stages[{i}] ({stage.name}): {e}") from None
+        if staged.ppo_target is not None and not conv.adaptive_kl:
+            raise ConfigError(
+                f"{where('stages')}: stages[{i}] ({stage.name}) sets ppo_target but the KL coefficient is fixed; "
+                "set adap_kl_ctrl: true"
+            )

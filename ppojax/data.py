@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import jax.numpy as jnp
@@ -149,10 +150,26 @@ def load_tokenizer(path: str):
     import transformers
 
     try:
+        # A directory that says its tokenizer is a plain tokenizers-library one (transformers 5 writes
+        # "TokenizersBackend", 4.x "PreTrainedTokenizerFast") gets exactly that: AutoTokenizer would otherwise pick
+        # the class of config.json's model_type (Qwen2Tokenizer for qwen2) and rebuild it from the vocabulary,
+        # which scrambles a non-BPE tokenizer (a WordLevel one loses its ids).
+        if _declared_tokenizer_class(path) in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return transformers.PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
         return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises many types; the message is what the user needs
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{path}: cannot load the tokenizer ({first})") from None
+
+
+def _declared_tokenizer_class(path: str) -> Optional[str]:
+    """`tokenizer_class` of a directory's tokenizer_config.json, or None."""
+    try:
+        with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
+            value = json.load(f).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def ensure_pad_token(tokenizer) -> tuple[Any, bool]:
@@ -332,6 +349,38 @@ def load_sft(path: str, tokenizer, *, template: str, cutoff_len: int) -> Respons
         return [response], _prompt_turns(record, where, "instruction/input/output, prompt/response or messages")
 
     return _response_dataset(path, tokenizer, template, cutoff_len, target)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Length-balanced reward-model pairs (issue 10)
+
+
+def drop_length_mismatched_pairs(dataset: ResponseDataset, max_length_diff: int) -> tuple[ResponseDataset, int]:
+    """(the rm pairs whose chosen and rejected responses differ by at most `max_length_diff` tokens, how many
+    were dropped).
+
+    A reward model trained on pairs where the chosen answer is usually the longer one learns "longer is
+    better", and PPO then pads its answers to farm reward. Keeping pairs of similar length removes that cue.
+    Lengths are token counts of the responses as loaded (after the cutoff, EOS included in both).
+    """
+    if max_length_diff < 0:
+        raise ValueError(f"max_length_diff must be >= 0, found {max_length_diff}")
+    if dataset.responses and len(dataset.responses[0]) != 2:
+        raise ValueError(
+            f"length filtering needs (chosen, rejected) pairs, found {len(dataset.responses[0])} responses"
+        )
+    keep = [
+        i
+        for i, (chosen, rejected) in enumerate(dataset.responses)
+        if abs(len(chosen) - len(rejected)) <= max_length_diff
+    ]
+    kept = dataclasses.replace(
+        dataset,
+        prompts=tuple(dataset.prompts[i] for i in keep),
+        responses=tuple(dataset.responses[i] for i in keep),
+        sources=tuple(dataset.sources[i] for i in keep),
+    )
+    return kept, len(dataset) - len(keep)
 
 
 # ----------------------------------------------------------------------------------------------------------

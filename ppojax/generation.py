@@ -8,7 +8,9 @@ Shapes (B rows, P prompt columns, N = max_new_tokens):
 
 The model follows the `ppojax.models` contract: `model.apply(params, ids, attention_mask, *, cache, lora)`
 returns `.logits` / `.values` / `.scores` and the updated `.cache`; `model.init_cache(B, length, dtype=...)`
-returns an empty cache whose rows share one write index; positions come from the attention mask.
+returns an empty cache whose rows share one write index; positions come from the attention mask. Optional:
+when `model.apply` also takes `head_at`, the prefill passes `head_at="last"` and needs only the last column's
+logits (`ppojax.models.DecoderModel` skips the LM head's matmul over the other prompt columns).
 
 `rollout` is pure and works un-jitted; `rollout_jit` is its compiled form (or jit it yourself, e.g. inside a
 larger step, with `static_argnames=ROLLOUT_STATIC_ARGNAMES`). Static: the model, `max_new_tokens`, `top_k`, and
@@ -103,6 +105,15 @@ def pad_prompts(
 # Sampling with the KV cache
 
 
+def _accepts_keyword(function, name: str) -> bool:
+    """Whether `function` names the keyword argument `name` (an optional part of the model contract). A bare
+    `**kwargs` does not count: a wrapper may forward it to a model without the option."""
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _is_stop(tokens: jax.Array, stop_token_ids: jax.Array) -> jax.Array:
     """[B] bool: the token is one of the stop ids ([S] int32, possibly empty)."""
     return jnp.any(tokens[:, None] == stop_token_ids[None, :], axis=-1)
@@ -148,7 +159,9 @@ def rollout(
         return sampling.sample_tokens(jax.random.fold_in(key, step), logits, temperature, top_k=top_k, top_p=top_p)
 
     cache = model.init_cache(batch, prompt_len + max_new_tokens)  # the model's compute dtype
-    out = model.apply(params, prompt_ids, prompt_mask, cache=cache, lora=lora)
+    # The prefill samples from the last column only: skip the LM head elsewhere when the model can.
+    last_only = {"head_at": "last"} if _accepts_keyword(model.apply, "head_at") else {}
+    out = model.apply(params, prompt_ids, prompt_mask, cache=cache, lora=lora, **last_only)
     tokens, logprobs = sample(0, out.logits[:, -1])
     stopped = _is_stop(tokens, stop_token_ids)
     response_ids = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(tokens)

@@ -162,3 +162,59 @@ def adaptive_kl_controller(init_coef: float, target: float, horizon: float) -> K
         return KLControllerState(coef=state.coef * (1.0 + error * as_f32(n_steps) / horizon))
 
     return KLController(init, update)
+
+
+def step_kl_controller(
+    init_coef: float,
+    target: float,
+    *,
+    high: float = 1.5,
+    low: float = 0.5,
+    increase: float = 1.5,
+    decrease: float = 0.75,
+) -> KLController:
+    """The practitioners' step rule: a multiplicative jump when the KL leaves a band around the target.
+
+        kl > high · target  ->  β ← increase · β      (defaults: 1.5 · target, β · 1.5)
+        kl < low · target   ->  β ← decrease · β      (defaults: 0.5 · target, β · 0.75)
+        otherwise           ->  β unchanged
+
+    Unlike the proportional controller the step does not depend on the batch size (`n_steps` is ignored) and
+    is large: a few iterations above the band multiply β by 1.5 each. `kl` is in the target's unit (see
+    `kl_for_controller`). A KL that is not finite leaves β unchanged (NaN compares false both ways).
+    """
+    if target <= 0:
+        raise ValueError(f"step_kl_controller: target must be > 0, got {target}")
+    if not 0 <= low <= high:
+        raise ValueError(f"step_kl_controller: need 0 <= low <= high, got low={low}, high={high}")
+    if increase < 1 or not 0 < decrease <= 1:
+        raise ValueError(
+            f"step_kl_controller: need increase >= 1 and 0 < decrease <= 1, got increase={increase}, decrease={decrease}"
+        )
+
+    def init() -> KLControllerState:
+        return KLControllerState(coef=jnp.asarray(init_coef, jnp.float32))
+
+    def update(state: KLControllerState, kl: jax.Array, n_steps: jax.Array) -> KLControllerState:
+        del n_steps
+        kl = as_f32(kl)
+        factor = jnp.where(kl > high * target, increase, jnp.where(kl < low * target, decrease, 1.0))
+        return KLControllerState(coef=state.coef * factor.astype(jnp.float32))
+
+    return KLController(init, update)
+
+
+KL_RULES = ("proportional", "step")
+
+
+def make_kl_controller(
+    *, adaptive: bool, init_coef: float, target: float = 6.0, horizon: float = 10000.0, rule: str = "proportional"
+) -> KLController:
+    """The controller a configuration names: fixed β, or adaptive with the proportional (Ziegler) or step rule."""
+    if not adaptive:
+        return fixed_kl_controller(init_coef)
+    if rule == "proportional":
+        return adaptive_kl_controller(init_coef, target, horizon)
+    if rule == "step":
+        return step_kl_controller(init_coef, target)
+    raise ValueError(f"make_kl_controller: rule must be one of {KL_RULES}, got {rule!r}")

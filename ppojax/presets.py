@@ -35,10 +35,10 @@ import jax
 import jax.numpy as jnp
 
 from ppojax.advantages import compute_gae
-from ppojax.kl import kl_for_controller, kl_penalty
+from ppojax.kl import KL_RULES, kl_for_controller, kl_penalty
 from ppojax.losses import Stats, clipped_loss, value_loss
-from ppojax.rewards import SCORE_PLACEMENTS, extend_mask, shape_rewards
-from ppojax.stats import as_bool_mask, whiten
+from ppojax.rewards import LENGTH_REWARDS, SCORE_PLACEMENTS, extend_mask, shape_rewards
+from ppojax.stats import as_bool_mask, masked_count, whiten
 
 MASK_MODES = ("response", "response_plus_one", "full_width")
 
@@ -60,9 +60,12 @@ class Convention:
     adaptive_kl: bool = False
     kl_target: float = 6.0
     kl_horizon: float = 10000.0
+    kl_rule: str = "proportional"  # how an adaptive β moves: "proportional" (Ziegler) or "step" (see ppojax.kl)
     controller_kl: str = "seq_sum"
     missing_eos_penalty: Optional[float] = None
     missing_eos_score: Optional[float] = None
+    length_reward: str = "none"  # "none", "penalty" (score − length_penalty · length) or "sqrt" (score / √length)
+    length_penalty: float = 0.0
     whiten_rewards: bool = False
     # Advantages.
     gamma: float = 1.0
@@ -86,6 +89,17 @@ class Convention:
         if self.score_placement not in SCORE_PLACEMENTS:
             raise ValueError(
                 f"Convention {self.name!r}: score_placement must be one of {SCORE_PLACEMENTS}, got {self.score_placement!r}"
+            )
+        if self.kl_rule not in KL_RULES:
+            raise ValueError(f"Convention {self.name!r}: kl_rule must be one of {KL_RULES}, got {self.kl_rule!r}")
+        if self.length_reward not in LENGTH_REWARDS:
+            raise ValueError(
+                f"Convention {self.name!r}: length_reward must be one of {LENGTH_REWARDS}, got {self.length_reward!r}"
+            )
+        if (self.length_reward == "penalty") != (self.length_penalty != 0):
+            raise ValueError(
+                f"Convention {self.name!r}: length_penalty {self.length_penalty} goes with length_reward 'penalty' "
+                f"(got {self.length_reward!r}); set both or neither"
             )
         if self.whiten_scope not in ("batch", "minibatch"):
             raise ValueError(
@@ -204,6 +218,9 @@ def assemble_advantages(
         missing_eos_penalty=convention.missing_eos_penalty,
         missing_eos_score=convention.missing_eos_score,
         score_clip=convention.score_clip,
+        length_reward=convention.length_reward,
+        length_penalty=convention.length_penalty,
+        lengths=masked_count(response_mask, axis=-1),
     )
     if convention.whiten_rewards:
         rewards = whiten(rewards, value_mask, shift_mean=False, unbiased=convention.whiten_unbiased)

@@ -126,6 +126,11 @@ class MetricsWriter:
                 total=total, initial=int(resume_step or 0), desc=f"ppojax {stage}", unit="step", dynamic_ncols=True
             )
         self._tb = make_tensorboard_writer(os.path.join(self.directory, "tensorboard")) if tensorboard else None
+        # Set by the run (ppojax.health, stages): a note for the progress bar, (first, last, check, severity,
+        # metric) spans shaded on the panels of their metric, (x, label) marks drawn as vertical lines (stages).
+        self.note: Optional[str] = None
+        self.spans: list = []
+        self.marks: list = []
         self.tensorboard_available = self._tb is not None
 
     # ---- paths ---------------------------------------------------------------------------------------
@@ -173,6 +178,8 @@ class MetricsWriter:
             shown = {name: f"{row[key]:.3g}" for name, key in (("reward", reward), ("kl", kl)) if key}
             if "loss" in row and not shown:
                 shown["loss"] = f"{row['loss']:.3g}"
+            if self.note:
+                shown["health"] = self.note
             self._bar.set_postfix(shown, refresh=False)
             self._bar.update(max(0, int(step) - self._bar.n))
         if self._tb is not None:
@@ -232,12 +239,15 @@ class MetricsWriter:
             with open(self.events_path, encoding="utf-8") as f:
                 old = f.read()
         atomic_write(self.events_path, old + json.dumps(row, default=str) + "\n")
-        text = f"ppojax {self.stage} step {int(step)}: {event}" + "".join(f"; {k} {v}" for k, v in detail.items())
+        self.say(f"ppojax {self.stage} step {int(step)}: {event}" + "".join(f"; {k} {v}" for k, v in detail.items()))
+        return row
+
+    def say(self, text: str) -> None:
+        """Prints a line above the progress bar (stderr without one)."""
         if self._bar is not None:
             self._bar.write(text)
         else:
             print(text, file=sys.stderr)
-        return row
 
     def read_events(self) -> list[dict]:
         if not os.path.exists(self.events_path):
@@ -306,6 +316,7 @@ class MetricsWriter:
             axes.set_xlabel(STEP, fontsize=8)
             axes.tick_params(labelsize=7)
             axes.grid(alpha=0.3)
+            self._draw_spans_and_marks(axes, keys, label=i == 0)
             if len(keys) > 1:
                 axes.legend(fontsize=7)
         figure.suptitle(f"ppojax {self.stage}", fontsize=11)
@@ -314,6 +325,19 @@ class MetricsWriter:
         figure.savefig(buffer, format="png")
         atomic_write(self.plot_path, buffer.getvalue())
         return self.plot_path
+
+    _SPAN_COLOURS = {"critical": "tab:red", "warning": "tab:orange", "info": "tab:gray"}
+
+    def _draw_spans_and_marks(self, axes, keys, *, label: bool) -> None:
+        """Shades each span on the panels that plot its metric; draws every mark on every panel."""
+        for first, last, _check, severity, metric in self.spans:
+            if any(name in keys for name in metric.split(", ")):
+                colour = self._SPAN_COLOURS.get(severity, "tab:red")
+                axes.axvspan(first - 0.5, last + 0.5, color=colour, alpha=0.15, lw=0)
+        for x, text in self.marks:
+            axes.axvline(x, color="tab:purple", linestyle="--", linewidth=0.8)
+            if label:
+                axes.annotate(text, (x, 1.0), xycoords=("data", "axes fraction"), fontsize=6, rotation=90, va="top")
 
     def close(self, status: str = "completed", **extra: Any) -> dict:
         """Final plot and summary; closes the bar and TensorBoard."""

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from ppojax.stats import as_bool_mask, as_f32, check_same_shape, masked_count
 
 SCORE_PLACEMENTS = ("last", "after_last", "final")
+LENGTH_REWARDS = ("none", "penalty", "sqrt")
 
 
 def last_valid_index(mask: jax.Array) -> jax.Array:
@@ -51,6 +52,40 @@ def score_index(mask: jax.Array, placement: str = "last") -> jax.Array:
     raise ValueError(f"score_index: placement must be one of {SCORE_PLACEMENTS}, got {placement!r}")
 
 
+def length_aware_scores(
+    scores: jax.Array, lengths: jax.Array, *, mode: str = "none", penalty: float | jax.Array = 0.0
+) -> jax.Array:
+    """Sequence scores corrected for response length, against reward models that learnt "longer is better".
+
+        none:     s
+        penalty:  s − penalty · L
+        sqrt:     s / √max(L, 1)
+
+    Args:
+      scores: [B] sequence scores. lengths: [B] response lengths in tokens (the stop token included).
+      mode: one of "none", "penalty", "sqrt". penalty: c in the "penalty" mode.
+
+    "sqrt" shrinks a positive score the longer the response, but makes a negative score *less* negative:
+    with a reward model centred on 0 it rewards length for bad answers. Use it on positive scores, or use
+    "penalty".
+
+    Returns:
+      [B] float32.
+    """
+    scores, lengths = as_f32(scores), as_f32(lengths)
+    if jnp.shape(scores) != jnp.shape(lengths):
+        raise ValueError(
+            f"length_aware_scores: scores has shape {jnp.shape(scores)} but lengths {jnp.shape(lengths)}; expected one length per score"
+        )
+    if mode == "none":
+        return scores
+    if mode == "penalty":
+        return scores - as_f32(penalty) * lengths
+    if mode == "sqrt":
+        return scores / jnp.sqrt(jnp.maximum(lengths, 1.0))
+    raise ValueError(f"length_aware_scores: mode must be one of {LENGTH_REWARDS}, got {mode!r}")
+
+
 def adjust_scores(
     scores: jax.Array,
     mask: jax.Array,
@@ -60,18 +95,22 @@ def adjust_scores(
     missing_eos_score: Optional[float] = None,
     length_penalty: float = 0.0,
     score_clip: Optional[float] = None,
+    length_reward: Optional[str] = None,
+    lengths: Optional[jax.Array] = None,
 ) -> jax.Array:
     """Sequence-level score adjustments, applied in this order:
 
     1. responses that did not stop (`stopped` False): the score is replaced by `missing_eos_score`
        (OpenAI's "score := −1") or lowered by `missing_eos_penalty` (TRL's `missing_eos_penalty`);
-    2. score −= length_penalty · (number of valid tokens);
+    2. the length term (`length_aware_scores`): `length_reward` "penalty" (score −= length_penalty · length),
+       "sqrt" (score /= √length) or "none"; None means "penalty" when length_penalty is non-zero;
     3. clipped to [−score_clip, score_clip] (OpenRLHF clamps to ±10).
 
     Args:
       scores: [B] reward-model (or programmatic) scores.
-      mask: [B, T] response mask (for the lengths).
+      mask: [B, T] response mask (the lengths, unless `lengths` is given).
       stopped: [B] bool, whether each response emitted a stop token. Required with a missing-EOS option.
+      lengths: optional [B] response lengths (e.g. the real lengths when the loss mask is the full width).
     Returns:
       [B] float32.
     """
@@ -88,8 +127,10 @@ def adjust_scores(
             scores = jnp.where(stopped, scores, missing_eos_score)
         else:
             scores = jnp.where(stopped, scores, scores - missing_eos_penalty)
-    if length_penalty:
-        scores = scores - length_penalty * masked_count(mask, axis=-1)
+    mode = length_reward if length_reward is not None else ("penalty" if length_penalty else "none")
+    if mode != "none":
+        lengths = masked_count(mask, axis=-1) if lengths is None else lengths
+        scores = length_aware_scores(scores, lengths, mode=mode, penalty=length_penalty)
     if score_clip is not None:
         scores = jnp.clip(scores, -score_clip, score_clip)
     return scores
@@ -107,6 +148,8 @@ def shape_rewards(
     missing_eos_score: Optional[float] = None,
     length_penalty: float = 0.0,
     score_clip: Optional[float] = None,
+    length_reward: Optional[str] = None,
+    lengths: Optional[jax.Array] = None,
 ) -> jax.Array:
     """Per-token rewards r_t = −kl_coef · kl_t on valid tokens, plus the sequence score at one token.
 
@@ -116,7 +159,8 @@ def shape_rewards(
       mask: [B, T] response mask (1 on response tokens, the stop token included).
       kl_coef: β, a float or a traced scalar (from a KL controller).
       score_placement: "last" (default), "after_last" or "final"; see `score_index`.
-      stopped, missing_eos_penalty, missing_eos_score, length_penalty, score_clip: see `adjust_scores`.
+      stopped, missing_eos_penalty, missing_eos_score, length_penalty, score_clip, length_reward, lengths:
+        see `adjust_scores`.
 
     Returns:
       [B, T] float32 rewards. Positions outside the mask are 0, except the score's own slot under
@@ -135,6 +179,8 @@ def shape_rewards(
         missing_eos_score=missing_eos_score,
         length_penalty=length_penalty,
         score_clip=score_clip,
+        length_reward=length_reward,
+        lengths=lengths,
     )
     mask = as_bool_mask(mask)
     rewards = jnp.where(mask, -as_f32(kl_coef) * as_f32(kl), 0.0)

@@ -136,15 +136,7 @@ def _rm_lora_step(state, batch, base_params, *, model, optimizer):
         aux = {"accuracy": jnp.mean((chosen > rejected).astype(jnp.float32)), "margin": jnp.mean(chosen - rejected)}
         return train.reward_model_loss(chosen, rejected, batch.margin), aux
 
-    return guarded_step(state, loss_fn, optimizer)
-
-
-def guarded_step(state, loss_fn, optimizer):
-    """`ppojax.train`'s non-finite-guarded optimizer step (named `_guarded_step` before issue 5 finished)."""
-    from ppojax import train
-
-    step = getattr(train, "guarded_step", None) or train._guarded_step
-    return step(state, loss_fn, optimizer)
+    return train.guarded_step(state, loss_fn, optimizer)
 
 
 def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
@@ -155,6 +147,14 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
     tokenizer, _ = data_lib.ensure_pad_token(data_lib.load_tokenizer(config.model_name_or_path))
     loader = data_lib.load_sft if config.stage == "sft" else data_lib.load_preferences
     dataset = loader(config.dataset, tokenizer, template=config.template, cutoff_len=config.cutoff_len)
+    dropped_pairs = 0
+    if config.stage == "rm" and config.rm_max_length_diff is not None:
+        dataset, dropped_pairs = data_lib.drop_length_mismatched_pairs(dataset, config.rm_max_length_diff)
+        if len(dataset) < config.optimizer_batch_size:
+            raise ConfigError(
+                f"{config.dataset}: rm_max_length_diff {config.rm_max_length_diff} dropped {dropped_pairs} pairs, "
+                f"leaving {len(dataset)}, fewer than one optimizer batch; raise rm_max_length_diff"
+            )
     batch_size = config.optimizer_batch_size
     if len(dataset) < batch_size:
         raise ConfigError(
@@ -235,6 +235,7 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
             config_hash=config.hash(),
             dataset_rows=len(dataset),
             truncated_rows=dataset.truncated,
+            **({"dropped_pairs_length_diff": dropped_pairs} if config.rm_max_length_diff is not None else {}),
             pad_token_id=tokenizer.pad_token_id,
         )
     final_params, lora = _merged(state.params, base)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 from typing import Any, NamedTuple, Optional
 
@@ -48,9 +49,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppojax import data as data_lib
-from ppojax import train
+from ppojax import parallel, train
 from ppojax.checkpoint import Checkpointer, CheckpointRestoreError, rollback
-from ppojax.config import ConfigError, TrainConfig
+from ppojax.config import ConfigError, TrainConfig, stage_at, stage_config, stage_starts
+from ppojax.health import check_health
 from ppojax.generation import bucket_length
 from ppojax.models import CheckpointError, DecoderModel, init_lora, load_pretrained, merge_lora, save_pretrained
 from ppojax.models.lora import Lora
@@ -101,9 +103,10 @@ def prompt_bucket(config: TrainConfig) -> int:
     return min(PROMPT_BUCKET, config.max_prompt_length)
 
 
-def _load(path: str, head: str, dtype, key: str) -> tuple[DecoderModel, dict]:
+def _load(path: str, head: str, dtype, key: str, layout=None) -> tuple[DecoderModel, dict]:
+    shardings = None if layout is None else (lambda model: layout.params(model.param_shapes()))
     try:
-        return load_pretrained(path, head=head, dtype=dtype)
+        return load_pretrained(path, head=head, dtype=dtype, shardings=shardings)
     except CheckpointError as e:
         if head == "reward" and "score.weight" in str(e):
             raise ConfigError(
@@ -128,8 +131,9 @@ def _check_reward_vocabulary(config: TrainConfig, reward_model: DecoderModel, to
             )
 
 
-def load_inputs(config: TrainConfig) -> PPOInputs:
-    """Tokenizer (with a dedicated pad token), prompts, policy, reference and reward model."""
+def load_inputs(config: TrainConfig, layout=None) -> PPOInputs:
+    """Tokenizer (with a dedicated pad token), prompts, policy, reference and reward model (each tensor read
+    straight into its shards when a `parallel.Layout` is given)."""
     tokenizer, _ = data_lib.ensure_pad_token(data_lib.load_tokenizer(config.model_name_or_path))
     dataset = data_lib.load_prompts(
         config.dataset,
@@ -140,7 +144,7 @@ def load_inputs(config: TrainConfig) -> PPOInputs:
     )
     dtype = jnp.bfloat16 if config.bf16 else jnp.float32
     policy_model, policy_params = fit_vocabulary(
-        *_load(config.model_name_or_path, "lm", dtype, "model_name_or_path"), tokenizer
+        *_load(config.model_name_or_path, "lm", dtype, "model_name_or_path", layout), tokenizer
     )
     positions = bucket_length(config.max_prompt_length, prompt_bucket(config)) + config.max_new_tokens
     if positions > policy_model.config.max_position_embeddings:
@@ -151,29 +155,50 @@ def load_inputs(config: TrainConfig) -> PPOInputs:
         )
     ref_params = policy_params
     if config.ref_model is not None:
-        ref_model, ref_params = fit_vocabulary(*_load(config.ref_model, "lm", dtype, "ref_model"), tokenizer)
+        ref_model, ref_params = fit_vocabulary(*_load(config.ref_model, "lm", dtype, "ref_model", layout), tokenizer)
         if ref_model.config != policy_model.config:
             raise ConfigError(
                 f"ref_model {config.ref_model} is not the same architecture as {config.model_name_or_path}; "
                 "the reference must share the policy's config"
             )
-    reward_model, reward_params = _load(config.reward_model, "reward", dtype, "reward_model")
+    reward_model, reward_params = _load(config.reward_model, "reward", dtype, "reward_model", layout)
     _check_reward_vocabulary(config, reward_model, tokenizer)
     return PPOInputs(tokenizer, dataset, policy_model, policy_params, ref_params, reward_model, reward_params)
 
 
 def total_iterations(config: TrainConfig, num_prompts: int) -> int:
+    if config.stages:
+        return sum(stage.iterations for stage in config.stages)
     if config.max_steps > 0:
         return config.max_steps
     return max(1, int(config.num_train_epochs * (num_prompts // config.rollout_batch_size)))
 
 
+def total_optimizer_steps(config: TrainConfig, iterations: int) -> int:
+    """Optimizer steps of the whole run (the learning-rate schedule's length): iterations × ppo_epochs ×
+    minibatches, summed over the stages when there are stages (their ppo_epochs may differ)."""
+    minibatches = config.rollout_batch_size // config.optimizer_batch_size
+    if not config.stages:
+        return iterations * config.ppo_epochs * minibatches
+    return sum(
+        stage.iterations * stage_config(config, i).ppo_epochs * minibatches for i, stage in enumerate(config.stages)
+    )
+
+
 def make_ppo_config(
-    config: TrainConfig, *, iterations: int, pad_token_id: int, stop_ids: tuple, control: RunControl
+    config: TrainConfig,
+    *,
+    iterations: int,
+    pad_token_id: int,
+    stop_ids: tuple,
+    control: RunControl,
+    total_steps: Optional[int] = None,
 ) -> train.PPOConfig:
-    """The static `PPOConfig` of a run (see the module docstring for the mapping)."""
+    """The static `PPOConfig` of a run, or of one stage when `config` is a `stage_config` and `total_steps` the
+    whole run's (see the module docstring for the mapping)."""
     rollout, minibatch = config.rollout_batch_size, config.optimizer_batch_size
-    total_steps = iterations * config.ppo_epochs * (rollout // minibatch)
+    if total_steps is None:
+        total_steps = iterations * config.ppo_epochs * (rollout // minibatch)
     if config.lr_scheduler_type == "linear" and total_steps <= config.warmup_steps:
         raise ConfigError(
             f"warmup_steps {config.warmup_steps} is not below the run's {total_steps} optimizer steps (iterations × "
@@ -292,6 +317,41 @@ def _scale_kl_coef(kl_state, factor: float):
     return kl_state._replace(coef=coef) if hasattr(kl_state, "_replace") else kl_state.replace(coef=coef)
 
 
+def _enter_stage(config: TrainConfig, index: int, state, control: RunControl, writer, iteration: int):
+    """At a stage's first iteration: β set to the stage's kl_coef when it has one (times the rollback β scale
+    for each rollback so far, so a rollback's tightening is kept), and an event for the curves and the log.
+    A function of (config, stage, control) only, so a resumed run enters a stage exactly as an uninterrupted one."""
+    stage = config.stages[index]
+    overrides = dict(stage.overrides)
+    if "kl_coef" in overrides:
+        coef = overrides["kl_coef"] * config.rollback_kl_coef_scale**control.rollbacks
+        kl = state.kl
+        coef = jnp.asarray(coef, kl.coef.dtype)
+        state = state.replace(kl=kl._replace(coef=coef) if hasattr(kl, "_replace") else kl.replace(coef=coef))
+    writer.event(
+        iteration, "stage", name=stage.name, first_iteration=iteration + 1, iterations=stage.iterations, **overrides
+    )
+    return state
+
+
+class HealthWatch:
+    """The metric health report kept current: the progress line, shading on the curves, a printed line when a
+    critical or warning violation begins (ppojax.health; the full report goes to summary.json at the end)."""
+
+    def __init__(self, writer: MetricsWriter):
+        self.writer = writer
+        self.announced: set = set()
+
+    def update(self, iteration: int, metrics: dict) -> None:
+        report = check_health(self.writer.rows + [{"step": iteration, **metrics}])
+        self.writer.note = report.line()
+        self.writer.spans = report.spans()
+        for v in report.ongoing:
+            if v.severity != "info" and (v.check, v.began) not in self.announced:
+                self.announced.add((v.check, v.began))
+                self.writer.say(f"ppojax ppo step {iteration}: health {v.severity}: {v.message}")
+
+
 def _metadata(config: TrainConfig, iteration: int, position, control: RunControl, good: bool = True) -> dict:
     return {
         "iteration": int(iteration),
@@ -303,10 +363,49 @@ def _metadata(config: TrainConfig, iteration: int, position, control: RunControl
     }
 
 
+def start_parallel(config: TrainConfig) -> Optional[parallel.Layout]:
+    """The `mesh` / `distributed` keys: jax.distributed (before any other JAX work), then the mesh. None when
+    neither key is set (one program on the default device, as before)."""
+    if config.mesh is None and config.distributed is None:
+        return None
+    try:
+        layout, _ = parallel.setup(config.mesh, config.distributed, source="config")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return layout
+
+
+def shard_inputs(inputs: PPOInputs, layout: parallel.Layout) -> PPOInputs:
+    """The loaded params placed by the sharding rules (policy, reference, reward)."""
+    place = lambda params: parallel.place(params, layout.params(params))  # noqa: E731
+    policy = place(inputs.policy_params)
+    ref = policy if inputs.ref_params is inputs.policy_params else place(inputs.ref_params)
+    return inputs._replace(policy_params=policy, ref_params=ref, reward_params=place(inputs.reward_params))
+
+
+def make_iterate(ppo_config: train.PPOConfig, models, layout: Optional[parallel.Layout]):
+    """iteration(state, (ids, mask), ref_params, reward_params): one jitted program, sharded over `layout` if
+    given (the state is not donated: the run loop keeps it for stop / rollback). Each process feeds its rows."""
+    if layout is None:
+        return train.make_ppo_iteration(ppo_config, models)
+    sharded = parallel.sharded_ppo_iteration(ppo_config, models, layout, donate=False)
+
+    def iterate(state, prompts, ref_params, reward_params):
+        ids, mask = prompts
+        rows = parallel.process_batch_rows(layout, ids.shape[0])
+        batch = parallel.batch_from_process_data(layout, (ids[rows], mask[rows]), ids.shape[0])
+        return sharded(state, batch, ref_params, reward_params)
+
+    return iterate
+
+
 def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
     """stage ppo, end to end. Returns the summary dict (also in ppo_metrics/summary.json)."""
     resuming = check_output_dir(config)
-    inputs = load_inputs(config)
+    layout = start_parallel(config)
+    inputs = load_inputs(config, layout)
+    if layout is not None:
+        inputs = shard_inputs(inputs, layout)  # again after a vocabulary resize
     batch_size = config.rollout_batch_size
     if len(inputs.dataset) < batch_size:
         raise ConfigError(
@@ -318,8 +417,17 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
     pad_id = inputs.tokenizer.pad_token_id
     stops = stop_token_ids(inputs.tokenizer, inputs.policy_model)
 
-    def ppo_config_for(control: RunControl) -> train.PPOConfig:
-        return make_ppo_config(config, iterations=total, pad_token_id=pad_id, stop_ids=stops, control=control)
+    run_steps = total_optimizer_steps(config, total)
+
+    def ppo_config_for(control: RunControl, stage: int = 0) -> train.PPOConfig:
+        return make_ppo_config(
+            stage_config(config, stage),
+            iterations=total,
+            pad_token_id=pad_id,
+            stop_ids=stops,
+            control=control,
+            total_steps=run_steps,
+        )
 
     control = RunControl()
     lora = None
@@ -341,6 +449,13 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
         critic_init="reward",
         lora=lora,
     )
+    if layout is not None:
+        state = parallel.place(state, layout.ppo_state(state, ppo_config_for(control)))
+        prompt_length = bucket_length(config.max_prompt_length, prompt_bucket(config))
+        estimate = parallel.estimate_ppo_memory(
+            ppo_config_for(control), models, layout.sizes, prompt_length=prompt_length, lora=lora is not None
+        )
+        print(estimate.format(), file=sys.stderr)
     ckpt = Checkpointer(config.checkpoint_dir, max_to_keep=config.max_to_keep)
     position, start = data_lib.DataPosition(), 0
     resumed = resuming and ckpt.latest_step() is not None
@@ -363,7 +478,10 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
         ckpt.save(0, state, _metadata(config, 0, position, control))  # a rollback target before save_steps
 
     ref_params, reward_params = inputs.ref_params, inputs.reward_params
-    iterate = train.make_ppo_iteration(ppo_config_for(control), models)
+    starts = stage_starts(config)
+    writer.marks = [(start - 0.5, stage.name) for start, stage in zip(starts, config.stages or ())]
+    stage, iterate = None, None  # the stage `iterate` was built for; (re)built at the top of the loop
+    health = HealthWatch(writer)
 
     def batches_from(position):
         return data_lib.prompt_batches(
@@ -379,6 +497,11 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
     iteration, status = start, "completed"
     try:
         while iteration < total:
+            wanted = stage_at(config, iteration + 1)
+            if wanted != stage:
+                stage, iterate = wanted, make_iterate(ppo_config_for(control, wanted), models, layout)
+            if config.stages and iteration + 1 == starts[stage]:
+                state = _enter_stage(config, stage, state, control, writer, iteration)
             batch = next(batches)
             began = time.time()
             new_state, metrics, experience = iterate(state, (batch.ids, batch.mask), ref_params, reward_params)
@@ -407,7 +530,7 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
                     step, state, meta = rollback(ckpt, state)
                 except CheckpointRestoreError as e:
                     status = f"stopped at iteration {iteration + 1}: {reason}; {e}"
-                    writer.event(iteration + 1, "stopped", reason=str(e), weights="current")
+                    writer.event(iteration + 1, "stopped", reason=str(e), weights="last accepted iteration")
                     break
                 if mode == "rollback" or control.rollbacks >= config.max_rollbacks:
                     iteration = step
@@ -431,11 +554,12 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
                     lr_scale=control.lr_scale,
                     kl_coef=float(state.kl.coef),
                 )
-                iterate = train.make_ppo_iteration(ppo_config_for(control), models)
+                stage = None  # rebuilt with the new learning-rate scale
                 batches = batches_from(position)
                 continue
             state, iteration = new_state, iteration + 1
             if iteration % config.logging_steps == 0 or iteration == total:
+                health.update(iteration, metrics)
                 writer.log(iteration, metrics)
             else:
                 writer.advance(iteration)
@@ -460,6 +584,16 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
             pad_token_id=pad_id,
             stop_token_ids=list(stops),
             run_control=dataclasses.asdict(control),
+            health=check_health(writer.rows).to_json(),
+            stages=[
+                {
+                    "name": st.name,
+                    "first_iteration": first,
+                    "iterations": st.iterations,
+                    "overrides": dict(st.overrides),
+                }
+                for st, first in zip(config.stages or (), starts)
+            ],
             events=writer.read_events(),
             policy_dir=config.output_dir,
             value_model_dir=os.path.join(config.output_dir, VALUE_MODEL_DIR),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -32,13 +33,13 @@ import optax
 from flax import struct
 
 from ppojax import sampling
-from ppojax.kl import KLController, KLControllerState, adaptive_kl_controller, fixed_kl_controller, sequence_kl
-from ppojax.losses import aggregate_loss, entropy_from_logits, value_loss
+from ppojax.generation import _forward, _response_slice, response_logprobs, response_values, rollout, sequence_reward
+from ppojax.kl import KLController, KLControllerState, make_kl_controller, sequence_kl
+from ppojax.losses import aggregate_loss, value_loss
 from ppojax.models.decoder import DecoderModel, init_value_head, values_from_hidden
 from ppojax.models.lora import Lora
 from ppojax.optim import OptimizerConfig, make_optimizer, make_schedule
 from ppojax.presets import PRESETS, Convention, assemble_advantages, ppo_losses
-from ppojax.generation import _forward, _response_slice, response_logprobs, response_values, rollout, sequence_reward
 from ppojax.stats import as_f32, masked_count, masked_max, masked_mean, masked_var, safe_divide, whiten
 
 CRITIC_MODES = ("separate", "joint", "shared")
@@ -63,6 +64,13 @@ class PPOConfig:
     master_dtype: dtype the trainable params are kept in (e.g. "float32" for fp32 master weights of a
       bf16 model; the model casts them to its compute dtype). None keeps the params' dtype.
     reward_gain, reward_bias: the reward model's score is gain · s + bias (see `fit_reward_normalisation`).
+    exact_old_logprobs: recompute the old log-probs and values at the start of `train_on_batch` with the
+      training program's own micro-batch gradient pass (one more forward + backward over the batch per
+      iteration), so the first minibatch's ratio is exactly 1 bit for bit; without it the old log-probs come
+      from the forward-only collection pass and the first ratio is 1 within float32 rounding (XLA fuses a
+      forward differently when a backward follows). Metrics `grad/old_pass_norm`, `policy/old_pass_gap_max`.
+    remat: gradient checkpointing (`jax.checkpoint` of each decoder block of the policy and critic models,
+      applied by `init_ppo_state`): activations are recomputed in the backward pass; same results, less memory.
     """
 
     convention: Convention = PRESETS["ppojax"]
@@ -84,6 +92,8 @@ class PPOConfig:
     master_dtype: Optional[str] = None
     reward_gain: float = 1.0
     reward_bias: float = 0.0
+    exact_old_logprobs: bool = False
+    remat: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -237,10 +247,14 @@ def critic_from_policy(policy_model: DecoderModel, policy_params: dict) -> tuple
 
 
 def kl_controller(convention: Convention) -> KLController:
-    """The convention's controller: adaptive (Ziegler) or fixed β."""
-    if convention.adaptive_kl:
-        return adaptive_kl_controller(convention.kl_coef, convention.kl_target, convention.kl_horizon)
-    return fixed_kl_controller(convention.kl_coef)
+    """The convention's controller: fixed β, or adaptive by the proportional (Ziegler) or step rule."""
+    return make_kl_controller(
+        adaptive=convention.adaptive_kl,
+        init_coef=convention.kl_coef,
+        target=convention.kl_target,
+        horizon=convention.kl_horizon,
+        rule=convention.kl_rule,
+    )
 
 
 def _cast(tree, dtype):
@@ -267,6 +281,8 @@ def init_ppo_state(
     critic_init: "reward" (default; needs the reward model) or "policy" (trunk + zero value head). Shared
       mode always starts from a zero value head on the policy trunk.
     key: the run's PRNG key (every later random draw comes from it).
+    With `config.remat`, the returned `PPOModels` hold rematerialising copies of the policy and critic
+    models (same params); the reward model is used forward-only and is left as given.
     """
     if critic_init not in CRITIC_INITS:
         raise ValueError(f"init_ppo_state: critic_init must be one of {CRITIC_INITS}, got {critic_init!r}")
@@ -274,6 +290,8 @@ def init_ppo_state(
         raise ValueError("init_ppo_state: give a reward_model (with reward_params), a reward_fn, or both")
     if (reward_model is None) != (reward_params is None):
         raise ValueError("init_ppo_state: reward_model and reward_params go together")
+    if config.remat:
+        policy_model = dataclasses.replace(policy_model, remat=True)
     critic_model = None
     if config.critic_mode == "shared":
         critic = init_value_head(policy_model.config, policy_params["embed"]["embedding"].dtype)
@@ -285,6 +303,8 @@ def init_ppo_state(
         critic_model, critic = critic_from_reward(reward_model, reward_params)
     else:
         critic_model, critic = critic_from_policy(policy_model, policy_params)
+    if critic_model is not None and config.remat:
+        critic_model = dataclasses.replace(critic_model, remat=True)
     policy = _cast(lora if lora is not None else policy_params, config.master_dtype)
     critic = _cast(critic, config.master_dtype)
     policy_tx = make_optimizer(config.policy_optimizer)
@@ -424,7 +444,7 @@ def _minibatch_gradients(state: PPOState, minibatch: Minibatch, ref_params, *, c
             as_sum_count=True,
         )
         loss = safe_divide(pg.total, pg_count) + vf_weight * safe_divide(vf.total, vf_count)
-        return loss, (pg.total, vf.total, stats)
+        return loss, (pg.total, vf.total, stats, logprobs, values)
 
     k = config.micro_batches
     micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), minibatch)
@@ -438,7 +458,9 @@ def _minibatch_gradients(state: PPOState, minibatch: Minibatch, ref_params, *, c
         n_value = masked_count(mb.value_mask)
         return acc, (loss, aux, n_policy, n_value)
 
-    grads, (losses, (pg_totals, vf_totals, micro_stats), n_policy, n_value) = jax.lax.scan(accumulate, zeros, micro)
+    grads, (losses, (pg_totals, vf_totals, micro_stats, logprobs, values), n_policy, n_value) = jax.lax.scan(
+        accumulate, zeros, micro
+    )
     stats = {
         name: safe_divide(jnp.sum(micro_stats[name] * n_policy), jnp.sum(n_policy))
         for name in _POLICY_WEIGHTED
@@ -448,13 +470,14 @@ def _minibatch_gradients(state: PPOState, minibatch: Minibatch, ref_params, *, c
     stats["vf_clipfrac"] = safe_divide(jnp.sum(micro_stats["vf_clipfrac"] * n_value), jnp.sum(n_value))
     stats["pg_loss"] = safe_divide(jnp.sum(pg_totals), pg_count)
     stats["vf_loss"] = safe_divide(jnp.sum(vf_totals), vf_count)
-    return jnp.sum(losses), grads, stats
+    rows = lambda x: x.reshape((-1,) + x.shape[2:])
+    return jnp.sum(losses), grads, stats, (rows(logprobs), rows(values))
 
 
 def minibatch_gradients(state: PPOState, minibatch: Minibatch, ref_params, *, config: PPOConfig, models: PPOModels):
     """(loss, (policy_grads, critic_grads)) of one minibatch, accumulated over `config.micro_batches`
     micro-batches (float32). Exposed for tests and custom loops; `update_step` uses it."""
-    loss, grads, _ = _minibatch_gradients(state, minibatch, ref_params, config=config, models=models)
+    loss, grads, _, _ = _minibatch_gradients(state, minibatch, ref_params, config=config, models=models)
     return loss, grads
 
 
@@ -464,7 +487,7 @@ def update_step(state: PPOState, minibatch: Minibatch, ref_params, *, config: PP
     A non-finite loss or gradient skips the step: params, optimizer states and `step` stay as they were
     and `train/skipped` is 1. Metrics are float32 scalars (see `ppo_iteration` for the names).
     """
-    loss, (policy_grads, critic_grads), stats = _minibatch_gradients(
+    loss, (policy_grads, critic_grads), stats, _ = _minibatch_gradients(
         state, minibatch, ref_params, config=config, models=models
     )
     ok = jnp.isfinite(loss) & _all_finite((policy_grads, critic_grads))
@@ -587,30 +610,61 @@ def _reduce_step_metrics(per_step: dict) -> dict:
 def train_on_batch(state: PPOState, experience: Experience, ref_params, *, config: PPOConfig, models: PPOModels):
     """Phase 2: advantages, `ppo_epochs` passes of minibatch updates, KL-controller update. -> (state, metrics)."""
     conv = config.convention
-    adv = assemble_advantages(
-        conv,
-        scores=experience.scores,
-        logprobs=experience.logprobs,
-        ref_logprobs=experience.ref_logprobs,
-        values=experience.values,
-        response_mask=experience.response_mask,
-        kl_coef=state.kl.coef,
-        stopped=experience.stopped,
-    )
-    data = Minibatch(
-        prompt_ids=experience.prompt_ids,
-        prompt_mask=experience.prompt_mask,
-        response_ids=experience.response_ids,
-        response_mask=experience.response_mask,
-        old_logprobs=experience.logprobs,
-        old_values=experience.values,
-        advantages=adv.advantages,
-        returns=adv.returns,
-        policy_mask=adv.policy_mask,
-        value_mask=adv.value_mask,
-    )
+
+    def training_data(experience):
+        adv = assemble_advantages(
+            conv,
+            scores=experience.scores,
+            logprobs=experience.logprobs,
+            ref_logprobs=experience.ref_logprobs,
+            values=experience.values,
+            response_mask=experience.response_mask,
+            kl_coef=state.kl.coef,
+            stopped=experience.stopped,
+        )
+        data = Minibatch(
+            prompt_ids=experience.prompt_ids,
+            prompt_mask=experience.prompt_mask,
+            response_ids=experience.response_ids,
+            response_mask=experience.response_mask,
+            old_logprobs=experience.logprobs,
+            old_values=experience.values,
+            advantages=adv.advantages,
+            returns=adv.returns,
+            policy_mask=adv.policy_mask,
+            value_mask=adv.value_mask,
+        )
+        return adv, data
+
+    adv, data = training_data(experience)
     key, permutation_key = jax.random.split(state.key)
     state = state.replace(key=key)
+    epoch_keys = jax.random.split(permutation_key, config.ppo_epochs)
+    permutation = lambda epoch_key: jax.random.permutation(epoch_key, config.batch_size).reshape(
+        config.minibatches, config.minibatch_size
+    )
+    extra = {}
+    if config.exact_old_logprobs:
+        # The old log-probs and values again, from the training program itself: the same micro-batch
+        # gradient pass as `update_step`, over the rows of epoch 0's minibatches in epoch 0's order, so the
+        # first update sees bit-identical inputs through a bit-identical program and its ratio is exactly 1.
+        # The gradients must be used (here: a metric), or XLA drops the backward and fuses the forward as in
+        # the forward-only collection pass, which rounds differently.
+        first_rows = permutation(epoch_keys[0])
+
+        def old_pass(norm_sum, rows):
+            minibatch = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), data)
+            _, grads, _, outputs = _minibatch_gradients(state, minibatch, ref_params, config=config, models=models)
+            return norm_sum + optax.tree.norm(grads), outputs
+
+        norm_sum, (logprobs, values) = jax.lax.scan(old_pass, jnp.zeros((), jnp.float32), first_rows)
+        order = jnp.argsort(first_rows.reshape(-1))
+        logprobs, values = (x.reshape((config.batch_size,) + x.shape[2:])[order] for x in (logprobs, values))
+        mask = experience.response_mask > 0
+        extra["grad/old_pass_norm"] = norm_sum / config.minibatches
+        extra["policy/old_pass_gap_max"] = masked_max(jnp.abs(logprobs - experience.logprobs), mask)
+        experience = experience.replace(logprobs=logprobs, values=values)
+        adv, data = training_data(experience)
     step = functools.partial(update_step, ref_params=ref_params, config=config, models=models)
 
     def minibatch_step(carry, rows):
@@ -626,10 +680,8 @@ def train_on_batch(state: PPOState, experience: Experience, ref_params, *, confi
         return (state, stop), metrics
 
     def epoch(carry, epoch_key):
-        rows = jax.random.permutation(epoch_key, config.batch_size).reshape(config.minibatches, config.minibatch_size)
-        return jax.lax.scan(minibatch_step, carry, rows)
+        return jax.lax.scan(minibatch_step, carry, permutation(epoch_key))
 
-    epoch_keys = jax.random.split(permutation_key, config.ppo_epochs)
     (state, stopped_early), per_step = jax.lax.scan(epoch, (state, jnp.asarray(False)), epoch_keys)
     kl_state = kl_controller(conv).update(state.kl, adv.controller_kl, jnp.asarray(config.batch_size, jnp.float32))
 
@@ -656,6 +708,7 @@ def train_on_batch(state: PPOState, experience: Experience, ref_params, *, confi
             jnp.abs(experience.behaviour_logprobs - experience.logprobs), response_mask
         ),
         "train/early_stopped": stopped_early.astype(jnp.float32),
+        **extra,
     }
     metrics = {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
     return state.replace(kl=kl_state, iteration=state.iteration + 1), metrics
@@ -668,8 +721,10 @@ def ppo_iteration(state: PPOState, prompts, ref_params, reward_params, *, config
     policy/{approxkl, clipfrac, clipfrac_lower, ratio_mean, ratio_max, first_ratio_max, first_clipfrac,
     first_approxkl, logprob_gap, logprob_gap_max}, loss/{policy, value, total}, value/{clipfrac, explained_variance},
     returns/{mean, var}, advantages/{mean, var}, response/{length_mean, clip_ratio, eos_rate},
-    grad/{policy_norm, critic_norm}, lr/{policy, critic}, train/{updates, skipped_updates, early_stopped}.
-    Per-update metrics are averaged over the updates attempted (ratio_max: their max).
+    grad/{policy_norm, critic_norm}, lr/{policy, critic}, train/{updates, skipped_updates, early_stopped};
+    with `config.exact_old_logprobs` also grad/old_pass_norm and policy/old_pass_gap_max. Per-update metrics
+    are averaged over the updates attempted (ratio_max: their max). `make_ppo_iteration` adds the host-timed
+    throughput metrics perf/*.
     """
     state, experience = collect(state, prompts, ref_params, reward_params, config=config, models=models)
     state, metrics = train_on_batch(state, experience, ref_params, config=config, models=models)
@@ -703,28 +758,55 @@ def make_ppo_iteration(
     *,
     text_reward_fn: Optional[Callable[[Sequence[str], Sequence[str]], Sequence[float]]] = None,
     decode: Optional[Callable[[list[int]], str]] = None,
+    timing: bool = True,
 ):
     """iteration(state, prompts, ref_params, reward_params) -> (state, metrics, experience).
 
-    Without `text_reward_fn`: one jitted program. With it: the jitted phases with the host-side reward in
-    between, `text_reward_fn(prompt_texts, response_texts) -> [B]` added to the scores; `decode(token ids)
-    -> str` (e.g. `tokenizer.decode`) turns ids into text.
+    With `timing` (default), or with a `text_reward_fn`: the two jitted phases (`make_ppo_phases`), each
+    waited for and timed on the host, which adds the throughput metrics (numpy float32 scalars; the first
+    call's figures include compilation):
+      perf/rollout_s, perf/rollout_tokens_per_s: the collection phase (sampling, the teacher-forced passes,
+        scoring) and the response tokens generated (real tokens, padding excluded) per second of it;
+      perf/update_s, perf/update_tokens_per_s: the training phase and the tokens (prompt + response, real)
+        through the updates' forward and backward passes (each attempted update, one minibatch's share of the
+        batch) per second of it; perf/text_reward_s with a `text_reward_fn`.
+    With `timing=False` and no text reward: one jitted program (`ppo_iteration`), no host round trip between
+    the phases, no perf/ metrics.
+
+    `text_reward_fn(prompt_texts, response_texts) -> [B]` is added to the scores between the phases; `decode(
+    token ids) -> str` (e.g. `tokenizer.decode`) turns ids into text. The phased iteration exposes its two
+    jitted programs as `iteration.phases` (collect, train_on_batch).
     """
-    if text_reward_fn is None:
-        return jax.jit(functools.partial(ppo_iteration, config=config, models=models))
-    if decode is None:
+    if text_reward_fn is not None and decode is None:
         raise ValueError("make_ppo_iteration: text_reward_fn needs decode (token ids -> str), e.g. tokenizer.decode")
+    if text_reward_fn is None and not timing:
+        return jax.jit(functools.partial(ppo_iteration, config=config, models=models))
     collect_jit, train_jit = make_ppo_phases(config, models)
 
     def iteration(state, prompts, ref_params, reward_params):
-        state, experience = collect_jit(state, prompts, ref_params, reward_params)
-        text_scores = np.asarray(text_reward_fn(*decode_responses(experience, decode)), np.float32)
-        if text_scores.shape != (config.batch_size,):
-            raise ValueError(f"text_reward_fn returned shape {text_scores.shape}; expected ({config.batch_size},)")
-        experience = experience.replace(scores=experience.scores + text_scores)
-        state, metrics = train_jit(state, experience, ref_params)
-        return state, metrics, experience
+        perf = {}
+        start = time.perf_counter()
+        state, experience = jax.block_until_ready(collect_jit(state, prompts, ref_params, reward_params))
+        perf["perf/rollout_s"] = time.perf_counter() - start
+        if text_reward_fn is not None:
+            start = time.perf_counter()
+            text_scores = np.asarray(text_reward_fn(*decode_responses(experience, decode)), np.float32)
+            if text_scores.shape != (config.batch_size,):
+                raise ValueError(f"text_reward_fn returned shape {text_scores.shape}; expected ({config.batch_size},)")
+            experience = experience.replace(scores=experience.scores + text_scores)
+            perf["perf/text_reward_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        state, metrics = jax.block_until_ready(train_jit(state, experience, ref_params))
+        perf["perf/update_s"] = time.perf_counter() - start
+        response_mask, prompt_mask = jax.device_get((experience.response_mask, experience.prompt_mask))
+        response_tokens = float(np.sum(response_mask > 0))
+        update_tokens = (response_tokens + float(np.sum(prompt_mask > 0))) * float(metrics["train/updates"])
+        update_tokens /= config.minibatches
+        perf["perf/rollout_tokens_per_s"] = response_tokens / max(perf["perf/rollout_s"], 1e-9)
+        perf["perf/update_tokens_per_s"] = update_tokens / max(perf["perf/update_s"], 1e-9)
+        return state, {**metrics, **{name: np.float32(value) for name, value in perf.items()}}, experience
 
+    iteration.phases = (collect_jit, train_jit)
     return iteration
 
 
@@ -751,13 +833,23 @@ def sft_loss(model, params, batch: SequenceBatch, lora=None):
     return aggregate_loss(-logprobs, batch.response_mask, "token-mean")
 
 
-def _guarded_step(state: TrainState, loss_fn, optimizer):
+def guarded_step(state: TrainState, loss_fn, optimizer: optax.GradientTransformation):
+    """One optimizer step on `loss_fn(params) -> (loss, aux dict)`, skipped when the loss or any gradient
+    leaf is non-finite. -> (state, metrics).
+
+    The building block of `sft_step` and `reward_model_step`, for custom losses over a `TrainState` (e.g. a
+    trainable pytree mixing adapters and a head). Skipping keeps params, optimizer state and `step` as they
+    were. Metrics (float32 scalars): loss, grad_norm (before clipping), skipped (1.0 when skipped), and the
+    entries of `aux`.
+    """
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     ok = jnp.isfinite(loss) & _all_finite(grads)
     params, opt_state = _guarded_update(optimizer, grads, state.opt_state, state.params, ok)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped": 1.0 - ok.astype(jnp.float32), **aux}
     metrics = {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
     return TrainState(step=state.step + ok.astype(jnp.int32), params=params, opt_state=opt_state), metrics
+
+
 
 
 def sft_step(
@@ -772,7 +864,7 @@ def sft_step(
         params, lora = _policy_params(trainable, base_params)
         return sft_loss(model, params, batch, lora).value(), {}
 
-    return _guarded_step(state, loss_fn, optimizer)
+    return guarded_step(state, loss_fn, optimizer)
 
 
 def preference_scores(model, params, batch: PreferenceBatch, lora=None) -> tuple[jax.Array, jax.Array]:
@@ -809,7 +901,7 @@ def reward_model_step(
         aux = {"accuracy": jnp.mean((chosen > rejected).astype(jnp.float32)), "margin": jnp.mean(chosen - rejected)}
         return reward_model_loss(chosen, rejected, batch.margin), aux
 
-    return _guarded_step(state, loss_fn, optimizer)
+    return guarded_step(state, loss_fn, optimizer)
 
 
 def fit_reward_normalisation(model, params, batch: SequenceBatch, lora=None) -> tuple[float, float]:

@@ -13,11 +13,13 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
 from ppojax.cli import main
+from ppojax.data import load_prompts, load_tokenizer
 from ppojax.models import DecoderModel, ModelConfig, init_params, load_pretrained, save_pretrained
 from ppojax.reports import read_metrics_csv
 from tests.test_data import make_tokenizer
@@ -81,14 +83,15 @@ def workdir(tmp_path_factory):
     return root
 
 
-def yaml_from_example(workdir, name, **replace):
-    """The example YAML with its placeholder paths replaced, written into workdir."""
+def yaml_from_example(workdir, name, filename=None, **replace):
+    """The example YAML with the given keys replaced, written into workdir (as `filename`)."""
     text = open(os.path.join(CONFIGS, name)).read()
     lines = []
     for line in text.splitlines():
         key = line.split(":", 1)[0].strip()
-        lines.append(f"{key}: {replace[key]}" if key in replace else line)
-    path = workdir / name
+        lines.append(f"{key}: {replace.pop(key)}" if key in replace else line)
+    lines += [f"{key}: {value}" for key, value in replace.items()]
+    path = workdir / (filename or name)
     path.write_text("\n".join(lines) + "\n")
     return str(path)
 
@@ -104,39 +107,57 @@ def cli_env(workdir):
     }
 
 
-def run_cli(workdir, *args, timeout=300):
-    command = [sys.executable, "-m", "ppojax.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=workdir, env=cli_env(workdir), timeout=timeout)
+def cli_command(*args):
+    return [sys.executable, "-m", "ppojax.cli", *args]
+
+
+def run_cli(workdir, *args, timeout=600):
+    return subprocess.run(
+        cli_command(*args), capture_output=True, text=True, cwd=workdir, env=cli_env(workdir), timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
 def reward_dir(workdir):
-    """The rm example YAML, run: saves/reward."""
-    path = yaml_from_example(
-        workdir, "rm_lora.yaml", model_name_or_path="qwen2-tiny", dataset="pairs.jsonl", output_dir="saves/reward"
-    )
-    result = run_cli(workdir, "train", path, "--no-progress", *RM_OVERRIDES)
-    assert result.returncode == 0, result.stderr[-3000:]
+    """The rm example YAML, run in this process (the sft / rm stages have their own subprocess test): saves/reward."""
+    path = yaml_from_example(workdir, "rm_lora.yaml", model_name_or_path="qwen2-tiny", dataset="pairs.jsonl")
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        assert main(["train", path, "--no-progress", *RM_OVERRIDES]) == 0
+    finally:
+        os.chdir(cwd)
     return workdir / "saves" / "reward"
 
 
-def ppo_yaml(workdir, output_dir="saves/ppo"):
+def ppo_yaml(workdir, output_dir="saves/ppo", **extra):
+    """The ppo example YAML as written, except the base model, the prompts and the output directory."""
     return yaml_from_example(
         workdir,
         "ppo_lora.yaml",
+        filename=f"ppo_{output_dir.replace('/', '_')}.yaml",
         model_name_or_path="qwen2-tiny",
-        reward_model="saves/reward",
         dataset="prompts.json",
         output_dir=output_dir,
+        **extra,
     )
 
 
 @pytest.fixture(scope="module")
 def ppo_run(workdir, reward_dir):
-    """The ppo example YAML, run uninterrupted: saves/ppo."""
+    """The ppo example YAML (reward_model: saves/reward as written), run uninterrupted: saves/ppo."""
     result = run_cli(workdir, "train", ppo_yaml(workdir), "--no-progress", *PPO_OVERRIDES)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir / "saves" / "ppo", result
+
+
+def csv_rows(out):
+    rows = read_metrics_csv(str(out / "ppo_metrics" / "training_metrics.csv"))
+    return [{k: v for k, v in row.items() if not k.startswith(("time/", "perf/"))} for row in rows]  # wall-clock
+
+
+def weights(directory):
+    return load_file(str(directory / "model.safetensors"))
 
 
 def test_example_yamls_rm_then_ppo_write_every_report_and_model(workdir, reward_dir, ppo_run):
@@ -179,3 +200,162 @@ def test_example_yamls_rm_then_ppo_write_every_report_and_model(workdir, reward_
     assert changed > 0  # the trained adapters were merged
     value_model, _ = load_pretrained(str(out / "value_model"), head="value")
     assert value_model.head == "value" and (out / "value_model" / "tokenizer.json").exists()
+
+
+def test_kill9_then_rerun_resumes_bit_identically(workdir, ppo_run):
+    uninterrupted, _ = ppo_run
+    out = workdir / "saves" / "ppo_killed"
+    command = cli_command("train", ppo_yaml(workdir, "saves/ppo_killed"), "--no-progress", *PPO_OVERRIDES)
+    process = subprocess.Popen(
+        command, cwd=workdir, env=cli_env(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    checkpoints = out / "checkpoints"
+    deadline = time.time() + 400
+    # SIGKILL as soon as the run writes anything after its step-0 checkpoint (often mid-save).
+    while process.poll() is None and time.time() < deadline:
+        names = os.listdir(checkpoints) if checkpoints.is_dir() else []
+        if any(not name.startswith("0") for name in names):
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "value_model").exists()  # it really died mid-run
+    result = run_cli(workdir, "train", ppo_yaml(workdir, "saves/ppo_killed"), "--no-progress", *PPO_OVERRIDES)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "ppo_metrics" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["iteration"] == 5
+    for sub in ("", "value_model"):
+        expected, found = weights(uninterrupted / sub), weights(out / sub)
+        assert sorted(expected) == sorted(found)
+        for name in expected:
+            np.testing.assert_array_equal(found[name], expected[name], err_msg=f"{sub}/{name}")
+    assert csv_rows(out) == csv_rows(uninterrupted)
+    samples = lambda d: (d / "ppo_metrics" / "samples.jsonl").read_text()  # noqa: E731
+    assert samples(out) == samples(uninterrupted)
+
+
+@pytest.mark.slow  # one more PPO process (~20 s of CPU with the cached programs); the default budget is spent
+def test_rollback_continue_restores_the_last_good_checkpoint_and_logs_each_event(workdir, ppo_run):
+    """KL above early_stop_kl at iteration 2 (iteration 1's KL is exactly 0: LoRA's b starts at 0): restore
+    iteration 1 with β doubled and a new key, go on; the next rejection (max_rollbacks 1) restores the last good
+    checkpoint and stops. The k1 KL of a retry may be negative, so where that happens depends on the numbers;
+    the sequence of events does not. Same PPOConfig as ppo_run, so every program comes from the cache."""
+    out = workdir / "saves" / "ppo_rollback"
+    extra = dict(early_stop_kl="1.0e-12", on_kl_exceeded="rollback_continue", max_rollbacks=1)
+    extra.update(rollback_lr_scale=1.0, rollback_kl_coef_scale=2.0)
+    result = run_cli(
+        workdir, "train", ppo_yaml(workdir, "saves/ppo_rollback", **extra), "--no-progress", *PPO_OVERRIDES
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert csv_rows(ppo_run[0])[0]["objective/kl"] == 0.0
+    summary = json.loads((out / "ppo_metrics" / "summary.json").read_text())
+    events = summary["events"]
+    assert [(e["step"], e["event"]) for e in events[:2]] == [(2, "iteration_rejected"), (1, "rolled_back")]
+    assert events[0]["kl"] > 1e-12 and events[1]["rollbacks"] == 1
+    beta_after_1 = 0.2 * (1 - 0.2 * 8 / 10000)  # adaptive update from KL 0 (error clipped to -0.2), n = 8 rows
+    assert events[1]["kl_coef"] == pytest.approx(2 * beta_after_1, rel=1e-6)
+    assert "ppojax ppo step 2: iteration_rejected" in result.stderr  # printed as well
+    rows = csv_rows(out)
+    assert rows[0] == csv_rows(ppo_run[0])[0]  # iteration 1 as in the uninterrupted run
+    if summary["status"] == "completed":  # every retried iteration had KL <= 1e-12 (k1 can be negative)
+        assert len(events) == 2 and [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    else:
+        last = events[-1]
+        assert [e["event"] for e in events[2:]] == ["iteration_rejected", "rolled_back_and_stopped"]
+        assert events[2]["step"] == last["step"] + 1 and events[2]["kl"] > 1e-12
+        assert summary["status"].startswith(f"rolled back to iteration {last['step']} and stopped: KL")
+        assert summary["iteration"] == last["step"] and [r["step"] for r in rows] == list(range(1, last["step"] + 1))
+        assert all(r["objective/kl"] <= 1e-12 for r in rows)
+    assert summary["run_control"]["rollbacks"] == 1
+    assert (out / "value_model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (("reward_model=qwen2-tiny",), "has no reward head (score.weight)"),
+        (("preset=verl",), "'ppo_target' 6.0 has no effect with a fixed KL coefficient"),
+        (("ref_model=qwen2-tiny",), "'ref_model' is set but finetuning_type is 'lora'"),
+        (("batch_size=6",), "'batch_size' 6 (prompts per PPO iteration) is not divisible by"),
+        (("max_new_tokens=100",), "needs 116 positions but"),
+        (("critic_mode=shared", "critic_learning_rate=1e-5"), "'critic_learning_rate' has no effect with critic_mode"),
+        (("gradient_accumulation_steps=8",), "12 prompts, fewer than one rollout batch of 32"),
+        (("on_kl_exceeded=rollbak",), "did you mean 'rollback'?"),
+        (("dataset=empty_prompt.jsonl",), "empty_prompt.jsonl:2: empty prompt"),
+    ],
+)
+def test_bad_ppo_config_is_one_line_and_exit_2(workdir, reward_dir, monkeypatch, capsys, overrides, message):
+    monkeypatch.chdir(workdir)
+    (workdir / "empty_prompt.jsonl").write_text('{"prompt": "hi"}\n{"prompt": "  "}\n')
+    path = ppo_yaml(workdir, "saves/bad")
+    size = [o for o in PPO_OVERRIDES if o.split("=")[0] not in {x.split("=")[0] for x in overrides}]
+    assert main(["train", path, "--no-progress", *size, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ppojax: error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_generate_greedy_matches_a_cacheless_forward_pass(workdir, ppo_run, monkeypatch, capsys):
+    """`ppojax generate` at temperature 0 against step-by-step argmax of full forward passes (no KV cache)."""
+    out, _ = ppo_run
+    monkeypatch.chdir(workdir)
+    args = ["generate", "--model", str(out), "--prompts", "prompts.json", "--template", "qwen"]
+    args += ["--max-new-tokens", "5", "--max-prompt-length", "16"]  # 16 + 5 positions of the model's 64
+    assert main([*args, "--temperature", "0", "--batch-size", "5", "--output", "greedy.jsonl"]) == 0
+    rows = [json.loads(line) for line in (workdir / "greedy.jsonl").read_text().splitlines()]
+    tokenizer = load_tokenizer(str(out))
+    eos = tokenizer.eos_token_id
+    prompts = load_prompts("prompts.json", tokenizer, template="qwen", max_prompt_length=16).prompts
+    model, params = load_pretrained(str(out), head="lm")
+    width = 16 + 5
+
+    @jax.jit
+    def next_token(ids, mask):  # [1, W] left-padded: positions come from the mask
+        return jnp.argmax(model.apply(params, ids, mask).logits[0, -1])
+
+    assert len(rows) == len(prompts) == 12
+    for row, prompt in zip(rows, prompts):
+        assert row["prompt"] == tokenizer.decode(list(prompt))
+        sequence, generated = list(prompt), []
+        while len(generated) < 5 and (not generated or generated[-1] != eos):
+            ids = np.full((1, width), tokenizer.pad_token_id, np.int32)
+            mask = np.zeros((1, width), np.int32)
+            ids[0, width - len(sequence) :], mask[0, width - len(sequence) :] = sequence, 1
+            token = int(next_token(ids, mask))
+            sequence.append(token)
+            generated.append(token)
+        assert row["tokens"] == len(generated) and row["stopped"] == (generated[-1] == eos)
+        assert row["response"] == tokenizer.decode(generated, skip_special_tokens=True)
+    # Sampling to stdout: one JSON line per prompt, reproducible for a seed.
+    assert main([*args, "--seed", "3"]) == 0
+    first = capsys.readouterr().out
+    assert main([*args, "--seed", "3"]) == 0
+    assert capsys.readouterr().out == first and len(first.splitlines()) == 12
+    assert main([*args, "--top-p", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "ppojax: error: command line: '--top-p' is 0.0; must be > 0 and <= 1\n"
+
+
+@pytest.mark.slow  # its own compilations (full fine-tuning, shared trunk, score normalisation): ~60 s of CPU
+def test_full_finetuning_shared_critic_and_score_norm(workdir, reward_dir):
+    out = workdir / "saves" / "ppo_full"
+    extra = dict(finetuning_type="full", critic_mode="shared", ppo_score_norm="true", bf16="false")
+    path = ppo_yaml(workdir, "saves/ppo_full", **extra)
+    path_text = open(path).read()
+    path_text = "\n".join(line for line in path_text.splitlines() if not line.startswith(("lora_rank", "lora_target")))
+    open(path, "w").write(path_text + "\n")
+    sizes = [o for o in PPO_OVERRIDES if not o.startswith(("lora_rank", "max_steps"))]
+    result = run_cli(workdir, "train", path, "--no-progress", *sizes, "max_steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "ppo_metrics" / "summary.json").read_text())
+    control = summary["run_control"]
+    assert summary["status"] == "completed" and control["reward_gain"] > 0 and control["reward_gain"] != 1.0
+    rows = csv_rows(out)
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["objective/kl"] == 0.0
+    policy, params = load_pretrained(str(out), head="lm")
+    _, base = load_pretrained(str(workdir / "qwen2-tiny"), head="lm")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    assert not np.array_equal(np.asarray(params["embed"]["embedding"])[:20], np.asarray(base["embed"]["embedding"]))
+    value_model, value_params = load_pretrained(str(out / "value_model"), head="value")
+    # Shared trunk: the value model is the trained policy trunk with the trained value head.
+    np.testing.assert_array_equal(value_params["embed"]["embedding"], params["embed"]["embedding"])
+    assert np.abs(np.asarray(value_params["value_head"]["kernel"])).max() > 0  # from 0, trained

@@ -236,3 +236,15 @@ def test_batches_are_deterministic_and_resumable(tmp_path):
     )
     assert batch.ids.shape == (2, 4) and batch.position == DataPosition(0, 2)
     assert (batch.ids[batch.mask == 0] == tok.pad_token_id).all() and (batch.mask[:, -1] == 1).all()
+
+
+def test_load_tokenizer_keeps_a_plain_fast_tokenizer_next_to_a_qwen2_config(tmp_path):
+    """transformers 5's AutoTokenizer would rebuild this WordLevel tokenizer as Qwen2Tokenizer (config.json's
+    model_type) and scramble its ids; load_tokenizer honours the declared PreTrainedTokenizerFast class."""
+    from ppojax.data import load_tokenizer
+
+    make_tokenizer().save_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    tokenizer = load_tokenizer(str(tmp_path))
+    assert tokenizer.encode("write a poem", add_special_tokens=False) == ids("write a poem")
+    assert tokenizer.eos_token_id == WORDS.index("<eos>")

@@ -122,5 +122,66 @@ class KLControllerTest(chex.TestCase):
         np.testing.assert_allclose(ppojax.kl_for_controller(kl, mask, mode="token_mean"), 6.0 / 3)
 
 
+def hand_step_rule(init_coef, target, observations):
+    """The step rule as practitioners write it: a plain Python loop."""
+    beta, out = init_coef, []
+    for kl in observations:
+        if kl > target * 1.5:
+            beta *= 1.5
+        elif kl < target * 0.5:
+            beta *= 0.75
+        out.append(beta)
+    return out
+
+
+class StepKLControllerTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @given(st.lists(st.floats(0.0, 30.0), min_size=1, max_size=12), st.sampled_from([1, 64]))
+    def test_follows_hand_loop_step_by_step(self, observations, n_steps):
+        controller = ppojax.step_kl_controller(0.05, target=6.0)
+        update = self.variant(controller.update)
+        state = controller.init()
+        for kl, want in zip(observations, hand_step_rule(0.05, 6.0, observations)):
+            state = update(state, jnp.float32(kl), jnp.int32(n_steps))
+            np.testing.assert_allclose(state.coef, want, rtol=1e-5)
+
+    def test_band_edges_and_non_finite_kl(self):
+        controller = ppojax.step_kl_controller(0.1, target=4.0)
+        update = jax.jit(controller.update)
+        cases = {9.0: 0.15, 6.0: 0.1, 4.0: 0.1, 2.0: 0.1, 1.99: 0.075, float("nan"): 0.1}
+        for kl, want in cases.items():
+            state = update(controller.init(), jnp.float32(kl), jnp.int32(8))
+            np.testing.assert_allclose(state.coef, want, rtol=1e-6, err_msg=f"kl={kl}")
+
+    def test_bad_arguments(self):
+        with self.assertRaisesRegex(ValueError, "target must be > 0"):
+            ppojax.step_kl_controller(0.1, target=-1.0)
+        with self.assertRaisesRegex(ValueError, "low <= high"):
+            ppojax.step_kl_controller(0.1, target=1.0, low=2.0, high=1.5)
+        with self.assertRaisesRegex(ValueError, "decrease"):
+            ppojax.step_kl_controller(0.1, target=1.0, decrease=1.5)
+
+
+class ControllerSelectionTest(parameterized.TestCase):
+    # kl 20 against target 6: the proportional rule moves β by (1 + 0.2 · 64 / 10000), the step rule by 1.5.
+    @parameterized.parameters(
+        (False, "proportional", 0.05),
+        (False, "step", 0.05),
+        (True, "proportional", 0.05 * (1 + 0.2 * 64 / 10000)),
+        (True, "step", 0.075),
+    )
+    def test_convention_selects_controller(self, adaptive, rule, want):
+        convention = ppojax.get_preset("ppojax").replace(adaptive_kl=adaptive, kl_rule=rule, kl_coef=0.05)
+        controller = ppojax.kl_controller(convention)
+        state = controller.update(controller.init(), jnp.float32(20.0), jnp.float32(64))
+        np.testing.assert_allclose(state.coef, want, rtol=1e-6)
+
+    def test_unknown_rule(self):
+        with self.assertRaisesRegex(ValueError, "kl_rule must be one of"):
+            ppojax.get_preset("ppojax").replace(kl_rule="pid")
+        with self.assertRaisesRegex(ValueError, "rule must be one of"):
+            ppojax.make_kl_controller(adaptive=True, init_coef=0.1, rule="pid")
+
+
 if __name__ == "__main__":
     absltest.main()

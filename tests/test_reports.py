@@ -92,3 +92,24 @@ def test_tensorboard_is_optional(tmp_path):
     assert writer.tensorboard_available == (make_tensorboard_writer(str(tmp_path / "probe")) is not None)
     writer.log(1, {"loss": 1.0})  # works with or without a writer library
     writer.close()
+
+
+def test_rollback_truncates_rows_and_samples_and_keeps_events(tmp_path, capsys):
+    writer = MetricsWriter(str(tmp_path), "ppo", progress=False)
+    for step in (1, 2, 3):
+        writer.log(step, {"objective/kl": float(step)})
+        writer.samples(step, [f"p{step}"], [f"r{step}"], [float(step)])
+    writer.event(3, "iteration_rejected", reason="KL 3 > early_stop_kl 2")
+    assert capsys.readouterr().err == "ppojax ppo step 3: iteration_rejected; reason KL 3 > early_stop_kl 2\n"
+    writer.truncate(1)
+    assert [r["step"] for r in read_metrics_csv(writer.csv_path)] == [1]
+    samples = [json.loads(line) for line in open(writer.samples_path)]
+    assert samples == [{"step": 1, "prompt": "p1", "response": "r1", "score": 1.0}]
+    writer.log(2, {"objective/kl": 0.5})
+    writer.samples(2, ["p2b"], ["r2b"], [0.5])
+    summary = writer.close("completed", events=writer.read_events())
+    assert summary["events"] == [{"step": 3, "event": "iteration_rejected", "reason": "KL 3 > early_stop_kl 2"}]
+    # A resumed run (from step 1) drops the later samples and rows but keeps the events.
+    resumed = MetricsWriter(str(tmp_path), "ppo", resume_step=1, progress=False)
+    assert [json.loads(line)["step"] for line in open(resumed.samples_path)] == [1]
+    assert [r["step"] for r in resumed.rows] == [1] and len(resumed.read_events()) == 1

@@ -61,6 +61,35 @@ class MaskTest(parameterized.TestCase):
         np.testing.assert_allclose(filtered[0, :2], logits[0, :2] / 0.5, rtol=1e-6)
 
 
+class ScanTest(parameterized.TestCase):
+    @chex.all_variants(with_pmap=False)
+    def test_cumulative_sum_matches_numpy(self):
+        # 1 and 32 fit one block; 33 and 1536 need a second level; 1100 (35 blocks) a third.
+        for size in (1, 32, 33, 1100, 1536):
+            x = np.random.default_rng(size).exponential(size=(3, size)).astype(np.float32)
+            x[:, ::7] = 0.0  # zero weights (excluded tokens), some at block boundaries
+            got = np.asarray(self.variant(sampling.cumulative_sum)(x))
+            np.testing.assert_allclose(got, np.cumsum(x.astype(np.float64), axis=-1), rtol=2e-6)
+            blocks = got[:, : size // 32 * 32].reshape(3, -1, 32)  # exact repeats and no decrease inside a block
+            self.assertTrue(np.all(np.diff(blocks, axis=-1) >= 0))
+            np.testing.assert_array_equal(
+                np.diff(blocks, axis=-1)[x[:, : size // 32 * 32].reshape(3, -1, 32)[..., 1:] == 0], 0
+            )
+
+    @chex.all_variants(with_pmap=False)
+    def test_first_argmax_is_argmax_with_the_first_index_on_ties(self):
+        x = np.array([[0.0, 2.0, 2.0, -1.0], [3.0, 0.0, 1.0, 5.0], [-np.inf, -1.0, -np.inf, -1.0]], np.float32)
+        np.testing.assert_array_equal(self.variant(sampling.first_argmax)(x), [1, 3, 1])
+
+    def test_excluded_tokens_at_block_boundaries_are_never_drawn(self):
+        # Support only at tokens next to the 32-wide blocks' edges, everything else -inf (as top-k leaves it).
+        probs = np.zeros(100)
+        probs[[0, 31, 33, 63, 64, 99]] = [0.1, 0.25, 0.05, 0.2, 0.3, 0.1]
+        logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (20_000, 100))
+        tokens = jit_for_tests(sampling.categorical)(jax.random.key(5), logits)
+        self.assertGreater(chi_square_pvalue(tokens, probs), 1e-3)
+
+
 class SampleTest(parameterized.TestCase):
     table = np.log(np.array([0.02, 0.3, 0.08, 0.25, 0.15, 0.2], np.float32)) + 1.7
 

@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 
 from ppojax import train as T
-from ppojax.losses import aggregate_loss
+from ppojax.generation import pad_prompts, response_logprobs, response_values
 from ppojax.models import DecoderModel, ModelConfig, init_lora
 from ppojax.models.lora import Lora
 from ppojax.optim import OptimizerConfig
 from ppojax.presets import get_preset, ppo_losses
-from ppojax.generation import pad_prompts, response_logprobs, response_values
 
 VOCAB, PAD, TARGET, N = 64, 63, 7, 8
 CONFIG = ModelConfig(
@@ -80,11 +79,14 @@ def _traced_once(fn, name):
 
 @functools.lru_cache(maxsize=None)
 def _iteration(mode):
-    """(state, models, jitted iteration) for one mode; built once per module."""
-    config = _config(mode)
+    """(state, models, iteration) for one mode; built once per module. Separate mode: the timed two-phase
+    `make_ppo_iteration` with exact old log-probs; shared mode: `ppo_iteration` as one jitted program."""
+    config = _config(mode, exact_old_logprobs=mode == "separate")
     state, models = T.init_ppo_state(
         config, POLICY, POLICY_PARAMS, jax.random.key(2), reward_fn=target_rate, critic_init="policy"
     )
+    if mode == "separate":
+        return state, models, T.make_ppo_iteration(config, models)
 
     def iteration(state, prompts, ref_params, reward_params):
         return T.ppo_iteration(state, prompts, ref_params, reward_params, config=config, models=models)
@@ -100,6 +102,8 @@ def _run(mode, iterations, *, key=None):
     for _ in range(iterations):
         state, metrics, experience = iteration(state, PROMPTS, POLICY_PARAMS, None)
         history.append({name: float(value) for name, value in jax.device_get(metrics).items()})
+    if mode == "separate":  # the phases compiled once
+        assert [phase._cache_size() for phase in iteration.phases] == [1, 1]
     return state, history, experience
 
 
@@ -109,22 +113,42 @@ def _run(mode, iterations, *, key=None):
 
 @pytest.mark.parametrize("mode", ["separate", "shared"])
 def test_reward_rises_with_bounded_kl(mode):
-    state, history, _ = _run(mode, 30)
+    state, history, experience = _run(mode, 30)
     scores = np.array([h["objective/scores"] for h in history])
     kls = np.array([h["objective/kl"] for h in history])
     assert scores[:3].mean() < 0.04, scores  # ~1/64 at the start
     assert scores[-5:].mean() > 0.09, scores  # most of the way to the regularised optimum (~0.16)
     assert np.all(np.abs(kls) < 5.0), kls  # the optimum's KL is ~1.9 nats per sequence
-    # On the first minibatch of every iteration the policy is the behaviour policy: the ratio is 1 up to the
-    # rounding of a gradient program's differently fused forward (a few float32 ulps; a temperature or
-    # dropout bug gives 1e-2 and more), and nothing is clipped.
-    assert all(abs(h["policy/first_ratio_max"] - 1.0) < 2e-6 and h["policy/first_clipfrac"] == 0.0 for h in history)
-    assert all(h["policy/first_approxkl"] < 1e-12 for h in history)
+    # On the first minibatch of every iteration the policy is the behaviour policy and nothing is clipped.
+    # With `exact_old_logprobs` (separate mode here) the old log-probs come from the training program itself
+    # and every ratio is exactly 1: approx-KL = mean ½ (log ρ)² is 0.0 only if every log ρ is 0.0. Without it
+    # (shared mode here) the ratio is 1 up to the rounding of a gradient program's differently fused forward
+    # (a few float32 ulps; a temperature or dropout bug gives 1e-2 and more).
+    assert all(h["policy/first_clipfrac"] == 0.0 for h in history)
+    if mode == "separate":
+        assert all(h["policy/first_ratio_max"] == 1.0 and h["policy/first_approxkl"] == 0.0 for h in history)
+        # The collection pass and the training pass differ by rounding only.
+        assert all(0.0 <= h["policy/old_pass_gap_max"] < 2e-6 for h in history)
+        assert all(h["grad/old_pass_norm"] > 0.0 for h in history)
+    else:
+        assert all(
+            abs(h["policy/first_ratio_max"] - 1.0) < 2e-6 and h["policy/first_approxkl"] < 1e-12 for h in history
+        )
+        assert "policy/old_pass_gap_max" not in history[0]
     assert all(h["train/updates"] == 4 and h["train/skipped_updates"] == 0 for h in history)
     assert all(np.isfinite(list(h.values())).all() for h in history)
     assert int(state.step) == 4 * 30 and int(state.iteration) == 30
     # The teacher-forced pass reproduces the sampler's log-probs (same function, same temperature).
     assert max(h["policy/logprob_gap_max"] for h in history) < 1e-5
+    if mode == "separate":  # the timed phases: throughput from the tokens actually processed
+        response_tokens = float(np.sum(np.asarray(experience.response_mask)))
+        tokens = response_tokens + float(np.sum(np.asarray(experience.prompt_mask)))
+        last = history[-1]
+        assert last["perf/rollout_s"] > 0 and last["perf/update_s"] > 0
+        np.testing.assert_allclose(last["perf/rollout_tokens_per_s"] * last["perf/rollout_s"], response_tokens, 1e-5)
+        np.testing.assert_allclose(last["perf/update_tokens_per_s"] * last["perf/update_s"], tokens * 4 / 2, 1e-5)
+    else:
+        assert not any(name.startswith("perf/") for name in history[0])
 
 
 def test_same_seed_is_bit_identical_and_seeds_differ():
@@ -234,7 +258,8 @@ def _reference_gradients(config, models, state, mb):
         if shared:
             values = (out.hidden[:, mb.prompt_ids.shape[1] - 1 : -1].astype(jnp.float32) @ critic["kernel"])[..., 0]
         else:
-            values = response_values(models.critic, critic, *batch)
+            plain_critic = DecoderModel(models.critic.config, head="value")  # never rematerialised
+            values = response_values(plain_critic, critic, *batch)
         pg, vf, _ = ppo_losses(
             conv,
             logprobs=logprobs,
@@ -252,25 +277,35 @@ def _reference_gradients(config, models, state, mb):
 
 
 @pytest.mark.parametrize(
-    "mode,aggregation,micro",
-    [("separate", "token-mean", 4), ("shared", "seq-mean-token-sum", 8)],
+    "mode,aggregation,micro,remat",
+    [
+        ("separate", "token-mean", 4, False),
+        ("shared", "seq-mean-token-sum", 8, True),
+    ],
 )
-def test_accumulated_gradient_equals_full_minibatch_gradient(mode, aggregation, micro):
+def test_accumulated_gradient_equals_full_minibatch_gradient(mode, aggregation, micro, remat):
+    """Also the gradient-checkpointing switch: with `remat` the same gradient as the plain reference."""
     config = _config(
-        mode, convention=get_preset("ppojax").replace(loss_aggregation=aggregation), micro_batch_size=micro
+        mode,
+        convention=get_preset("ppojax").replace(loss_aggregation=aggregation),
+        micro_batch_size=micro,
+        remat=remat,
     )
     state, models = T.init_ppo_state(
         config, POLICY, POLICY_PARAMS, jax.random.key(3), reward_model=REWARD, reward_params=REWARD_PARAMS
     )
+    assert models.policy.remat == remat and models.reward.remat is False
+    assert mode == "shared" or models.critic.remat == remat
+    mb = _synthetic_minibatch()
+    grad_fn = functools.partial(T.minibatch_gradients, config=config, models=models)
+    assert ("remat" in str(jax.make_jaxpr(grad_fn)(state, mb, POLICY_PARAMS))) == remat
     # Perturb the zero value head so the shared-trunk value gradient is not trivially zero.
     if mode == "shared":
         state = state.replace(
             critic={"kernel": jax.random.normal(jax.random.key(4), state.critic["kernel"].shape) * 0.3}
         )
-    mb = _synthetic_minibatch()
     assert 16 // micro > 1
-    grad_fn = jax.jit(functools.partial(T.minibatch_gradients, config=config, models=models))
-    loss, grads = grad_fn(state, mb, POLICY_PARAMS)
+    loss, grads = jax.jit(grad_fn)(state, mb, POLICY_PARAMS)
     want_loss, want = _reference_gradients(config, models, state, mb)
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
     for got_leaf, want_leaf in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
@@ -294,7 +329,10 @@ def test_non_finite_loss_skips_every_update_and_keeps_the_state():
 
 
 def test_lora_update_step_trains_adapters_only():
-    """The fast LoRA check (one jitted update_step; the full-iteration version is slow-marked above)."""
+    """The fast LoRA checks (jitted update_step; the full-iteration versions are slow-marked above): only the
+    adapters train, the base and the reference stay bit-identical, and the adapters learn: on a minibatch
+    whose advantage is +1 on TARGET tokens and −0.5 on the others, TARGET's log-probs rise and the others'
+    fall."""
     config = _config("separate")
     adapters = init_lora(POLICY, jax.random.key(5), rank=4, targets=("q", "v"))
     state, models = T.init_ppo_state(
@@ -302,18 +340,27 @@ def test_lora_update_step_trains_adapters_only():
     )
     base_before = jax.tree.map(np.array, POLICY_PARAMS)
     mb = _synthetic_minibatch()
-    batch = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
+    valid = np.asarray(mb.response_mask) > 0
+    response_ids = jnp.where(valid & (np.arange(N) % 3 == 0), TARGET, mb.response_ids)  # every third slot
+    batch = (mb.prompt_ids, mb.prompt_mask, response_ids, mb.response_mask)
     logprobs = jax.jit(lambda params, lora: response_logprobs(POLICY, params, *batch, 1.0, lora=lora))
     ref_before = np.asarray(logprobs(POLICY_PARAMS, None))
+    is_target = valid & (np.asarray(response_ids) == TARGET)
+    others = valid & ~is_target
+    mb = mb.replace(
+        response_ids=response_ids,
+        old_logprobs=jnp.asarray(ref_before),  # the adapters start at zero: the policy is the reference
+        advantages=jnp.asarray(np.where(is_target, 1.0, np.where(others, -0.5, 0.0)), jnp.float32),
+    )
 
     def update(state, minibatch, ref_params):
         return T.update_step(state, minibatch, ref_params, config=config, models=models)
 
     step = _traced_once(update, "update_step_lora")
     after = state
-    for _ in range(2):
+    for _ in range(4):
         after, metrics = step(after, mb, POLICY_PARAMS)
-    assert float(metrics["train/skipped"]) == 0.0 and int(after.step) == 2
+    assert float(metrics["train/skipped"]) == 0.0 and int(after.step) == 4
     assert isinstance(after.policy, Lora)
     n_adapter = sum(x.size for x in jax.tree.leaves(after.policy.adapters))
     assert (
@@ -325,7 +372,9 @@ def test_lora_update_step_trains_adapters_only():
     np.testing.assert_array_equal(np.asarray(logprobs(POLICY_PARAMS, None)), ref_before)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.policy), jax.tree.leaves(after.policy)))
     adapted = np.asarray(logprobs(POLICY_PARAMS, after.policy))
-    assert np.abs(adapted - ref_before).max() > 1e-4
+    gain = adapted - ref_before
+
+    assert gain[is_target].mean() > 0.05 and gain[others].mean() < -0.01, (gain[is_target].mean(), gain[others].mean())
 
 
 def test_config_validation():

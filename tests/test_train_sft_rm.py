@@ -5,12 +5,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from ppojax import train as T
+from ppojax.generation import pad_prompts
 from ppojax.models import DecoderModel, ModelConfig
 from ppojax.optim import OptimizerConfig, make_optimizer
-from ppojax.generation import pad_prompts
 
 VOCAB, PAD, TARGET, N = 64, 63, 7, 6
 CONFIG = ModelConfig(
@@ -140,3 +141,35 @@ def test_reward_normalisation_gives_mean_zero_std_one():
     scores = np.asarray(T._sequence_scores(config, models, params, *reference), np.float64)
     np.testing.assert_allclose(scores.mean(), 0.0, atol=1e-5)
     np.testing.assert_allclose(scores.std(), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_guarded_step_applies_or_skips(jit):
+    """The public building block on a custom loss: an SGD step on a quadratic, and a NaN loss that skips."""
+    adam = make_optimizer(OptimizerConfig(learning_rate=0.1))
+    sgd = optax.sgd(0.25)
+    params = {"w": jnp.asarray([1.0, -2.0]), "b": jnp.asarray(3.0)}
+    target = np.asarray([0.5, 0.5])
+
+    def loss_fn(p):
+        loss = jnp.sum((p["w"] - target) ** 2) + p["b"] ** 2
+        return loss, {"b": p["b"]}
+
+    step = jax.jit(T.guarded_step, static_argnums=(1, 2)) if jit else T.guarded_step
+    state, metrics = step(T.init_train_state(params, sgd), loss_fn, sgd)
+    # SGD by hand: w ← w − 0.25 · 2 (w − t), b ← b − 0.25 · 2 b.
+    np.testing.assert_allclose(np.asarray(state.params["w"]), [0.75, -0.75], rtol=1e-6)
+    np.testing.assert_allclose(float(state.params["b"]), 1.5, rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["loss"]), 0.25 + 6.25 + 9.0, rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), np.sqrt(1 + 25 + 36), rtol=1e-6)
+    assert float(metrics["b"]) == 3.0 and float(metrics["skipped"]) == 0.0 and int(state.step) == 1
+    bad = lambda p: (loss_fn(p)[0] * jnp.nan, {"b": p["b"]})
+    initial = T.init_train_state(params, adam)
+    skipped, metrics = step(initial, bad, adam)
+    assert float(metrics["skipped"]) == 1.0 and int(skipped.step) == 0
+    before, after = (
+        jax.tree.leaves((initial.params, initial.opt_state)),
+        jax.tree.leaves((skipped.params, skipped.opt_state)),
+    )
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

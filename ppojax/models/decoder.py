@@ -2,7 +2,7 @@
 and reward heads and an explicit KV cache.
 
 `DecoderModel` is a frozen, hashable dataclass (config, head, dtype): pass it as a static argument to
-`jax.jit`. Its `apply(params, input_ids, attention_mask, *, cache, lora, positions)` is pure over a plain
+`jax.jit`. Its `apply(params, input_ids, attention_mask, *, cache, lora, positions, head_at)` is pure over a plain
 nested-dict params pytree; nothing is stored in the model. No dropout anywhere.
 
 Params layout (one path per tensor; `hf.py` maps these to Hugging Face names):
@@ -24,6 +24,7 @@ left-padded row and the same row unpadded give the same logits at real tokens.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import itertools
@@ -41,9 +42,11 @@ _INIT_STD = 0.02
 
 
 class KVCache(NamedTuple):
-    """Decoding state, one pytree. `keys[l]`, `values[l]`: `[B, max_length, num_kv_heads, head_dim]` for
-    layer l; `index`: int32 scalar, the next slot written (shared by all rows); `mask`: `[B, max_length]`
-    bool, True at slots holding real tokens (left padding and finished rows stay False)."""
+    """Decoding state, one pytree. For layer l, `keys[l]`: `[B, num_kv_heads, head_dim, max_length]` (keys
+    transposed) and `values[l]`: `[B, num_kv_heads, max_length, head_dim]`, the layouts whose attention
+    products are plain matmuls (see `attend_cached`); `index`: int32 scalar, the next slot written (shared by
+    all rows); `mask`: `[B, max_length]` bool, True at slots holding real tokens (left padding and finished
+    rows stay False)."""
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
@@ -53,7 +56,7 @@ class KVCache(NamedTuple):
 
 class ModelOutput(NamedTuple):
     """`logits [B, S, V]` (compute dtype, head="lm"), `values [B, S]` float32 (head="value"),
-    `scores [B, S]` float32 per-token reward (head="reward"), `hidden [B, S, H]` the last hidden state
+    `scores [B, S]` float32 per-token reward (head="reward"), with S = 1 under `apply(..., head_at="last")`, `hidden [B, S, H]` the last hidden state
     after the final norm, `cache` the updated KVCache (None when none was given)."""
 
     logits: jax.Array | None
@@ -64,6 +67,15 @@ class ModelOutput(NamedTuple):
 
 
 _normal = nn.initializers.normal(_INIT_STD)
+
+# Optional sharding of activations: `ppojax.parallel.activation_sharding` sets hook(x, logical_axes) -> x while
+# a sharded program is traced; without it `constrain` is the identity.
+ACTIVATION_HOOK = contextvars.ContextVar("ppojax_activation_hook", default=None)
+
+
+def constrain(x, *logical_axes):
+    hook = ACTIVATION_HOOK.get()
+    return x if hook is None else hook(x, logical_axes)
 
 
 class _Dense(nn.Module):
@@ -162,22 +174,26 @@ def attend(q, k, v, q_slots, k_slots, k_valid, scale):
     return out.reshape(batch, seq, num_heads * head_dim)
 
 
-def attend_one(q, k, v, q_slot, k_slots, k_valid, scale):
-    """`attend` for a single query position (a decode step), same arguments with S = 1. The cache is used in
-    its stored `[B, T, Hkv, D]` layout and the tiny products are multiply + reduce: an einsum would transpose
-    every layer's K and V cache to `[B, Hkv, T, D]` on every step."""
-    batch, _, num_heads, head_dim = q.shape
-    num_kv = k.shape[2]
+def attend_cached(q, keys_t, values, q_slots, k_slots, k_valid, scale):
+    """`attend` over the KV cache's layout: q `[B, S, Hq, D]`, keys_t `[B, Hkv, D, T]` (transposed),
+    values `[B, Hkv, T, D]`; returns `[B, S, Hq * D]`. Both products are plain batched matmuls over the stored
+    layout: q·k contracts D against the keys' rows and probs·v T against the values' rows, so the library dot
+    packs nothing (with `[B, T, Hkv, D]` keys it transposed every layer's cache on every decode step: ≈ 3×
+    the CPU time of this attention at batch 32, 48 slots)."""
+    batch, seq, num_heads, head_dim = q.shape
+    num_kv = keys_t.shape[1]
     group = num_heads // num_kv
-    q = q.reshape(batch, 1, num_kv, group, head_dim)
-    k = k[:, :, :, None, :]  # [B, T, Hkv, 1, D]
-    v = v[:, :, :, None, :]
-    logits = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=-1) * scale  # [B, T, Hkv, G]
-    visible = k_valid & (k_slots[None, :] <= q_slot)  # [B, T]
-    logits = jnp.where(visible[:, :, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=1).astype(v.dtype)
-    out = jnp.sum(probs[..., None] * v, axis=1)  # [B, Hkv, G, D]
-    return out.reshape(batch, 1, num_heads * head_dim)
+    # Query rows (g, s) per KV head; a bitcast when S = 1.
+    q = q.reshape(batch, seq, num_kv, group, head_dim).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(batch, num_kv, group * seq, head_dim)
+    logits = jnp.einsum("bkqd,bkdt->bkqt", q, keys_t, preferred_element_type=jnp.float32) * scale
+    visible = k_valid[:, None, :] & (k_slots[None, :] <= q_slots[:, None])[None]  # [B, S, T]
+    visible = jnp.broadcast_to(visible[:, None, None], (batch, 1, group, seq, visible.shape[-1]))
+    logits = jnp.where(visible.reshape(batch, 1, group * seq, -1), logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkqt,bktd->bkqd", probs, values)  # [B, Hkv, G * S, D]
+    out = out.reshape(batch, num_kv, group, seq, head_dim).transpose(0, 3, 1, 2, 4)
+    return out.reshape(batch, seq, num_heads * head_dim)
 
 
 class _Attention(nn.Module):
@@ -210,18 +226,20 @@ class _Attention(nn.Module):
         if cfg.position == "rope":
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q_slots, k_slots, k_valid, write_index = slots
-        if layer_cache is not None:
-            cache_k, cache_v = layer_cache
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, write_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, write_index, 0, 0))
-            layer_cache = (k, v)
         scale = cfg.head_dim**-0.5
         if cfg.attn_scale_by_layer:
             scale /= self.layer_index + 1
-        if seq == 1 and layer_cache is not None:
-            out = attend_one(q, k.astype(self.dtype), v.astype(self.dtype), q_slots[0], k_slots, k_valid, scale)
+        if layer_cache is None:
+            out = attend(q, k, v, q_slots, k_slots, k_valid, scale)
         else:
-            out = attend(q, k.astype(self.dtype), v.astype(self.dtype), q_slots, k_slots, k_valid, scale)
+            cache_k, cache_v = layer_cache  # [B, Hkv, D, T] and [B, Hkv, T, D]
+            k = k.transpose(0, 2, 3, 1).astype(cache_k.dtype)
+            v = v.transpose(0, 2, 1, 3).astype(cache_v.dtype)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k, (0, 0, 0, write_index))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v, (0, 0, write_index, 0))
+            layer_cache = (cache_k, cache_v)
+            keys_t, values = cache_k.astype(self.dtype), cache_v.astype(self.dtype)
+            out = attend_cached(q, keys_t, values, q_slots, k_slots, k_valid, scale)
         return _Dense(cfg.hidden_size, cfg.o_bias, self.dtype, name="o")(out, lora.get("o")), layer_cache
 
 
@@ -271,7 +289,7 @@ class _Decoder(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, input_ids, positions, slots, layer_caches, lora):
+    def __call__(self, input_ids, positions, slots, layer_caches, lora, head_at="all", rope_table_size=None):
         cfg = self.config
         embedding = _Weight("embedding", (cfg.vocab_size, cfg.hidden_size), _normal, self.dtype, name="embed")()
         x = jnp.take(embedding, input_ids, axis=0).astype(self.dtype)
@@ -282,7 +300,8 @@ class _Decoder(nn.Module):
             )()
             x = x + jnp.take(table, positions, axis=0).astype(self.dtype)
         else:
-            cos, sin = rope_cos_sin(cfg, positions)
+            cos, sin = rope_cos_sin(cfg, positions, rope_table_size)
+        x = constrain(x, "batch", "length", "embed_act")
         lora = lora or {}
         new_caches = []
         # Gradient checkpointing: a rematerialised block keeps only its input for the backward pass.
@@ -292,17 +311,19 @@ class _Decoder(nn.Module):
             x, layer_cache = block(cfg, i, self.dtype, name=f"layers_{i}")(
                 x, cos, sin, slots, layer_cache, lora.get(f"layers_{i}")
             )
+            x = constrain(x, "batch", "length", "embed_act")
             new_caches.append(layer_cache)
         hidden = _Norm(cfg.norm, cfg.norm_eps, self.dtype, name="final_norm")(x)
+        head_in = hidden[:, -1:] if head_at == "last" else hidden
         if self.head == "lm":
             if cfg.tie_word_embeddings:
-                return hidden, jnp.dot(hidden, embedding.astype(self.dtype).T), new_caches
+                return hidden, jnp.dot(head_in, embedding.astype(self.dtype).T), new_caches
             kernel = _Weight("kernel", (cfg.hidden_size, cfg.vocab_size), _normal, self.dtype, name="lm_head")()
-            return hidden, jnp.dot(hidden, kernel.astype(self.dtype)), new_caches
+            return hidden, jnp.dot(head_in, kernel.astype(self.dtype)), new_caches
         # A scalar head: the critic's starts at zero, the reward model's is always loaded.
         name, initializer = ("value_head", nn.initializers.zeros) if self.head == "value" else ("score", _normal)
         kernel = _Weight("kernel", (cfg.hidden_size, 1), initializer, self.dtype, name=name)()
-        return hidden, values_from_hidden({"kernel": kernel}, hidden), new_caches
+        return hidden, values_from_hidden({"kernel": kernel}, head_in), new_caches
 
 
 class _Weight(nn.Module):
@@ -359,7 +380,15 @@ class DecoderModel:
         return _Decoder(self.config, self.head, jnp.dtype(self.dtype), self.remat)
 
     def apply(
-        self, params, input_ids, attention_mask=None, *, cache: KVCache | None = None, lora=None, positions=None
+        self,
+        params,
+        input_ids,
+        attention_mask=None,
+        *,
+        cache: KVCache | None = None,
+        lora=None,
+        positions=None,
+        head_at: str = "all",
     ) -> ModelOutput:
         """input_ids `[B, S] int32`, attention_mask `[B, S]` (1 = real token; default all ones).
 
@@ -369,7 +398,12 @@ class DecoderModel:
         `[B, 1]` tokens (decode; mask 0 for finished rows). `positions` default: from the masks.
         `lora`: adapters from `init_lora` (None = base model, e.g. the reference policy).
         The cache must have room: `cache.index + S <= max_length` (not checked; the index is traced).
+        `head_at`: "all" (default) applies the head (logits, values or scores) at every column; "last" only at
+        the last column, giving `[B, 1, ...]` (a prefill needs just that one: it skips the head's matmul over
+        the other columns); `hidden` is `[B, S, H]` either way.
         """
+        if head_at not in ("all", "last"):
+            raise ValueError(f"head_at must be 'all' or 'last', found {head_at!r}")
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, S], found shape {input_ids.shape}")
@@ -392,11 +426,14 @@ class DecoderModel:
             max_length = cache.mask.shape[1]
             slots = (index + jnp.arange(seq), jnp.arange(max_length), mask, index)
             layer_caches = list(zip(cache.keys, cache.values))
+        # Positions from the masks stay below the slot count, so RoPE can read cos / sin from a table that size.
+        rope_table_size = None
         if positions is None:
             positions = positions_from_mask(attention_mask, valid_before)
+            rope_table_size = slots[1].shape[0]
         lora_tree = None if lora is None else lora.per_module()
         hidden, head_out, new_caches = self._module().apply(
-            {"params": params}, input_ids, positions, slots, layer_caches, lora_tree
+            {"params": params}, input_ids, positions, slots, layer_caches, lora_tree, head_at, rope_table_size
         )
         new_cache = None
         if cache is not None:
@@ -418,11 +455,11 @@ class DecoderModel:
         """An empty cache: zeros, `index` 0, no valid slot."""
         cfg = self.config
         dtype = jnp.dtype(dtype or self.dtype)
-        shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        keys_shape = (batch_size, cfg.num_kv_heads, cfg.head_dim, max_length)
+        values_shape = (batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
         return KVCache(
-            keys=zeros,
-            values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            keys=tuple(jnp.zeros(keys_shape, dtype) for _ in range(cfg.num_layers)),
+            values=tuple(jnp.zeros(values_shape, dtype) for _ in range(cfg.num_layers)),
             index=jnp.zeros((), jnp.int32),
             mask=jnp.zeros((batch_size, max_length), bool),
         )

@@ -178,12 +178,15 @@ def _weight_files(path: str) -> dict[str, str]:
     raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {INDEX_FILE} found")
 
 
-def load_pretrained(path: str, *, head: str = "lm", dtype=jnp.float32) -> tuple[DecoderModel, dict]:
+def load_pretrained(path: str, *, head: str = "lm", dtype=jnp.float32, shardings=None) -> tuple[DecoderModel, dict]:
     """Reads a local HF directory -> `(model, params)`; params are cast to `dtype` (also the compute dtype).
 
     head="lm": ForCausalLM weights (tied models read the embedding). head="reward": ForSequenceClassification
     with one label (`score.weight`). head="value": a critic; its head starts from `score.weight` when the
     checkpoint has one (a reward model), else at zero. Errors: `CheckpointError`, one line.
+    shardings: a params-shaped tree of `jax.sharding.Sharding`s, or a function model -> such a tree (see
+    `ppojax.parallel.load_sharded`): each tensor is then built shard by shard from slices of the file, straight
+    on its devices, never whole on one device.
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, found {head!r}")
@@ -209,29 +212,61 @@ def load_pretrained(path: str, *, head: str = "lm", dtype=jnp.float32) -> tuple[
     params: dict = {}
     handles: dict = {}
     np_dtype = jnp.dtype(dtype)
+    if callable(shardings):
+        shardings = shardings(model)
     try:
         for ours, rule in rules.items():
             expected = shapes[ours][::-1] if rule.transpose else shapes[ours]
             if rule.hf not in names:
                 if ours.startswith("value_head/"):
-                    _set_path(params, ours, jnp.zeros(shapes[ours], np_dtype))
+                    zeros = np.zeros(shapes[ours], np_dtype)
+                    if shardings is not None:
+                        _set_path(
+                            params,
+                            ours,
+                            _sharded_tensor(zeros, False, zeros.shape, np_dtype, _get_path(shardings, ours)),
+                        )
+                        continue
+                    _set_path(params, ours, jnp.asarray(zeros))
                     continue
                 where = os.path.join(path, INDEX_FILE if INDEX_FILE in os.listdir(path) else WEIGHTS_FILE)
                 raise CheckpointError(f"{where}: missing tensor {rule.hf!r} (expected shape {expected})")
             file = files[names[rule.hf]]
             if file not in handles:
                 handles[file] = safe_open(file, framework="numpy")
-            tensor = handles[file].get_tensor(names[rule.hf])
-            if tuple(tensor.shape) != expected:
+            if shardings is not None:
+                tensor = handles[file].get_slice(names[rule.hf])
+                found = tuple(tensor.get_shape())
+            else:
+                tensor = handles[file].get_tensor(names[rule.hf])
+                found = tuple(tensor.shape)
+            if found != expected:
                 hint = "; a reward checkpoint needs num_labels=1" if rule.hf == "score.weight" else ""
-                raise CheckpointError(
-                    f"{file}: tensor {names[rule.hf]!r} has shape {tuple(tensor.shape)}, expected {expected}{hint}"
+                raise CheckpointError(f"{file}: tensor {names[rule.hf]!r} has shape {found}, expected {expected}{hint}")
+            if shardings is not None:
+                _set_path(
+                    params,
+                    ours,
+                    _sharded_tensor(tensor, rule.transpose, shapes[ours], np_dtype, _get_path(shardings, ours)),
                 )
+                continue
             array = tensor.T if rule.transpose else tensor
             _set_path(params, ours, jnp.asarray(np.ascontiguousarray(array).astype(np_dtype)))
     finally:
         handles.clear()
     return model, params
+
+
+def _sharded_tensor(tensor_slice, transpose: bool, shape, dtype, sharding) -> jax.Array:
+    """A jax.Array of our `shape` built per device from slices of a safetensors tensor (HF layout)."""
+
+    def block(index):
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        if transpose:
+            return np.ascontiguousarray(tensor_slice[index[::-1]].T).astype(dtype)
+        return np.ascontiguousarray(tensor_slice[index]).astype(dtype)
+
+    return jax.make_array_from_callback(tuple(shape), sharding, block)
 
 
 def save_pretrained(path: str, model: DecoderModel, params: dict, tokenizer=None, *, lora=None) -> None:

@@ -4,6 +4,7 @@ types, computed in float32 exactly as transformers 5.23 computes them (`modeling
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -49,11 +50,35 @@ def inverse_frequencies(config: ModelConfig, positions: jax.Array) -> jax.Array:
     return _base_inverse_frequencies(base, dim, jnp)
 
 
-def rope_cos_sin(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """positions `[B, S] int32` -> cos, sin `[B, S, head_dim] float32` (halves repeated, HF layout)."""
+def rope_cos_sin(
+    config: ModelConfig, positions: jax.Array, table_size: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """positions `[B, S] int32` -> cos, sin `[B, S, head_dim] float32` (halves repeated, HF layout).
+
+    With `table_size` (static; every position must be below it) and a rope type whose frequencies do not
+    depend on the input, cos and sin are gathered from a `[table_size, head_dim]` constant table
+    (`rope_table`): computed directly, XLA repeats the sin / cos inside every layer's fused rotation of q and
+    k, which costs more than the decode step's attention on CPU.
+    """
+    if table_size is not None and config.rope_type != "dynamic":
+        cos_table, sin_table = rope_table(config, table_size)
+        return jnp.take(cos_table, positions, axis=0), jnp.take(sin_table, positions, axis=0)
     angles = positions[..., None].astype(jnp.float32) * inverse_frequencies(config, positions)
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
+
+
+@functools.lru_cache(maxsize=32)
+def rope_table(config: ModelConfig, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin `[size, head_dim] float32` for positions 0 .. size - 1 (static rope types only): the angle
+    `position * inverse frequency` rounded to float32 as transformers computes it, then cos / sin in float64,
+    rounded once (deterministic, whatever XLA's own cos would give)."""
+    angles = np.arange(size, dtype=np.float32)[:, None] * static_inverse_frequencies(config)[None, :]
+    angles = np.concatenate([angles, angles], axis=-1).astype(np.float64)
+    tables = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    for table in tables:
+        table.setflags(write=False)  # shared by every caller through the cache
+    return tables
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

@@ -61,8 +61,9 @@ def test_cache_layout(checkpoint):
     cache = model.init_cache(2, 16, dtype=jnp.bfloat16)
     cfg = model.config
     assert len(cache.keys) == len(cache.values) == cfg.num_layers
-    assert cache.keys[0].shape == (2, 16, cfg.num_kv_heads, cfg.head_dim)
-    assert cache.keys[0].dtype == jnp.bfloat16
+    assert cache.keys[0].shape == (2, cfg.num_kv_heads, cfg.head_dim, 16)  # keys transposed
+    assert cache.values[0].shape == (2, cfg.num_kv_heads, 16, cfg.head_dim)
+    assert cache.keys[0].dtype == cache.values[0].dtype == jnp.bfloat16
     assert cache.index.dtype == jnp.int32 and cache.index.shape == ()
     assert cache.mask.shape == (2, 16) and not cache.mask.any()
 
@@ -75,3 +76,19 @@ def test_shape_errors(checkpoint):
         model.apply(params, np.ones((2, 4), np.int32), np.ones((2, 3), np.int32))
     with pytest.raises(ValueError, match="cache batch"):
         model.apply(params, np.ones((2, 4), np.int32), cache=model.init_cache(3, 8))
+
+
+@pytest.mark.parametrize("head", ["lm", "reward"])
+def test_head_at_last_is_the_last_column_of_the_full_head(checkpoint, head):
+    directory, _ = checkpoint("llama3", head=head)
+    model, params = load_pretrained(directory, head=head)
+    ids, mask = hf_builders.padded_batch(PROMPT_LENGTHS, max(PROMPT_LENGTHS), model.config.vocab_size, seed=4)
+    apply = jax.jit(lambda p, i, m: (model.apply(p, i, m), model.apply(p, i, m, head_at="last")))
+    full, last = apply(params, ids, mask)
+    field = "logits" if head == "lm" else "scores"
+    want, got = np.asarray(getattr(full, field)), np.asarray(getattr(last, field))
+    assert got.shape == want[:, -1:].shape
+    np.testing.assert_allclose(got, want[:, -1:], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(last.hidden), np.asarray(full.hidden))
+    with pytest.raises(ValueError, match="head_at must be 'all' or 'last', found 'first'"):
+        model.apply(params, ids, mask, head_at="first")

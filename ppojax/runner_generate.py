@@ -1,0 +1,94 @@
+"""`ppojax generate --model DIR --prompts FILE`: sample responses from any local HF causal-LM directory.
+
+Prompts are read as for stage ppo (`ppojax.data.load_prompts`: alpaca instruction/input, prompt, or messages;
+`template` none = raw text, any other name = the tokenizer's chat template). They are sampled in batches of
+`batch_size` rows (the last batch is filled up with copies of its last prompt and those rows dropped, so every
+batch has one shape) with `ppojax.rollout`; batch i uses the key fold_in(PRNGKey(seed), i), so a run is
+reproducible. Temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+
+from ppojax import data as data_lib
+from ppojax.config import ConfigError
+from ppojax.generation import bucket_length, pad_prompts, rollout_jit
+from ppojax.models import CheckpointError, load_pretrained
+from ppojax.runner import fit_vocabulary
+from ppojax.runner_ppo import stop_token_ids
+
+
+def _check(name: str, value, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"command line: '{name}' is {value!r}; must be {allowed}")
+
+
+def generate(
+    model_dir: str,
+    prompts_path: str,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    template: str = "none",
+    max_prompt_length: int = 512,
+    batch_size: int = 8,
+    seed: int = 0,
+    bf16: bool = False,
+) -> Iterator[dict]:
+    """Yields {"prompt", "response", "tokens", "stopped", "source"} per prompt, in file order."""
+    _check("--max-new-tokens", max_new_tokens, max_new_tokens >= 1, ">= 1")
+    _check("--temperature", temperature, temperature >= 0, ">= 0 (0 is greedy)")
+    _check("--top-p", top_p, 0 < top_p <= 1, "> 0 and <= 1")
+    _check("--top-k", top_k, top_k >= 0, ">= 0 (0 is off)")
+    _check("--batch-size", batch_size, batch_size >= 1, ">= 1")
+    _check("--max-prompt-length", max_prompt_length, max_prompt_length >= 1, ">= 1")
+    tokenizer, _ = data_lib.ensure_pad_token(data_lib.load_tokenizer(model_dir))
+    dataset = data_lib.load_prompts(prompts_path, tokenizer, template=template, max_prompt_length=max_prompt_length)
+    try:
+        model, params = load_pretrained(model_dir, head="lm", dtype=jnp.bfloat16 if bf16 else jnp.float32)
+    except CheckpointError as e:
+        raise ConfigError(f"--model {model_dir}: {e}") from None
+    model, params = fit_vocabulary(model, params, tokenizer)
+    bucket = min(64, max_prompt_length)
+    needed = bucket_length(max(len(p) for p in dataset.prompts), bucket) + max_new_tokens
+    if needed > model.config.max_position_embeddings:
+        raise ConfigError(
+            f"--max-new-tokens {max_new_tokens} with prompts of up to {max(len(p) for p in dataset.prompts)} tokens "
+            f"needs {needed} positions; {model_dir} has max_position_embeddings {model.config.max_position_embeddings}"
+        )
+    stops = stop_token_ids(tokenizer, model)
+    key = jax.random.PRNGKey(seed)
+    rows = len(dataset)
+    for number, start in enumerate(range(0, rows, batch_size)):
+        chunk = list(dataset.prompts[start : start + batch_size])
+        real = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - real)
+        ids, mask = pad_prompts(chunk, tokenizer.pad_token_id, bucket=bucket)
+        out = rollout_jit(
+            model,
+            params,
+            ids,
+            mask,
+            jax.random.fold_in(key, number),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop_token_ids=stops,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        response_ids, lengths, stopped = jax.device_get((out.response_ids, out.lengths, out.stopped))
+        for row in range(real):
+            yield {
+                "prompt": tokenizer.decode(list(chunk[row]), skip_special_tokens=False),
+                "response": tokenizer.decode(response_ids[row, : lengths[row]].tolist(), skip_special_tokens=True),
+                "tokens": int(lengths[row]),
+                "stopped": bool(stopped[row]),
+                "source": dataset.sources[start + row],
+            }
