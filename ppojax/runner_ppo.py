@@ -52,6 +52,7 @@ from ppojax import data as data_lib
 from ppojax import parallel, train
 from ppojax.checkpoint import Checkpointer, CheckpointRestoreError, rollback
 from ppojax.config import ConfigError, TrainConfig, stage_at, stage_config, stage_starts
+from ppojax.diagnostics import hacking_flags
 from ppojax.health import check_health
 from ppojax.generation import bucket_length
 from ppojax.models import CheckpointError, DecoderModel, init_lora, load_pretrained, merge_lora, save_pretrained
@@ -585,6 +586,9 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
             stop_token_ids=list(stops),
             run_control=dataclasses.asdict(control),
             health=check_health(writer.rows).to_json(),
+            reward_hacking=[
+                {"name": f.name, "raised": bool(f.raised), "reason": f.reason} for f in hacking_flags(writer.rows)
+            ],
             stages=[
                 {
                     "name": st.name,

@@ -183,6 +183,11 @@ def test_example_yamls_rm_then_ppo_write_every_report_and_model(workdir, reward_
     assert rows[0]["policy/first_clipfrac"] == 0.0 and abs(rows[0]["policy/first_ratio_max"] - 1) < 2e-6
     summary = json.loads((metrics / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["iteration"] == 5 and summary["events"] == []
+    # reward-hacking flags from the logged metrics (no gold function here): length drift and entropy collapse
+    flags = {flag["name"]: flag for flag in summary["reward_hacking"]}
+    assert {"length_drift", "entropy_collapse"} <= set(flags) and all(
+        isinstance(f["raised"], bool) for f in flags.values()
+    )
     assert (metrics / "training_curves.png").stat().st_size > 1000
     samples = [json.loads(line) for line in (metrics / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [2, 2, 4, 4]
