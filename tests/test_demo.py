@@ -1,5 +1,5 @@
-"""`ppojax demo`: the whole pipeline end to end at tiny sizes (default suite), the full demo and the notebook
-(slow)."""
+"""`ppojax demo`: the whole pipeline end to end at tiny sizes and the notebook (default suite: the notebook cannot
+rot), the full demo (slow)."""
 
 import json
 import os
@@ -87,7 +87,6 @@ def test_full_demo_improves_gold_at_a_kl_under_target(tmp_path, capsys):
     assert "gold reward" in capsys.readouterr().out
 
 
-@pytest.mark.slow
 def test_notebook_executes(tmp_path, monkeypatch):
     import nbclient
     import nbformat
