@@ -52,6 +52,22 @@ def repetition_rate(response_ids: jax.Array, response_mask: jax.Array, n: int = 
     return safe_divide(jnp.sum(repeats), jnp.sum(gram_valid)).astype(jnp.float32)
 
 
+def repetition_rate_host(response_ids, response_mask, n: int = 2) -> float:
+    """`repetition_rate` computed on the host in O(N) per row (a set of the row's valid n-grams) instead of
+    the jittable O(N²) comparison: cheap enough to log for every PPO iteration of a long-response run."""
+    ids, valid = np.asarray(response_ids).tolist(), (np.asarray(response_mask) > 0).tolist()
+    repeats = total = 0
+    for row, ok in zip(ids, valid):
+        seen = set()
+        for k in range(len(row) - n + 1):
+            if all(ok[k : k + n]):
+                gram = tuple(row[k : k + n])
+                total += 1
+                repeats += gram in seen
+                seen.add(gram)
+    return repeats / total if total else 0.0
+
+
 def hacking_metrics(
     response_ids: jax.Array,
     response_mask: jax.Array,

@@ -52,7 +52,7 @@ from ppojax import data as data_lib
 from ppojax import parallel, train
 from ppojax.checkpoint import Checkpointer, CheckpointRestoreError, rollback
 from ppojax.config import ConfigError, TrainConfig, stage_at, stage_config, stage_starts
-from ppojax.diagnostics import hacking_flags
+from ppojax.diagnostics import hacking_flags, repetition_rate_host
 from ppojax.health import check_health
 from ppojax.generation import bucket_length
 from ppojax.models import CheckpointError, DecoderModel, init_lora, load_pretrained, merge_lora, save_pretrained
@@ -509,6 +509,7 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
             metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
             metrics["time/iteration_s"] = time.time() - began
             metrics["epoch"] = (iteration + 1) / iterations_per_epoch
+            metrics["hacking/repetition"] = repetition_rate_host(experience.response_ids, experience.response_mask)
             reason = rejection(metrics, config)
             if reason is not None:
                 writer.event(

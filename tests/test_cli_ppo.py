@@ -185,7 +185,7 @@ def test_example_yamls_rm_then_ppo_write_every_report_and_model(workdir, reward_
     assert summary["status"] == "completed" and summary["iteration"] == 5 and summary["events"] == []
     # reward-hacking flags from the logged metrics (no gold function here): length drift and entropy collapse
     flags = {flag["name"]: flag for flag in summary["reward_hacking"]}
-    assert {"length_drift", "entropy_collapse"} <= set(flags) and all(
+    assert {"length_drift", "entropy_collapse", "repetition"} <= set(flags) and all(
         isinstance(f["raised"], bool) for f in flags.values()
     )
     assert (metrics / "training_curves.png").stat().st_size > 1000

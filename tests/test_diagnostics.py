@@ -118,3 +118,20 @@ def test_hacking_flags_read_the_metric_names_of_ppojax_train():
     by_name = {f.name: f for f in flags}
     assert set(by_name) == {"length_drift", "entropy_collapse"}
     assert by_name["length_drift"].raised and not by_name["entropy_collapse"].raised
+
+
+def test_host_repetition_rate_equals_the_jitted_one():
+    """The O(N) host version used by `ppojax train` against the jnp definition, masks with holes included."""
+    from ppojax.diagnostics import repetition_rate, repetition_rate_host
+
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 3):
+        ids = rng.integers(0, 4, size=(5, 9))
+        mask = rng.random((5, 9)) < 0.8
+        mask[0] = False  # a row with no valid token
+        expected = float(repetition_rate(ids, mask, n))
+        assert repetition_rate_host(ids, mask, n) == pytest.approx(expected, abs=1e-6)
+    # the docstring's case: "the film was good and the film was good", 3 of 8 bigrams repeat
+    words = "the film was good and the film was good".split()
+    row = np.array([[words.index(w) for w in words]])
+    assert repetition_rate_host(row, np.ones_like(row), 2) == pytest.approx(3 / 8)
