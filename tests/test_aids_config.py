@@ -90,29 +90,13 @@ def test_rm_run_says_what_the_filter_left(tmp_path, monkeypatch):
 def test_rm_run_reports_dropped_pairs(tmp_path, monkeypatch):
     import json
 
-    import jax
-
     from ppojax import runner
-    from ppojax.models import DecoderModel, ModelConfig, init_params, save_pretrained
+    from tiny_models import save_tiny_model
     from test_data import make_tokenizer
     from test_data import write as write_data
 
     tokenizer = make_tokenizer()
-    config = ModelConfig(
-        model_type="llama",
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=8,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        eos_token_ids=(tokenizer.eos_token_id,),
-    )
-    model = DecoderModel(config)
-    save_pretrained(str(tmp_path / "model"), model, init_params(model, jax.random.PRNGKey(0)), tokenizer)
+    save_tiny_model(tmp_path / "model", tokenizer)
     write_data(tmp_path, "pairs.jsonl", PAIRS)
     monkeypatch.chdir(tmp_path)
     cfg = config_from_dict(

@@ -6,13 +6,13 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from ppojax.cli import main
-from ppojax.models import DecoderModel, ModelConfig, init_params, load_pretrained, save_pretrained
+from ppojax.models import load_pretrained
 from ppojax.reports import read_metrics_csv
 from tests.test_data import make_tokenizer
+from tests.tiny_models import save_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,21 +22,7 @@ def tiny(tmp_path_factory):
     """A tiny llama HF directory whose tokenizer has no pad token (ppojax must add one and grow the embedding)."""
     root = tmp_path_factory.mktemp("tiny")
     tokenizer = make_tokenizer()
-    config = ModelConfig(
-        model_type="llama",
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=8,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        eos_token_ids=(tokenizer.eos_token_id,),
-    )
-    model = DecoderModel(config)
-    save_pretrained(str(root / "model"), model, init_params(model, jax.random.PRNGKey(0)), tokenizer)
+    save_tiny_model(root / "model", tokenizer)
     rows = [
         {"prompt": "write a poem", "chosen": "yes the cat sat", "rejected": "no"},
         {"instruction": "hi", "input": "there", "chosen": "good", "rejected": "bad bad"},

@@ -20,9 +20,10 @@ from safetensors.numpy import load_file
 
 from ppojax.cli import main
 from ppojax.data import load_prompts, load_tokenizer
-from ppojax.models import DecoderModel, ModelConfig, init_params, load_pretrained, save_pretrained
+from ppojax.models import load_pretrained
 from ppojax.reports import read_metrics_csv
 from tests.test_data import make_tokenizer
+from tests.tiny_models import save_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "experiments", "configs")
@@ -50,22 +51,7 @@ def workdir(tmp_path_factory):
     """A tiny Qwen2 HF directory (tokenizer without a pad token), preference pairs and prompts."""
     root = tmp_path_factory.mktemp("ppo_cli")
     tokenizer = make_tokenizer()
-    config = ModelConfig(
-        model_type="qwen2",
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=8,
-        max_position_embeddings=64,
-        qkv_bias=True,
-        tie_word_embeddings=True,
-        eos_token_ids=(tokenizer.eos_token_id,),
-    )
-    model = DecoderModel(config)
-    save_pretrained(str(root / "qwen2-tiny"), model, init_params(model, jax.random.PRNGKey(0)), tokenizer)
+    save_tiny_model(root / "qwen2-tiny", tokenizer, model_type="qwen2", max_position_embeddings=64)
     pairs = [
         {"prompt": "write a poem", "chosen": "yes the cat sat", "rejected": "no"},
         {"instruction": "hi", "input": "there", "chosen": "good", "rejected": "bad bad"},

@@ -3,14 +3,13 @@ reward model, its numbers recomputed from scores obtained by a separate forward 
 
 import json
 
-import jax
 import numpy as np
 import pytest
 import scipy.stats
 
 from ppojax.cli import main
 from ppojax.eval_rm import pearson, rankdata, score_statistics, spearman
-from ppojax.models import DecoderModel, ModelConfig, init_params, save_pretrained
+from tests.tiny_models import save_tiny_model
 
 
 def make_qwen2_tokenizer():
@@ -119,23 +118,7 @@ def reward_dir(tmp_path_factory):
     """A tiny random Qwen2 reward model (one-label ForSequenceClassification) whose tokenizer has no pad."""
     root = tmp_path_factory.mktemp("rm")
     tokenizer = make_qwen2_tokenizer()
-    config = ModelConfig(
-        model_type="qwen2",
-        qkv_bias=True,
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=8,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        eos_token_ids=(tokenizer.eos_token_id,),
-    )
-    model = DecoderModel(config, head="reward")
-    params = init_params(model, jax.random.PRNGKey(1))
-    save_pretrained(str(root / "rm"), model, params, tokenizer)
+    model, params = save_tiny_model(root / "rm", tokenizer, head="reward", seed=1, model_type="qwen2")
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     return root, model, params, tokenizer
 

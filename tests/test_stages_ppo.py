@@ -4,14 +4,13 @@ the same numbers as an uninterrupted one."""
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
 from ppojax import reports, runner
 from ppojax.config import config_from_dict
-from ppojax.models import DecoderModel, ModelConfig, init_params, save_pretrained
 from test_data import make_tokenizer
+from tiny_models import save_tiny_model
 
 pytestmark = pytest.mark.slow  # three stage programs compiled twice: ~2-3 min on the shared 2-core machine
 
@@ -27,22 +26,8 @@ def workdir(tmp_path_factory):
     """A tiny llama policy and a reward model sharing one tokenizer (with its own pad token), and prompts."""
     root = tmp_path_factory.mktemp("stages")
     tokenizer = make_tokenizer(pad="<unk>")
-    config = ModelConfig(
-        model_type="llama",
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=8,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        eos_token_ids=(tokenizer.eos_token_id,),
-    )
     for name, head, seed in (("policy", "lm", 0), ("reward", "reward", 1)):
-        model = DecoderModel(config, head=head)
-        save_pretrained(str(root / name), model, init_params(model, jax.random.PRNGKey(seed)), tokenizer)
+        save_tiny_model(root / name, tokenizer, head=head, seed=seed, max_position_embeddings=64)
     words = "hi there write a poem good bad yes no and the cat sat".split()
     rng = np.random.default_rng(0)
     prompts = [{"prompt": " ".join(rng.choice(words, size=rng.integers(1, 4)))} for _ in range(8)]
