@@ -220,8 +220,9 @@ rollout_jit.__signature__ = _ROLLOUT_SIGNATURE
 # Teacher-forced scoring
 
 
-def _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora):
-    """One pass over prompt + response ([B, P + N]); returns the model output."""
+def _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora, **options):
+    """One pass over prompt + response ([B, P + N]); returns the model output. `options`: extra keywords for
+    `model.apply` (e.g. `head_at`)."""
     chex.assert_rank([prompt_ids, prompt_mask, response_ids, response_mask], 2)
     chex.assert_equal_shape([prompt_ids, prompt_mask])
     chex.assert_equal_shape([response_ids, response_mask])
@@ -229,7 +230,7 @@ def _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask
     attention_mask = jnp.concatenate(
         [jnp.asarray(prompt_mask, jnp.int32), jnp.asarray(response_mask, jnp.int32)], axis=1
     )
-    return model.apply(params, input_ids, attention_mask, lora=lora)
+    return model.apply(params, input_ids, attention_mask, lora=lora, **options)
 
 
 def _require_head(output, function: str, head: str) -> None:
@@ -242,22 +243,39 @@ def _response_slice(x: jax.Array, prompt_len: int, response_len: int) -> jax.Arr
     return x[:, prompt_len - 1 : prompt_len + response_len - 1]
 
 
+def _response_outputs(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora, field, function):
+    """(model output, its head output `field` ("logits" / "values") at the response positions: columns
+    P-1 .. P+N-2, `_response_slice`). When `model.apply` takes `head_at`, the head runs at those columns only:
+    the LM head's matmul over the prompt columns (and the backward of slicing its output) is skipped."""
+    prompt_len, response_len = prompt_ids.shape[1], response_ids.shape[1]
+    head = {"logits": "lm", "values": "value"}[field]
+    if _accepts_keyword(model.apply, "head_at"):
+        columns = slice(prompt_len - 1, prompt_len + response_len - 1)
+        out = _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora, head_at=columns)
+        _require_head(getattr(out, field), function, head)
+        return out, getattr(out, field)
+    out = _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora)
+    _require_head(getattr(out, field), function, head)
+    return out, _response_slice(getattr(out, field), prompt_len, response_len)
+
+
 def response_logprobs(
     model, params, prompt_ids, prompt_mask, response_ids, response_mask, temperature, lora=None
 ) -> jax.Array:
     """[B, N] float32: log softmax(logits / T)[response token] (T = 0 → untempered), 0 where masked."""
-    out = _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora)
-    _require_head(out.logits, "response_logprobs", "lm")
-    logits = _response_slice(out.logits, prompt_ids.shape[1], response_ids.shape[1])
+    _, logits = _response_outputs(
+        model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora, "logits", "response_logprobs"
+    )
     logprobs = sampling.token_logprobs(logits, jnp.asarray(response_ids, jnp.int32), temperature)
     return jnp.where(jnp.asarray(response_mask) > 0, logprobs, 0.0)
 
 
 def response_values(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora=None) -> jax.Array:
     """[B, N] float32: the value head at the state before each response token (TRL's alignment), 0 where masked."""
-    out = _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora)
-    _require_head(out.values, "response_values", "value")
-    values = _response_slice(out.values, prompt_ids.shape[1], response_ids.shape[1]).astype(jnp.float32)
+    _, values = _response_outputs(
+        model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora, "values", "response_values"
+    )
+    values = values.astype(jnp.float32)
     return jnp.where(jnp.asarray(response_mask) > 0, values, 0.0)
 
 

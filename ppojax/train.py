@@ -33,7 +33,14 @@ import optax
 from flax import struct
 
 from ppojax import sampling
-from ppojax.generation import _forward, _response_slice, response_logprobs, response_values, rollout, sequence_reward
+from ppojax.generation import (
+    _response_outputs,
+    _response_slice,
+    response_logprobs,
+    response_values,
+    rollout,
+    sequence_reward,
+)
 from ppojax.kl import KLController, KLControllerState, make_kl_controller, sequence_kl
 from ppojax.losses import aggregate_loss, value_loss
 from ppojax.models.decoder import DecoderModel, init_value_head, values_from_hidden
@@ -349,9 +356,10 @@ def policy_outputs(
     forward differently inside a gradient program (measured here: 2e-7 in the hidden state, ≤ 1e-6 in the
     log-probs), so "exactly 1" holds for the log-probs' function, not for their bits.
     """
-    out = _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora)
+    out, logits = _response_outputs(
+        model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora, "logits", "policy_outputs"
+    )
     prompt_len, response_len = prompt_ids.shape[1], response_ids.shape[1]
-    logits = _response_slice(out.logits, prompt_len, response_len)
     mask = jnp.asarray(response_mask) > 0
     logprobs = jnp.where(mask, sampling.token_logprobs(logits, jnp.asarray(response_ids, jnp.int32), temperature), 0.0)
     values = None
@@ -848,8 +856,6 @@ def guarded_step(state: TrainState, loss_fn, optimizer: optax.GradientTransforma
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped": 1.0 - ok.astype(jnp.float32), **aux}
     metrics = {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
     return TrainState(step=state.step + ok.astype(jnp.int32), params=params, opt_state=opt_state), metrics
-
-
 
 
 def sft_step(

@@ -28,6 +28,7 @@ import contextvars
 import dataclasses
 import functools
 import itertools
+import numbers
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -314,7 +315,12 @@ class _Decoder(nn.Module):
             x = constrain(x, "batch", "length", "embed_act")
             new_caches.append(layer_cache)
         hidden = _Norm(cfg.norm, cfg.norm_eps, self.dtype, name="final_norm")(x)
-        head_in = hidden[:, -1:] if head_at == "last" else hidden
+        if head_at == "last":
+            head_in = hidden[:, -1:]
+        elif isinstance(head_at, slice):
+            head_in = hidden[:, head_at]
+        else:
+            head_in = hidden
         if self.head == "lm":
             if cfg.tie_word_embeddings:
                 return hidden, jnp.dot(head_in, embedding.astype(self.dtype).T), new_caches
@@ -400,10 +406,14 @@ class DecoderModel:
         The cache must have room: `cache.index + S <= max_length` (not checked; the index is traced).
         `head_at`: "all" (default) applies the head (logits, values or scores) at every column; "last" only at
         the last column, giving `[B, 1, ...]` (a prefill needs just that one: it skips the head's matmul over
-        the other columns); `hidden` is `[B, S, H]` either way.
+        the other columns); a `slice(start, stop)` of columns (static ints, step 1) only there, giving
+        `[B, stop - start, ...]` (teacher-forced scoring and training need the logits at the response
+        positions only, so the LM head never runs on prompt columns); `hidden` is `[B, S, H]` either way.
         """
-        if head_at not in ("all", "last"):
-            raise ValueError(f"head_at must be 'all' or 'last', found {head_at!r}")
+        if isinstance(head_at, slice):
+            _check_head_slice(head_at, jnp.shape(input_ids)[-1])
+        elif head_at not in ("all", "last"):
+            raise ValueError(f"head_at must be 'all', 'last' or a slice of columns, found {head_at!r}")
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, S], found shape {input_ids.shape}")
@@ -473,6 +483,15 @@ class DecoderModel:
         ids = jnp.zeros((1, 1), jnp.int32)
         slots = (jnp.arange(1), jnp.arange(1), jnp.ones((1, 1), bool), None)
         return self._module().init(key, ids, jnp.zeros((1, 1), jnp.int32), slots, None, None)["params"]
+
+
+def _check_head_slice(columns: slice, seq: int) -> None:
+    """A `head_at` slice must be static, step 1, and select at least one of the `seq` columns."""
+    bounds = (columns.start, columns.stop)
+    if not all(b is None or isinstance(b, numbers.Integral) for b in bounds) or columns.step not in (None, 1):
+        raise ValueError(f"head_at slice must have int (static) start / stop and step 1, found {columns!r}")
+    if not range(seq)[columns]:
+        raise ValueError(f"head_at slice {columns!r} selects no column of an input of length {seq}")
 
 
 @functools.lru_cache(maxsize=64)

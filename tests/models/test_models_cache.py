@@ -79,16 +79,27 @@ def test_shape_errors(checkpoint):
 
 
 @pytest.mark.parametrize("head", ["lm", "reward"])
-def test_head_at_last_is_the_last_column_of_the_full_head(checkpoint, head):
+def test_head_at_last_or_columns_is_that_slice_of_the_full_head(checkpoint, head):
     directory, _ = checkpoint("llama3", head=head)
     model, params = load_pretrained(directory, head=head)
     ids, mask = hf_builders.padded_batch(PROMPT_LENGTHS, max(PROMPT_LENGTHS), model.config.vocab_size, seed=4)
-    apply = jax.jit(lambda p, i, m: (model.apply(p, i, m), model.apply(p, i, m, head_at="last")))
-    full, last = apply(params, ids, mask)
+    columns = slice(3, 8)  # what teacher-forced scoring asks for: the response positions P-1 .. P+N-2
+    apply = jax.jit(
+        lambda p, i, m: [model.apply(p, i, m, head_at=where) for where in ("all", "last", columns, slice(-2, None))]
+    )
+    full, last, middle, tail = apply(params, ids, mask)
     field = "logits" if head == "lm" else "scores"
-    want, got = np.asarray(getattr(full, field)), np.asarray(getattr(last, field))
-    assert got.shape == want[:, -1:].shape
-    np.testing.assert_allclose(got, want[:, -1:], rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(last.hidden), np.asarray(full.hidden))
-    with pytest.raises(ValueError, match="head_at must be 'all' or 'last', found 'first'"):
+    want = np.asarray(getattr(full, field))
+    for out, expected in ((last, want[:, -1:]), (middle, want[:, 3:8]), (tail, want[:, -2:])):
+        got = np.asarray(getattr(out, field))
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(out.hidden), np.asarray(full.hidden))
+    with pytest.raises(ValueError, match="head_at must be 'all', 'last' or a slice of columns, found 'first'"):
         model.apply(params, ids, mask, head_at="first")
+    with pytest.raises(ValueError, match=r"head_at slice must have int \(static\) start / stop and step 1"):
+        model.apply(params, ids, mask, head_at=slice(0, 8, 2))
+    with pytest.raises(
+        ValueError, match=r"head_at slice slice\(20, 30, None\) selects no column of an input of length 10"
+    ):
+        model.apply(params, ids, mask, head_at=slice(20, 30))
