@@ -79,6 +79,16 @@ def constrain(x, *logical_axes):
     return x if hook is None else hook(x, logical_axes)
 
 
+def _matmul(x, kernel):
+    """`x [..., in] @ kernel [in, out]` as one 2-D dot over the flattened rows. Same values as `jnp.dot`; the
+    reason is the backward: for a 3-D x, the kernel gradient contracts two row axes and XLA's CPU layout
+    assignment then copies the (larger) output gradient transposed, `[out, B·S]`, for every such dot; over 2-D
+    rows it reads both operands in place. Measured on the benchmark's gated MLP (`[3072, 256]` rows, 688):
+    forward + backward ≈ 17 % less CPU time."""
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel)
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
 class _Dense(nn.Module):
     features: int
     use_bias: bool
@@ -87,12 +97,12 @@ class _Dense(nn.Module):
     @nn.compact
     def __call__(self, x, lora=None):
         kernel = self.param("kernel", _normal, (x.shape[-1], self.features), self.dtype)
-        y = jnp.dot(x, kernel.astype(self.dtype))
+        y = _matmul(x, kernel.astype(self.dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype).astype(self.dtype)
         if lora is not None:
             adapter, scale = lora
-            y = y + jnp.dot(jnp.dot(x, adapter["a"].astype(self.dtype)), adapter["b"].astype(self.dtype)) * scale
+            y = y + _matmul(_matmul(x, adapter["a"].astype(self.dtype)), adapter["b"].astype(self.dtype)) * scale
         return y
 
 
@@ -119,7 +129,7 @@ def _dense_group(x, params, loras, dtype):
     dot instead of several small ones is faster on CPU). params: [(kernel, bias or None)], loras: matching
     (adapter, scale) or None. Returns the outputs, split back."""
     kernel = jnp.concatenate([k.astype(dtype) for k, _ in params], axis=1)
-    y = jnp.dot(x, kernel)
+    y = _matmul(x, kernel)
     if params[0][1] is not None:
         y = y + jnp.concatenate([b.astype(dtype) for _, b in params]).astype(dtype)
     sizes = [k.shape[1] for k, _ in params]
@@ -127,7 +137,7 @@ def _dense_group(x, params, loras, dtype):
     for i, lora in enumerate(loras):
         if lora is not None:
             adapter, scale = lora
-            outs[i] = outs[i] + jnp.dot(jnp.dot(x, adapter["a"].astype(dtype)), adapter["b"].astype(dtype)) * scale
+            outs[i] = outs[i] + _matmul(_matmul(x, adapter["a"].astype(dtype)), adapter["b"].astype(dtype)) * scale
     return outs
 
 
@@ -323,9 +333,9 @@ class _Decoder(nn.Module):
             head_in = hidden
         if self.head == "lm":
             if cfg.tie_word_embeddings:
-                return hidden, jnp.dot(head_in, embedding.astype(self.dtype).T), new_caches
+                return hidden, _matmul(head_in, embedding.astype(self.dtype).T), new_caches
             kernel = _Weight("kernel", (cfg.hidden_size, cfg.vocab_size), _normal, self.dtype, name="lm_head")()
-            return hidden, jnp.dot(head_in, kernel.astype(self.dtype)), new_caches
+            return hidden, _matmul(head_in, kernel.astype(self.dtype)), new_caches
         # A scalar head: the critic's starts at zero, the reward model's is always loaded.
         name, initializer = ("value_head", nn.initializers.zeros) if self.head == "value" else ("score", _normal)
         kernel = _Weight("kernel", (cfg.hidden_size, 1), initializer, self.dtype, name=name)()
