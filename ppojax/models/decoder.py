@@ -57,8 +57,9 @@ class KVCache(NamedTuple):
 
 class ModelOutput(NamedTuple):
     """`logits [B, S, V]` (compute dtype, head="lm"), `values [B, S]` float32 (head="value"),
-    `scores [B, S]` float32 per-token reward (head="reward"), with S = 1 under `apply(..., head_at="last")`, `hidden [B, S, H]` the last hidden state
-    after the final norm, `cache` the updated KVCache (None when none was given)."""
+    `scores [B, S]` float32 per-token reward (head="reward"), with S = 1 under `apply(..., head_at="last")` and
+    S = stop - start under `head_at=slice(start, stop)`; `hidden [B, S, H]` the last hidden state after the final
+    norm (every column), `cache` the updated KVCache (None when none was given)."""
 
     logits: jax.Array | None
     values: jax.Array | None
