@@ -125,13 +125,14 @@ def _csv(directory):
     return [{k: v for k, v in row.items() if not k.startswith(("time/", "perf/"))} for row in rows]  # wall clock
 
 
-@pytest.mark.slow  # three PPO processes compiling their own programs: 3 min of CPU, 5.5 min wall at load 8
+@pytest.mark.slow  # three PPO processes compiling their own programs: 3.8 min of CPU, 5.5 min wall at load 8-13
 def test_two_processes_run_the_ppo_command_like_one_process(workdir, reward_dir):  # noqa: F811
     """`JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`, 2 fake CPU devices each, gloo
     collectives: the mesh data 2 x fsdp 2 spans both processes. Against one process with 4 devices and the same
-    mesh shape. float32 (bf16=false) so the comparison is at float32 precision."""
+    mesh shape. float32 (bf16=false) so the comparison is at float32 precision; with ppo_score_norm, whose fit
+    samples and gathers its own responses first."""
     sizes = [o for o in PPO_OVERRIDES if not o.startswith("max_steps")]
-    common = ("--no-progress", *sizes, "max_steps=3", "bf16=false", "mesh={data: 2, fsdp: 2}")
+    common = ("--no-progress", *sizes, "max_steps=3", "bf16=false", "ppo_score_norm=true", "mesh={data: 2, fsdp: 2}")
     two, one = workdir / "saves" / "ppo_2proc", workdir / "saves" / "ppo_1proc"
     config_two, config_one = ppo_yaml(workdir, "saves/ppo_2proc"), ppo_yaml(workdir, "saves/ppo_1proc")
     reference = subprocess.Popen(
@@ -161,7 +162,7 @@ def test_two_processes_run_the_ppo_command_like_one_process(workdir, reward_dir)
     assert "memory estimate" not in outputs[1]
 
     # The same metrics as one process on the same mesh shape, to float32 rounding (gloo all-reduces across the
-    # processes instead of one process's): measured here within 2.5e-7 relative where a metric is not ~0, and
+    # processes instead of one process's): measured (without ppo_score_norm) within 2.5e-7 relative where a metric is not ~0, and
     # 1e-6 absolute at most (KL 3e-8, near-zero means and gaps 2e-8); the sampled responses are the same.
     rows_two, rows_one = _csv(two), _csv(one)
     assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == [1, 2, 3]
@@ -176,6 +177,14 @@ def test_two_processes_run_the_ppo_command_like_one_process(workdir, reward_dir)
     ]
     summary = json.loads((two / "ppo_metrics" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["iteration"] == 3
+    # The score normalisation fitted on 64 sharded responses gathered from both processes, as one process did.
+    control, control_one = (
+        summary["run_control"],
+        json.loads((one / "ppo_metrics" / "summary.json").read_text())["run_control"],
+    )
+    assert control["reward_gain"] != 1.0
+    for key in ("reward_gain", "reward_bias"):
+        np.testing.assert_allclose(control[key], control_one[key], rtol=1e-5, err_msg=key)
     assert sorted(int(s) for s in os.listdir(two / "checkpoints") if s.isdigit()) == [1, 2, 3]
 
     # The exported policy and value model: gathered from both processes, equal to the one-process export
