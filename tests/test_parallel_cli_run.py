@@ -162,8 +162,9 @@ def test_two_processes_run_the_ppo_command_like_one_process(workdir, reward_dir)
     assert "memory estimate" not in outputs[1]
 
     # The same metrics as one process on the same mesh shape, to float32 rounding (gloo all-reduces across the
-    # processes instead of one process's): measured (without ppo_score_norm) within 2.5e-7 relative where a metric is not ~0, and
-    # 1e-6 absolute at most (KL 3e-8, near-zero means and gaps 2e-8); the sampled responses are the same.
+    # processes instead of one process's): measured (without ppo_score_norm) within 2.5e-7 relative where a
+    # metric is not ~0, and 1e-6 absolute at most (KL 3e-8, near-zero means and gaps 2e-8); the sampled
+    # responses are the same.
     rows_two, rows_one = _csv(two), _csv(one)
     assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == [1, 2, 3]
     for a, b in zip(rows_two, rows_one):
