@@ -9,8 +9,9 @@
 
 Every file is written to a temporary name and moved into place with `os.replace`, so a reader (or a killed
 run) never sees a half-written file. In a multi-host run only process 0 writes (`primary=False` elsewhere: the
-rows, events and summary are kept in memory, nothing is written or printed). A tqdm bar shows live reward and KL; TensorBoard event files are written
-only if `tensorboardX` or `torch.utils.tensorboard` (with `tensorboard`) is already installed.
+rows, events and summary are kept in memory, nothing is written or printed). A tqdm bar shows live reward and
+KL; TensorBoard event files are written only if `tensorboardX` or `torch.utils.tensorboard` (with `tensorboard`)
+is already installed.
 """
 
 from __future__ import annotations

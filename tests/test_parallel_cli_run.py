@@ -72,7 +72,8 @@ def hook(event, args):
     else:
         return
     for p in paths:
-        if p and (p == watch or p.startswith(watch + os.sep)) and p not in allowed and not p.startswith(allowed[1] + os.sep):
+        inside = p and (p == watch or p.startswith(watch + os.sep))
+        if inside and p not in allowed and not p.startswith(allowed[1] + os.sep):
             seen.append([event, p])
 
 atexit.register(lambda: open(record, "w").write(json.dumps(seen)))
