@@ -28,7 +28,7 @@ The pieces:
   mesh and batch, computed from shapes before anything is compiled.
 
 Checkpoints: `ppojax.checkpoint.Checkpointer` saves sharded arrays as they are (each process writes its shards);
-restore with `abstract_state(state, layout.state_shardings(...))` as the target to land on any mesh.
+restore with `abstract_state(state, layout.ppo_state(state, config))` as the target to land on any mesh.
 """
 
 from __future__ import annotations
