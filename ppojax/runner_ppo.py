@@ -378,6 +378,19 @@ def _metadata(config: TrainConfig, iteration: int, position, control: RunControl
     }
 
 
+def refuse_rejected_checkpoint(ckpt: Checkpointer, config: TrainConfig) -> None:
+    """A run stopped by `on_kl_exceeded: stop` saved the rejected update as its last checkpoint (marked
+    `"good": false`; the weights it exported); rerunning the command must not train on from it unnoticed."""
+    step = ckpt.latest_step()
+    if ckpt.metadata(step).get("good", True) is False:
+        ckpt.close()
+        raise ConfigError(
+            f"{config.checkpoint_dir}: the run stopped at iteration {step} on the KL limit (on_kl_exceeded: stop) and "
+            "its last checkpoint holds that rejected update, so it is not resumed (its weights are the ones exported "
+            "in output_dir); set overwrite_output_dir: true to start over"
+        )
+
+
 def shard_inputs(inputs: PPOInputs, layout: parallel.Layout) -> PPOInputs:
     """The loaded params placed by the sharding rules (policy, reference, reward)."""
     place = lambda params: parallel.place(params, layout.params(params))  # noqa: E731
@@ -472,6 +485,7 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
     position, start = data_lib.DataPosition(), 0
     resumed = resuming and ckpt.latest_step() is not None
     if resumed:
+        refuse_rejected_checkpoint(ckpt, config)
         state, meta = restore_matching(ckpt, state, config)
         position, start = data_lib.DataPosition(*meta["data_position"]), int(meta["iteration"])
         control = RunControl(**meta["control"])
