@@ -81,8 +81,8 @@ convention's values apply. Keys given explicitly override either.
 | samples_every | 10 | ppo: append prompt / response / score rows to samples.jsonl every N iterations; 0: never |
 | num_samples | 4 | ppo: rows written each time |
 | tensorboard | false | also write TensorBoard event files (only if tensorboardX or tensorboard is installed) |
-| mesh | null | device mesh for stage ppo, e.g. {data: 2, fsdp: 4, tensor: 1} (one size may be -1: the rest); null: one program on the default device. See README "Many devices and hosts" |
-| distributed | null | multi-host start for stage ppo: auto (JAX cluster detection: TPU pods, SLURM, Open MPI), or {coordinator_address: host:port, num_processes: N, process_id: i}; null: the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables when set |
+| mesh | null | device mesh (every stage), e.g. {data: 2, fsdp: 4, tensor: 1} over all devices of all hosts (one size may be -1: the rest); null: one program on the default device, or with `distributed` every device on data. See README "Many devices and hosts" |
+| distributed | null | multi-host start (every stage; run the same command on every host): auto (JAX cluster detection: TPU pods, SLURM, Open MPI), or {coordinator_address: host:port, num_processes: N, process_id: i}; null: the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables when set. Process 0 writes the reports and models; every process saves its checkpoint shards (output_dir on a filesystem every host sees) |
 | rm_max_length_diff | null | rm: drop pairs whose chosen and rejected responses differ by more than this many tokens (counted in summary.json); null keeps all |
 | length_reward | preset (none) | ppo: none, penalty (score − length_penalty × response tokens) or sqrt (score / √response tokens), against a reward model's length bias |
 | length_penalty | preset (0) | ppo: c in length_reward: penalty (> 0 there, 0 otherwise) |
@@ -608,9 +608,6 @@ def _check_consistency(config: TrainConfig, raw: Mapping, where):
     c = config
     if not c.do_train:
         raise ConfigError(f"{where('do_train')}: 'do_train' is false; ppojax train only trains (set do_train: true)")
-    for key in ("mesh", "distributed"):
-        if getattr(c, key) is not None and c.stage != "ppo":
-            raise ConfigError(f"{where(key)}: '{key}' is supported by stage ppo only; remove it for stage {c.stage}")
     if c.stage == "ppo" and c.reward_model is None:
         raise ConfigError(f"{where('stage')}: stage ppo needs 'reward_model' (the output_dir of a stage: rm run)")
     step = c.optimizer_batch_size

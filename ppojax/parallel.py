@@ -22,12 +22,13 @@ The pieces:
   `donate=False` to keep the input state alive, e.g. to compare or roll back).
 - `load_sharded`: a Hugging Face directory read tensor by tensor straight into its sharding.
 - `initialize_distributed`, `process_batch_rows`, `batch_from_process_data`: multi-host start, each process
-  feeding its rows of the global batch.
+  feeding its rows of the global batch; `to_host` (a global array's whole value on every process, gathered
+  when it spans other processes), `is_primary` (process 0 writes the files meant to exist once).
 - `estimate_memory`: per-device bytes of params, optimizer state, gradients, KV cache and activations for a
   mesh and batch, computed from shapes before anything is compiled.
 
 Checkpoints: `ppojax.checkpoint.Checkpointer` saves sharded arrays as they are (each process writes its shards);
-restore with `abstract_state(state, layout.state_shardings(...))` as the target to land on any mesh.
+restore with `abstract_state(state, layout.ppo_state(state, config))` as the target to land on any mesh.
 """
 
 from __future__ import annotations
@@ -367,16 +368,25 @@ class Layout:
                 )
 
 
+def _identity(x):
+    return x
+
+
 def place(tree, shardings):
     """Puts a tree onto matching shardings (a prefix tree of shardings is fine). Works across processes: each
     process passes the same global values and keeps its devices' blocks (`jax.device_put` alone accepts only
-    shardings of this process's devices)."""
+    shardings of this process's devices); an array that already spans processes (computed from sharded
+    inputs) is resharded by an identity program."""
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
 
     def put_one(x, sharding):
         if sharding.is_fully_addressable:
             return jax.device_put(x, sharding)
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global: reshard on the devices
+            if x.sharding.is_equivalent_to(sharding, x.ndim):
+                return x
+            return jax.jit(_identity, out_shardings=sharding)(x)
         if jnp.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
             data = put_one(jax.random.key_data(x), sharding)
             return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
@@ -834,6 +844,40 @@ def batch_from_process_data(layout: Layout, local_tree, global_rows: int):
         return jax.make_array_from_process_local_data(layout.batch, local, (global_rows,) + local.shape[1:])
 
     return jax.tree.map(make, local_tree)
+
+
+def is_primary() -> bool:
+    """True in the process that writes files meant to exist once (reports, exported models): process 0.
+    Checkpoints are the exception: every process saves its own shards through orbax."""
+    return jax.process_index() == 0
+
+
+def to_host(tree):
+    """Every array leaf of `tree` as a numpy array holding its whole (global) value, on every process.
+
+    With one process this is `jax.device_get`. In a multi-host run an array with blocks on other processes'
+    devices (a batch-sharded experience, FSDP-sharded params) is gathered with a collective, one leaf at a
+    time (`multihost_utils.process_allgather`), so every process must call this with the same tree; replicated
+    and process-local arrays are read locally."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return jax.device_get(x)
+
+    return jax.tree.map(one, tree)
+
+
+def sync_processes(name: str) -> None:
+    """A barrier over every process (nothing with one process): e.g. after process 0 removed a directory the
+    others are about to write into."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 DISTRIBUTED_KEYS = ("coordinator_address", "num_processes", "process_id", "local_device_ids")

@@ -8,8 +8,10 @@
   events.jsonl          ppo: {"step", "event", ...} rows: rejected iterations, rollbacks, stops (also printed)
 
 Every file is written to a temporary name and moved into place with `os.replace`, so a reader (or a killed
-run) never sees a half-written file. A tqdm bar shows live reward and KL; TensorBoard event files are written
-only if `tensorboardX` or `torch.utils.tensorboard` (with `tensorboard`) is already installed.
+run) never sees a half-written file. In a multi-host run only process 0 writes (`primary=False` elsewhere: the
+rows, events and summary are kept in memory, nothing is written or printed). A tqdm bar shows live reward and
+KL; TensorBoard event files are written only if `tensorboardX` or `torch.utils.tensorboard` (with `tensorboard`)
+is already installed.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ class MetricsWriter:
     """Collects per-step metrics of one stage and keeps the report files current.
 
     `resume_step`: continue an earlier run's files, keeping its rows up to that step (later ones belonged to
-    steps that the resumed state has not done). `total`: steps expected, for the progress bar.
+    steps that the resumed state has not done). `total`: steps expected, for the progress bar. `primary`:
+    False in every process of a multi-host run but the first: the same rows and summary, no file, bar or line.
     """
 
     def __init__(
@@ -100,11 +103,15 @@ class MetricsWriter:
         tensorboard: bool = False,
         progress: bool = True,
         plot_every: int = 10,
+        primary: bool = True,
     ):
         self.stage = stage
+        self.primary = primary
         self.directory = os.path.join(os.path.abspath(output_dir), f"{stage}_metrics")
-        os.makedirs(self.directory, exist_ok=True)
+        if primary:
+            os.makedirs(self.directory, exist_ok=True)
         self.rows: list[dict] = []
+        self._events: list[dict] = []
         self.columns: list[str] = [STEP]
         self.plot_every = max(1, plot_every)
         self._start = time.time()
@@ -112,20 +119,25 @@ class MetricsWriter:
             for row in read_metrics_csv(self.csv_path):
                 if row.get(STEP, math.inf) <= resume_step:
                     self._add(row)
-        if resume_step is not None and os.path.exists(self.samples_path):
+        if resume_step is not None and os.path.exists(self.events_path):
+            with open(self.events_path, encoding="utf-8") as f:
+                self._events = [json.loads(line) for line in f if line.strip()]
+        if primary and resume_step is not None and os.path.exists(self.samples_path):
             self._keep_samples_until(resume_step)
-        if resume_step is None:
+        if primary and resume_step is None:
             for stale in (self.csv_path, self.samples_path, self.summary_path, self.plot_path, self.events_path):
                 if os.path.exists(stale):
                     os.remove(stale)
         self._bar = None
-        if progress:
+        if progress and primary:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(
                 total=total, initial=int(resume_step or 0), desc=f"ppojax {stage}", unit="step", dynamic_ncols=True
             )
-        self._tb = make_tensorboard_writer(os.path.join(self.directory, "tensorboard")) if tensorboard else None
+        self._tb = None
+        if tensorboard and primary:
+            self._tb = make_tensorboard_writer(os.path.join(self.directory, "tensorboard"))
         # Set by the run (ppojax.health, stages): a note for the progress bar, (first, last, check, severity,
         # metric) spans shaded on the panels of their metric, (x, label) marks drawn as vertical lines (stages).
         self.note: Optional[str] = None
@@ -191,6 +203,8 @@ class MetricsWriter:
         return row
 
     def _write_csv(self) -> None:
+        if not self.primary:
+            return
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=self.columns, restval="", lineterminator="\n")
         writer.writeheader()
@@ -200,6 +214,8 @@ class MetricsWriter:
 
     def samples(self, step: int, prompts: Sequence[str], responses: Sequence[str], scores: Sequence[float]) -> None:
         """Appends {"step", "prompt", "response", "score"} rows to samples.jsonl (rewritten atomically)."""
+        if not self.primary:
+            return
         lines = "".join(
             json.dumps({"step": int(step), "prompt": p, "response": r, "score": _scalar(s)}, ensure_ascii=False) + "\n"
             for p, r, s in zip(prompts, responses, scores)
@@ -219,7 +235,7 @@ class MetricsWriter:
         """Forgets rows and samples of steps after `step` (a rollback abandons them; events.jsonl keeps the record)."""
         self.rows = [row for row in self.rows if row[STEP] <= step]
         self._write_csv()
-        if os.path.exists(self.samples_path):
+        if self.primary and os.path.exists(self.samples_path):
             self._keep_samples_until(step)
         if self._bar is not None:
             self._bar.reset(total=self._bar.total)
@@ -234,26 +250,28 @@ class MetricsWriter:
     def event(self, step: int, event: str, **detail: Any) -> dict:
         """Appends {"step", "event", **detail} to events.jsonl and prints it (above the progress bar)."""
         row = {"step": int(step), "event": event, **detail}
-        old = ""
-        if os.path.exists(self.events_path):
-            with open(self.events_path, encoding="utf-8") as f:
-                old = f.read()
-        atomic_write(self.events_path, old + json.dumps(row, default=str) + "\n")
+        self._events.append(json.loads(json.dumps(row, default=str)))  # as read back from the file
+        if self.primary:
+            old = ""
+            if os.path.exists(self.events_path):
+                with open(self.events_path, encoding="utf-8") as f:
+                    old = f.read()
+            atomic_write(self.events_path, old + json.dumps(row, default=str) + "\n")
         self.say(f"ppojax {self.stage} step {int(step)}: {event}" + "".join(f"; {k} {v}" for k, v in detail.items()))
         return row
 
     def say(self, text: str) -> None:
-        """Prints a line above the progress bar (stderr without one)."""
+        """Prints a line above the progress bar (stderr without one); nothing in a non-primary process."""
+        if not self.primary:
+            return
         if self._bar is not None:
             self._bar.write(text)
         else:
             print(text, file=sys.stderr)
 
     def read_events(self) -> list[dict]:
-        if not os.path.exists(self.events_path):
-            return []
-        with open(self.events_path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        """Every event of the run (a resumed run's earlier ones included), as events.jsonl holds them."""
+        return [dict(row) for row in self._events]
 
     def summary(self, status: str = "running", **extra: Any) -> dict:
         """Writes summary.json: status, steps, wall time, per-metric first / last / min / max / tail mean."""
@@ -288,11 +306,15 @@ class MetricsWriter:
             "metrics": {k: {s: float(v) for s, v in d.items()} for k, d in metrics.items()},
             **extra,
         }
-        atomic_write(self.summary_path, json.dumps(summary, indent=2, sort_keys=False, default=str) + "\n")
+        if self.primary:
+            atomic_write(self.summary_path, json.dumps(summary, indent=2, sort_keys=False, default=str) + "\n")
         return summary
 
     def plot(self) -> Optional[str]:
-        """Draws training_curves.png with matplotlib's Agg backend; None when there is nothing to draw."""
+        """Draws training_curves.png with matplotlib's Agg backend; None when there is nothing to draw (or the
+        process is not the primary one)."""
+        if not self.primary:
+            return None
         panels = []
         for title, candidates in PANELS.get(self.stage, ()):
             keys = [c for c in candidates if c in self.columns]

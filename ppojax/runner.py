@@ -5,6 +5,11 @@ sft and rm run here; ppo in `ppojax.runner_ppo`.
 Batches: one optimizer step sees `per_device_train_batch_size × gradient_accumulation_steps` rows (sft rows or
 rm pairs) in one pass; `ppojax.train.sft_step` / `reward_model_step` have no micro-batching, so the gradient is
 the same as with accumulation but the memory is that of the whole optimizer batch.
+
+Devices and hosts (every stage): with `mesh` (and `distributed` for several hosts) the model is read straight
+into its shards, the step runs sharded over the mesh (`ppojax.parallel`), each process feeds its rows of the
+batch, every process saves its shards of a checkpoint, and only process 0 writes the reports and the exported
+model (gathered from every process first).
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any
+import sys
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -38,20 +44,40 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
     return run_ppo(config, progress=progress)
 
 
+def start_parallel(config: TrainConfig):
+    """The `mesh` / `distributed` keys: jax.distributed (before any other JAX work), then the mesh: a
+    `parallel.Layout`, or None when neither key is set (one program on the default device)."""
+    if config.mesh is None and config.distributed is None:
+        return None
+    from ppojax import parallel
+
+    try:
+        layout, _ = parallel.setup(config.mesh, config.distributed, source="config")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return layout
+
+
 def check_output_dir(config: TrainConfig) -> bool:
     """True when this run continues from the checkpoints already in output_dir.
 
     LLaMA-Factory's rule: a rerun of the same command resumes from the latest checkpoint (`resume` unset or
     true); `overwrite_output_dir: true` deletes them and starts over; `resume: false` refuses to touch them.
+    In a multi-host run (call it after `start_parallel`) every process looks before process 0 deletes.
     """
+    from ppojax import parallel
+
     directory = config.checkpoint_dir
     has_steps = os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+    parallel.sync_processes("ppojax: output_dir checked")
     if not has_steps:
         return False
     if config.overwrite_output_dir and not config.resume:
         from ppojax.checkpoint import remove_checkpoints
 
-        remove_checkpoints(directory)
+        if parallel.is_primary():
+            remove_checkpoints(directory)
+        parallel.sync_processes("ppojax: old checkpoints removed")
         return False
     if config.resume is False:
         raise ConfigError(
@@ -74,16 +100,18 @@ def restore_matching(ckpt: Checkpointer, state, config: TrainConfig):
     return state, meta
 
 
-def load_model(config: TrainConfig, head: str):
-    """(model, params) of `model_name_or_path` with `head`. A reward head missing from a causal LM is created
-    N(0, 1/(H+1)) (PPO_DETAILS item 19)."""
+def load_model(config: TrainConfig, head: str, layout=None):
+    """(model, params) of `model_name_or_path` with `head`, each tensor read straight into its shards when a
+    `parallel.Layout` is given. A reward head missing from a causal LM is created N(0, 1/(H+1)) (PPO_DETAILS
+    item 19)."""
     dtype = jnp.bfloat16 if config.bf16 else jnp.float32
+    shardings = None if layout is None else (lambda model: layout.params(model.param_shapes()))
     try:
-        return load_pretrained(config.model_name_or_path, head=head, dtype=dtype)
+        return load_pretrained(config.model_name_or_path, head=head, dtype=dtype, shardings=shardings)
     except CheckpointError as e:
         if head != "reward" or "score.weight" not in str(e):
             raise
-    model, params = load_pretrained(config.model_name_or_path, head="value", dtype=dtype)
+    model, params = load_pretrained(config.model_name_or_path, head="value", dtype=dtype, shardings=shardings)
     params = dict(params)
     del params["value_head"]
     hidden = model.config.hidden_size
@@ -139,10 +167,37 @@ def _rm_lora_step(state, batch, base_params, *, model, optimizer):
     return train.guarded_step(state, loss_fn, optimizer)
 
 
+def _feed(layout, batch):
+    """A batch pytree of host arrays as the step's input: device arrays, or with a layout the global batch of
+    which this process feeds its rows."""
+    if layout is None:
+        return jax.tree.map(jnp.asarray, batch)
+    from ppojax import parallel
+
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    mine = parallel.process_batch_rows(layout, rows)
+    return parallel.batch_from_process_data(layout, jax.tree.map(lambda a: np.asarray(a)[mine], batch), rows)
+
+
+def export_supervised(config: TrainConfig, model: DecoderModel, trainable, base, tokenizer) -> None:
+    """Saves the trained model (LoRA merged) as an HF directory in output_dir: merged on the devices, gathered
+    to the host (from every process in a multi-host run) and written by process 0 only."""
+    from ppojax import parallel
+    from ppojax.models import merge_lora
+
+    params, lora = _merged(trainable, base)
+    if lora is not None:
+        params = merge_lora(model, params, lora)
+    params = parallel.to_host(params)
+    if parallel.is_primary():
+        save_pretrained(config.output_dir, model, params, tokenizer)
+
+
 def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
     """stage sft or rm, end to end."""
-    from ppojax import train
+    from ppojax import parallel, train
 
+    layout: Optional[parallel.Layout] = start_parallel(config)
     resuming = check_output_dir(config)
     tokenizer, _ = data_lib.ensure_pad_token(data_lib.load_tokenizer(config.model_name_or_path))
     loader = data_lib.load_sft if config.stage == "sft" else data_lib.load_preferences
@@ -164,8 +219,10 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
     steps_per_epoch = len(dataset) // batch_size
     total = config.max_steps if config.max_steps > 0 else max(1, int(config.num_train_epochs * steps_per_epoch))
 
-    model, params = load_model(config, "lm" if config.stage == "sft" else "reward")
+    model, params = load_model(config, "lm" if config.stage == "sft" else "reward", layout)
     model, params = fit_vocabulary(model, params, tokenizer)
+    if layout is not None:
+        params = parallel.place(params, layout.params(params))  # again after a vocabulary resize
     optimizer = make_optimizer(
         OptimizerConfig(
             learning_rate=config.learning_rate,
@@ -183,7 +240,24 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
         step_fn = _rm_lora_step
     else:
         step_fn = train.reward_model_step
-    step_fn = jax.jit(functools.partial(step_fn, model=model, optimizer=optimizer))
+    step_fn = functools.partial(step_fn, model=model, optimizer=optimizer)
+    if layout is None:
+        step_fn = jax.jit(step_fn)
+    else:
+        state = parallel.place(state, layout.train_state(state, optimizer))
+        step_fn = parallel.sharded_train_step(step_fn, optimizer, layout, name=f"{config.stage} step")
+        if parallel.is_primary():
+            rows = batch_size * (2 if config.stage == "rm" else 1)  # rm: chosen and rejected in one pass
+            estimate = parallel.estimate_memory(
+                layout.sizes,
+                models={config.stage: (model, base is None)},  # LoRA: the base is frozen
+                batch_size=rows,
+                micro_batch_size=rows,
+                prompt_length=config.cutoff_len,
+                max_new_tokens=0,
+                rollout_model=None,
+            )
+            print(estimate.format(), file=sys.stderr)
 
     position, start = data_lib.DataPosition(), 0
     ckpt = Checkpointer(config.checkpoint_dir, max_to_keep=config.max_to_keep)
@@ -197,6 +271,7 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
         resume_step=start if resuming else None,
         tensorboard=config.tensorboard,
         progress=progress,
+        primary=parallel.is_primary(),
     )
     batches = data_lib.response_batches(
         dataset,
@@ -210,13 +285,9 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
     try:
         for step in range(start + 1, total + 1):
             batch = next(batches)
-            prompt = (jnp.asarray(batch.prompt_ids), jnp.asarray(batch.prompt_mask))
-            responses = [jnp.asarray(a) for pair in batch.responses for a in pair]
-            if config.stage == "sft":
-                inputs = train.SequenceBatch(*prompt, *responses)
-            else:
-                inputs = train.PreferenceBatch(*prompt, *responses)
-            state, metrics = step_fn(state, inputs, base)
+            arrays = (batch.prompt_ids, batch.prompt_mask, *(a for pair in batch.responses for a in pair))
+            inputs = (train.SequenceBatch if config.stage == "sft" else train.PreferenceBatch)(*arrays)
+            state, metrics = step_fn(state, _feed(layout, inputs), base)
             if step % config.logging_steps == 0 or step == total:
                 writer.log(step, {**jax.device_get(metrics), "epoch": step / steps_per_epoch})
             if step % config.save_steps == 0 or step == total:
@@ -238,6 +309,5 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
             **({"dropped_pairs_length_diff": dropped_pairs} if config.rm_max_length_diff is not None else {}),
             pad_token_id=tokenizer.pad_token_id,
         )
-    final_params, lora = _merged(state.params, base)
-    save_pretrained(config.output_dir, model, final_params, tokenizer, lora=lora)
+    export_supervised(config, model, state.params, base, tokenizer)
     return summary

@@ -30,6 +30,12 @@ learning rates by `rollback_lr_scale` and β by `rollback_kl_coef_scale`, folds 
 `ppo_metrics/events.jsonl` and a printed line. A checkpoint of the initial state (step 0) makes a rollback possible
 before the first `save_steps`.
 
+Devices and hosts: with `mesh` (and `distributed`) the models are read straight into their shards and every
+iteration is one sharded program, each process feeding its rows of the prompt batch. Host-side reads of
+batch-sharded or FSDP-sharded arrays (score normalisation, the repetition rate, samples, the exported models) go
+through `parallel.to_host`, which gathers them from every process; every process saves its shards of a checkpoint
+(orbax), and only process 0 writes the reports and the HF directories.
+
 Resume: checkpoints hold `PPOState` (policy / adapters, critic, both optimizer states, the KL controller, the PRNG
 key) and, as metadata, the data position and the run controls (rollbacks, lr scale, reward gain and bias). A rerun
 of the same command continues from the latest one; on CPU the result is bit-identical to an uninterrupted run.
@@ -59,7 +65,7 @@ from ppojax.models import CheckpointError, DecoderModel, init_lora, load_pretrai
 from ppojax.models.lora import Lora
 from ppojax.optim import OptimizerConfig
 from ppojax.reports import MetricsWriter
-from ppojax.runner import check_output_dir, fit_vocabulary, restore_matching
+from ppojax.runner import check_output_dir, fit_vocabulary, restore_matching, start_parallel
 
 SCORE_NORM_MIN_RESPONSES = 64  # responses of the initial policy used to fit the score normalisation
 PROMPT_BUCKET = 64  # prompt widths are multiples of this (or max_prompt_length when smaller): few compilations
@@ -243,12 +249,17 @@ def make_ppo_config(
 
 
 def fit_score_normalisation(
-    config: TrainConfig, ppo_config: train.PPOConfig, models, state, inputs: PPOInputs
+    config: TrainConfig, ppo_config: train.PPOConfig, models, state, inputs: PPOInputs, layout=None
 ) -> tuple[float, float]:
     """(gain, bias) making gain · score + bias mean 0, population std 1 over ≥ 64 responses of the initial policy
-    (sampled with a key of their own, so the training stream is the same with and without normalisation)."""
+    (sampled with a key of their own, so the training stream is the same with and without normalisation).
+    With a `parallel.Layout` the sampling runs sharded and every process gets every score."""
     raw = ppo_config.replace(reward_gain=1.0, reward_bias=0.0)
-    collect = jax.jit(lambda s, p, ref, rew: train.collect(s, p, ref, rew, config=raw, models=models))
+    if layout is None:
+        collect = jax.jit(lambda s, p, ref, rew: train.collect(s, p, ref, rew, config=raw, models=models))
+    else:
+        collect_sharded, _ = parallel.sharded_ppo_phases(raw, models, layout, donate=False)
+        collect = lambda s, p, ref, rew: collect_sharded(s, feed_prompts(layout, p), ref, rew)  # noqa: E731
     batches = data_lib.prompt_batches(
         inputs.dataset,
         ppo_config.batch_size,
@@ -261,7 +272,7 @@ def fit_score_normalisation(
     for _ in range(math.ceil(SCORE_NORM_MIN_RESPONSES / ppo_config.batch_size)):
         batch = next(batches)
         state, experience = collect(state, (batch.ids, batch.mask), inputs.ref_params, inputs.reward_params)
-        scores.append(np.asarray(experience.scores, np.float64))
+        scores.append(np.asarray(parallel.to_host(experience.scores), np.float64))
     scores = np.concatenate(scores)
     std = scores.std()
     gain = 1.0 / std if std > 0 else 1.0
@@ -297,15 +308,18 @@ def export_models(config: TrainConfig, inputs: PPOInputs, models, state) -> None
     else:
         policy_params = state.policy
     policy_params = _cast(policy_params, dtype)
-    save_pretrained(config.output_dir, inputs.policy_model, policy_params, inputs.tokenizer)
+    policy_params = parallel.to_host(policy_params)  # gathered from every process in a multi-host run
+    if parallel.is_primary():
+        save_pretrained(config.output_dir, inputs.policy_model, policy_params, inputs.tokenizer)
     value_dir = os.path.join(config.output_dir, VALUE_MODEL_DIR)
     if models.critic is None:  # shared trunk: the policy's trunk with the trained value head
         critic_model = DecoderModel(inputs.policy_model.config, head="value", dtype=dtype)
         critic_params = {name: sub for name, sub in policy_params.items() if name != "lm_head"}
-        critic_params["value_head"] = _cast(state.critic, dtype)
+        critic_params["value_head"] = parallel.to_host(_cast(state.critic, dtype))
     else:
-        critic_model, critic_params = models.critic, _cast(state.critic, dtype)
-    save_pretrained(value_dir, critic_model, critic_params, inputs.tokenizer)
+        critic_model, critic_params = models.critic, parallel.to_host(_cast(state.critic, dtype))
+    if parallel.is_primary():
+        save_pretrained(value_dir, critic_model, critic_params, inputs.tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -364,16 +378,17 @@ def _metadata(config: TrainConfig, iteration: int, position, control: RunControl
     }
 
 
-def start_parallel(config: TrainConfig) -> Optional[parallel.Layout]:
-    """The `mesh` / `distributed` keys: jax.distributed (before any other JAX work), then the mesh. None when
-    neither key is set (one program on the default device, as before)."""
-    if config.mesh is None and config.distributed is None:
-        return None
-    try:
-        layout, _ = parallel.setup(config.mesh, config.distributed, source="config")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return layout
+def refuse_rejected_checkpoint(ckpt: Checkpointer, config: TrainConfig) -> None:
+    """A run stopped by `on_kl_exceeded: stop` saved the rejected update as its last checkpoint (marked
+    `"good": false`; the weights it exported); rerunning the command must not train on from it unnoticed."""
+    step = ckpt.latest_step()
+    if ckpt.metadata(step).get("good", True) is False:
+        ckpt.close()
+        raise ConfigError(
+            f"{config.checkpoint_dir}: the run stopped at iteration {step} on the KL limit (on_kl_exceeded: stop) and "
+            "its last checkpoint holds that rejected update, so it is not resumed (its weights are the ones exported "
+            "in output_dir); set overwrite_output_dir: true to start over"
+        )
 
 
 def shard_inputs(inputs: PPOInputs, layout: parallel.Layout) -> PPOInputs:
@@ -384,6 +399,14 @@ def shard_inputs(inputs: PPOInputs, layout: parallel.Layout) -> PPOInputs:
     return inputs._replace(policy_params=policy, ref_params=ref, reward_params=place(inputs.reward_params))
 
 
+def feed_prompts(layout: parallel.Layout, prompts):
+    """(ids, mask) host arrays of the whole prompt batch -> the global batch-sharded arrays, this process
+    feeding its rows."""
+    ids, mask = prompts
+    rows = parallel.process_batch_rows(layout, ids.shape[0])
+    return parallel.batch_from_process_data(layout, (ids[rows], mask[rows]), ids.shape[0])
+
+
 def make_iterate(ppo_config: train.PPOConfig, models, layout: Optional[parallel.Layout]):
     """iteration(state, (ids, mask), ref_params, reward_params): one jitted program, sharded over `layout` if
     given (the state is not donated: the run loop keeps it for stop / rollback). Each process feeds its rows."""
@@ -392,18 +415,18 @@ def make_iterate(ppo_config: train.PPOConfig, models, layout: Optional[parallel.
     sharded = parallel.sharded_ppo_iteration(ppo_config, models, layout, donate=False)
 
     def iterate(state, prompts, ref_params, reward_params):
-        ids, mask = prompts
-        rows = parallel.process_batch_rows(layout, ids.shape[0])
-        batch = parallel.batch_from_process_data(layout, (ids[rows], mask[rows]), ids.shape[0])
-        return sharded(state, batch, ref_params, reward_params)
+        return sharded(state, feed_prompts(layout, prompts), ref_params, reward_params)
 
     return iterate
 
 
+HOST_FIELDS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "scores")  # what the reports read
+
+
 def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
     """stage ppo, end to end. Returns the summary dict (also in ppo_metrics/summary.json)."""
+    layout = start_parallel(config)  # first: jax.distributed must start before any other JAX work
     resuming = check_output_dir(config)
-    layout = start_parallel(config)
     inputs = load_inputs(config, layout)
     if layout is not None:
         inputs = shard_inputs(inputs, layout)  # again after a vocabulary resize
@@ -456,16 +479,18 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
         estimate = parallel.estimate_ppo_memory(
             ppo_config_for(control), models, layout.sizes, prompt_length=prompt_length, lora=lora is not None
         )
-        print(estimate.format(), file=sys.stderr)
+        if parallel.is_primary():
+            print(estimate.format(), file=sys.stderr)
     ckpt = Checkpointer(config.checkpoint_dir, max_to_keep=config.max_to_keep)
     position, start = data_lib.DataPosition(), 0
     resumed = resuming and ckpt.latest_step() is not None
     if resumed:
+        refuse_rejected_checkpoint(ckpt, config)
         state, meta = restore_matching(ckpt, state, config)
         position, start = data_lib.DataPosition(*meta["data_position"]), int(meta["iteration"])
         control = RunControl(**meta["control"])
     elif config.ppo_score_norm:
-        gain, bias = fit_score_normalisation(config, ppo_config_for(control), models, state, inputs)
+        gain, bias = fit_score_normalisation(config, ppo_config_for(control), models, state, inputs, layout)
         control = dataclasses.replace(control, reward_gain=gain, reward_bias=bias)
     writer = MetricsWriter(
         config.output_dir,
@@ -474,6 +499,7 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
         resume_step=start if resumed else None,
         tensorboard=config.tensorboard,
         progress=progress,
+        primary=parallel.is_primary(),
     )
     if not resumed:
         ckpt.save(0, state, _metadata(config, 0, position, control))  # a rollback target before save_steps
@@ -509,7 +535,9 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
             metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
             metrics["time/iteration_s"] = time.time() - began
             metrics["epoch"] = (iteration + 1) / iterations_per_epoch
-            metrics["hacking/repetition"] = repetition_rate_host(experience.response_ids, experience.response_mask)
+            # The rows the reports read, whole on every process (gathered when the batch spans processes).
+            shown = experience.replace(**parallel.to_host({name: getattr(experience, name) for name in HOST_FIELDS}))
+            metrics["hacking/repetition"] = repetition_rate_host(shown.response_ids, shown.response_mask)
             reason = rejection(metrics, config)
             if reason is not None:
                 writer.event(
@@ -566,9 +594,9 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
             else:
                 writer.advance(iteration)
             if config.samples_every and iteration % config.samples_every == 0:
-                prompts, responses = train.decode_responses(experience, inputs.tokenizer.decode)
+                prompts, responses = train.decode_responses(shown, inputs.tokenizer.decode)
                 n = config.num_samples
-                writer.samples(iteration, prompts[:n], responses[:n], np.asarray(experience.scores)[:n])
+                writer.samples(iteration, prompts[:n], responses[:n], np.asarray(shown.scores)[:n])
             if iteration % config.save_steps == 0 or iteration == total:
                 ckpt.save(iteration, state, _metadata(config, iteration, batch.position, control))
     except KeyboardInterrupt:

@@ -261,6 +261,30 @@ def test_rollback_continue_restores_the_last_good_checkpoint_and_logs_each_event
     assert (out / "value_model" / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # two more PPO processes (cached programs); the default budget is spent
+def test_a_run_stopped_on_kl_is_not_resumed_from_its_rejected_update(workdir, ppo_run):
+    """on_kl_exceeded=stop: iteration 2's KL is above early_stop_kl, the run saves that rejected update (marked
+    not good), exports it and stops. Rerunning the same command refuses to train on from it, in one line naming
+    the checkpoint directory, and leaves the outputs as they were."""
+    out = workdir / "saves" / "ppo_stop"
+    yaml = ppo_yaml(workdir, "saves/ppo_stop", early_stop_kl="1.0e-12", on_kl_exceeded="stop")
+    result = run_cli(workdir, "train", yaml, "--no-progress", *PPO_OVERRIDES)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "ppo_metrics" / "summary.json").read_text())
+    assert summary["status"].startswith("stopped at iteration 2: KL") and summary["iteration"] == 2
+    exported = weights(out)
+    rerun = run_cli(workdir, "train", yaml, "--no-progress", *PPO_OVERRIDES)
+    assert rerun.returncode != 0
+    last = rerun.stderr.strip().splitlines()[-1]
+    assert "checkpoints: the run stopped at iteration 2 on the KL limit (on_kl_exceeded: stop)" in last, last
+    assert "overwrite_output_dir: true" in last
+    assert json.loads((out / "ppo_metrics" / "summary.json").read_text()) == summary
+    found = weights(out)
+    assert sorted(found) == sorted(exported)
+    for name in exported:
+        np.testing.assert_array_equal(found[name], exported[name])
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [

@@ -30,6 +30,7 @@ def _config(**changes):
         "reward_model": "saves/reward",
     }
     raw.update(changes)
+    raw = {k: v for k, v in raw.items() if v is not None}
     return config_from_dict(raw, source="run.yaml")
 
 
@@ -54,4 +55,5 @@ def test_mesh_and_distributed_keys(workdir):
     )
     assert "run.yaml: mesh.tensor: expected a positive integer or -1, found 0" in _error(mesh={"tensor": 0})
     assert "distributed.coordinator is not a key" in _error(distributed={"coordinator": "h:1"})
-    assert "run.yaml: 'mesh' is supported by stage ppo only" in _error(stage="sft", mesh={"data": 2})
+    sft = _config(stage="sft", reward_model=None, mesh={"data": 2, "fsdp": 4}, distributed="auto")
+    assert sft.mesh == {"data": 2, "fsdp": 4, "tensor": 1} and sft.distributed == "auto"  # every stage

@@ -151,3 +151,32 @@ def test_rollback_truncates_rows_and_samples_and_keeps_events(tmp_path, capsys):
     resumed = MetricsWriter(str(tmp_path), "ppo", resume_step=1, progress=False)
     assert [json.loads(line)["step"] for line in open(resumed.samples_path)] == [1]
     assert [r["step"] for r in resumed.rows] == [1] and len(resumed.read_events()) == 1
+
+
+def test_a_non_primary_process_keeps_everything_in_memory_and_writes_nothing(tmp_path, capsys):
+    """Processes other than 0 of a multi-host run: the same rows, events and summary as process 0's writer, but
+    no file (not even the directory), no bar, no printed line."""
+    kwargs = dict(total=3, tensorboard=True, progress=True)
+    primary = MetricsWriter(str(tmp_path / "p0"), "ppo", **kwargs)
+    other = MetricsWriter(str(tmp_path / "p1"), "ppo", primary=False, **kwargs)
+    capsys.readouterr()
+    for writer in (primary, other):
+        for step in (1, 2):
+            writer.log(step, {"objective/kl": 0.1 * step, "objective/scores": float(step)})
+            writer.samples(step, [f"p{step}"], [f"r{step}"], [float(step)])
+        writer.event(2, "iteration_rejected", reason="KL")
+        writer.truncate(1)
+        writer.say("a line")
+    printed = capsys.readouterr()
+    printed = printed.out + printed.err
+    assert printed.count("iteration_rejected") == printed.count("a line") == 1  # process 0's lines only
+    summaries = [w.close("completed", events=w.read_events()) for w in (primary, other)]
+    assert not (tmp_path / "p1").exists()
+    assert other.rows == primary.rows and other.read_events() == primary.read_events()
+    for summary in summaries:
+        summary.pop("wall_time_s")
+        summary["files"] = None
+    assert summaries[0] == summaries[1] and summaries[0]["events"][0]["event"] == "iteration_rejected"
+    # Resuming, a non-primary process reads what process 0 wrote (rows up to the step, every event).
+    resumed = MetricsWriter(str(tmp_path / "p0"), "ppo", resume_step=1, primary=False, progress=False)
+    assert resumed.rows == primary.rows and resumed.read_events() == primary.read_events()

@@ -68,6 +68,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-trl", action="store_true", help="ppojax only")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch threads in the TRL worker (0: default)")
     parser.add_argument("--devices", type=int, default=1, help="virtual JAX CPU devices for ppojax")
+    parser.add_argument(
+        "--micro-batch",
+        type=int,
+        default=0,
+        help="rows per forward/backward pass for both libraries (ppojax micro_batch_size, TRL "
+        "per_device_train_batch_size with gradient accumulation); 0: the whole minibatch",
+    )
     parser.add_argument("--no-jemalloc", action="store_true")
     parser.add_argument("--peak-size", type=int, default=2048, help="square matmul size of the peak (8192 on a GPU)")
     parser.add_argument(
@@ -129,7 +136,7 @@ def run_setting(args, directory: str, minibatches: int, workload: wl.Workload) -
             "ppojax",
             [sys.executable, os.path.join(HERE, "ppo_ppojax_worker.py"), "--dir", directory]
             + ["--minibatches", str(minibatches), "--devices", str(args.devices), "--peak-size", str(args.peak_size)]
-            + ["--bandwidth-mb", str(args.bandwidth_mb)],
+            + ["--bandwidth-mb", str(args.bandwidth_mb), "--micro-batch", str(args.micro_batch)],
             env,
             os.path.join(directory, f"ppojax_{minibatches}.log"),
         )
@@ -140,7 +147,7 @@ def run_setting(args, directory: str, minibatches: int, workload: wl.Workload) -
             "trl",
             [args.trl_python, os.path.join(HERE, "ppo_trl_worker.py"), "--dir", directory]
             + ["--minibatches", str(minibatches), "--updates", str(total), "--peak-size", str(args.peak_size)]
-            + ["--torch-threads", str(args.torch_threads)],
+            + ["--torch-threads", str(args.torch_threads), "--micro-batch", str(args.micro_batch)],
             trl_env,
             os.path.join(directory, f"trl_{minibatches}.log"),
         )
@@ -250,7 +257,8 @@ def print_table(workload: wl.Workload, summaries: list[tuple[int, dict]], header
     print(
         f"# PPO update, workload {workload.name!r}: {wl.param_count(workload) / 1e6:.2f}M params/model, "
         f"{workload.batch_size} prompts × {workload.prompt_max} + {workload.new_tokens} new tokens, "
-        f"{workload.ppo_epochs} epochs; {header['date']}, {header['machine']}"
+        f"{workload.ppo_epochs} epochs; ppojax on {header['devices']} JAX device(s), micro-batch "
+        f"{header['micro_batch'] or 'the minibatch'} (both libraries); {header['date']}, {header['machine']}"
     )
     print(
         "# model GFLOP per update: "
@@ -320,6 +328,7 @@ def main(argv=None) -> dict:
         "command": " ".join(sys.argv),
         "peak_size": args.peak_size,
         "devices": args.devices,
+        "micro_batch": args.micro_batch,
         "jemalloc": not args.no_jemalloc and os.path.exists(JEMALLOC),
     }
     summaries, results = [], []

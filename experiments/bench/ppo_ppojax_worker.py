@@ -28,6 +28,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", required=True, help="workload directory written by workload.build")
     parser.add_argument("--minibatches", type=int, default=1)
+    parser.add_argument(
+        "--micro-batch", type=int, default=0, help="rows per forward/backward (gradient accumulation); 0: the minibatch"
+    )
     parser.add_argument("--devices", type=int, default=1, help="virtual CPU devices; the rows are split over them")
     parser.add_argument("--peak-size", type=int, default=2048, help="square matmul size for the peak")
     parser.add_argument("--bandwidth-mb", type=int, default=256, help="array size for the memory bandwidth")
@@ -56,10 +59,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import ppojax
+from ppojax import parallel
 from ppojax.train import Experience
 
 
-def make_config(w: wl.Workload, minibatches: int) -> ppojax.PPOConfig:
+def make_config(w: wl.Workload, minibatches: int, micro_batch: int = 0) -> ppojax.PPOConfig:
     """TRL 1.12's PPO with this workload's settings (no gradient clipping: TRL's PPO loop does none)."""
     convention = ppojax.get_preset("trl").replace(
         kl_coef=w.kl_coef, gamma=w.gamma, lam=w.lam, clip_eps=w.clip, value_clip_eps=w.value_clip, vf_coef=w.vf_coef
@@ -68,6 +72,7 @@ def make_config(w: wl.Workload, minibatches: int) -> ppojax.PPOConfig:
         convention=convention,
         batch_size=w.batch_size,
         minibatch_size=w.batch_size // minibatches,
+        micro_batch_size=micro_batch or None,
         ppo_epochs=w.ppo_epochs,
         max_new_tokens=w.new_tokens,
         temperature=w.temperature,
@@ -163,10 +168,15 @@ class Setup(NamedTuple):
     train: Callable  # (state, experience, ref params) -> (state, metrics)
 
 
-def setup(directory: str, minibatches: int) -> Setup:
-    """Load the workload from `directory` and build the three jitted phases (rows split over the devices)."""
+def setup(directory: str, minibatches: int, micro_batch: int = 0) -> Setup:
+    """Load the workload from `directory` and build the three jitted phases (rows split over the devices).
+
+    On several devices the train phase is `parallel.sharded_ppo_phases`' `train_on_batch` on a data mesh: a plain
+    `jax.jit` of `train_on_batch` given batch-sharded experience and replicated params did not keep the rows split
+    (the minibatch gather let XLA replicate the computation: 2× the CPU time, measured 2026-11-21); the sharded
+    entry point pins the activations to the batch split."""
     w, prompts = wl.load(directory)
-    config = make_config(w, minibatches)
+    config = make_config(w, minibatches, micro_batch)
     dtype = jnp.dtype(w.dtype)
     policy, params = ppojax.load_pretrained(os.path.join(directory, "policy"), head="lm", dtype=dtype)
     reward, reward_params = ppojax.load_pretrained(os.path.join(directory, "reward"), head="reward", dtype=dtype)
@@ -177,11 +187,11 @@ def setup(directory: str, minibatches: int) -> Setup:
     if prompt_ids.shape != (w.batch_size, w.prompt_max):
         raise RuntimeError(f"prompts padded to {prompt_ids.shape}, expected {(w.batch_size, w.prompt_max)}")
     prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)
-    if len(jax.devices()) > 1:
-        mesh = Mesh(np.array(jax.devices()), ("data",))
-        rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-        prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), rows)
-        state, ref_params, reward_params = jax.device_put((state, ref_params, reward_params), replicated)
+    layout = parallel.setup({"data": len(jax.devices())})[0] if len(jax.devices()) > 1 else None
+    if layout is not None:
+        prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), layout.batch)
+        ref_params, reward_params = jax.device_put((ref_params, reward_params), layout.replicated)
+        state = parallel.place(state, layout.ppo_state(state, config))
     generate = functools.partial(
         ppojax.rollout_jit,
         policy,
@@ -192,12 +202,18 @@ def setup(directory: str, minibatches: int) -> Setup:
     )
     score = jax.jit(functools.partial(score_phase, config=config, models=models))
     train = jax.jit(functools.partial(ppojax.train_on_batch, config=config, models=models))
+    if layout is not None:
+        sharded_train = parallel.sharded_ppo_phases(config, models, layout, donate=False)[1]
+
+        def train(state, experience, ref_params):
+            return sharded_train(state, parallel.place(experience, layout.batch), ref_params)
+
     return Setup(w, state, ref_params, reward_params, prompt_ids, prompt_mask, generate, score, train)
 
 
 def main() -> None:
     rss_start = wl.current_rss_mb()
-    run = setup(ARGS.dir, ARGS.minibatches)
+    run = setup(ARGS.dir, ARGS.minibatches, ARGS.micro_batch)
     state, ref_params, reward_params = run.state, run.ref_params, run.reward_params
     prompt_ids, prompt_mask = run.prompt_ids, run.prompt_mask
     generate, score, train = run.generate, run.score, run.train

@@ -38,6 +38,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", required=True)
     parser.add_argument("--minibatches", type=int, default=1)
+    parser.add_argument(
+        "--micro-batch", type=int, default=0, help="rows per forward/backward (gradient accumulation); 0: the minibatch"
+    )
     parser.add_argument("--updates", type=int, required=True, help="updates the coordinator will ask for")
     parser.add_argument("--output-dir", default=None, help="TRL output_dir (default: WORKLOAD_DIR/trl_out)")
     parser.add_argument("--peak-size", type=int, default=2048)
@@ -155,8 +158,9 @@ def main() -> None:
     dataset = Dataset.from_dict({"input_ids": prompts})
     config = PPOConfig(
         output_dir=args.output_dir or os.path.join(args.dir, "trl_out"),
-        per_device_train_batch_size=w.batch_size // args.minibatches,
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=args.micro_batch or w.batch_size // args.minibatches,
+        gradient_accumulation_steps=(w.batch_size // args.minibatches)
+        // (args.micro_batch or w.batch_size // args.minibatches),
         num_mini_batches=args.minibatches,
         local_rollout_forward_batch_size=w.batch_size,
         total_episodes=w.batch_size * args.updates,

@@ -90,6 +90,37 @@ def _matmul(x, kernel):
     return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
+# A decode step on CPU with at most this many rows per device runs its projections weights-major; see `project`.
+WEIGHTS_MAJOR_MAX_ROWS = 32
+
+
+def project(x, kernel=None, *, kernel_t=None):
+    """`x @ kernel` (x `[..., K]`, kernel `[K, N]`, or `kernel_t` `[N, K]` = its transpose, as the tied
+    embedding is stored).
+
+    A decode step on CPU multiplies a few rows (the batch) by every weight matrix. The CPU matmul library
+    repacks its right-hand operand on every call, so `x @ kernel` repacks all the weights at every step; as
+    `(kernel_t @ xᵀ)ᵀ` the weights are the left operand, read in place, and only xᵀ (a few rows) is packed:
+    ~25 % less CPU per projection at 32 rows, a whole rollout −9 to −13 % (`BUILD_NOTES.md`, Rollout); at 64 rows
+    it is 1–5 % slower. The transposed kernel is loop-invariant (XLA hoists it out of the decode loop) and the
+    optimisation barriers keep XLA's dot canonicalisation from folding the transposes back into `x @ kernel`.
+    Used on the CPU backend when x has one column (`[B, 1, K]`) and at most `WEIGHTS_MAJOR_MAX_ROWS` rows per
+    device (rows / `jax.device_count()`: a jitted function sees global shapes, so this assumes the batch is split
+    over every device, as the data-parallel rollout does); elsewhere the plain product (`_matmul`). Same result
+    either way (up to summation order).
+    """
+    rows = 1
+    for size in x.shape[:-1]:
+        rows *= size
+    decode_step = x.ndim >= 2 and x.shape[-2] == 1 and rows <= WEIGHTS_MAJOR_MAX_ROWS * jax.device_count()
+    if not decode_step or jax.default_backend() != "cpu":
+        return _matmul(x, kernel_t.T if kernel is None else kernel)
+    barrier = jax.lax.optimization_barrier
+    weights = barrier(kernel.T) if kernel_t is None else kernel_t
+    y_t = barrier(jnp.dot(weights, barrier(x.reshape(rows, x.shape[-1]).T)))
+    return y_t.T.reshape(*x.shape[:-1], weights.shape[0])
+
+
 class _Dense(nn.Module):
     features: int
     use_bias: bool
@@ -98,7 +129,7 @@ class _Dense(nn.Module):
     @nn.compact
     def __call__(self, x, lora=None):
         kernel = self.param("kernel", _normal, (x.shape[-1], self.features), self.dtype)
-        y = _matmul(x, kernel.astype(self.dtype))
+        y = project(x, kernel.astype(self.dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype).astype(self.dtype)
         if lora is not None:
@@ -130,7 +161,7 @@ def _dense_group(x, params, loras, dtype):
     dot instead of several small ones is faster on CPU). params: [(kernel, bias or None)], loras: matching
     (adapter, scale) or None. Returns the outputs, split back."""
     kernel = jnp.concatenate([k.astype(dtype) for k, _ in params], axis=1)
-    y = _matmul(x, kernel)
+    y = project(x, kernel)
     if params[0][1] is not None:
         y = y + jnp.concatenate([b.astype(dtype) for _, b in params]).astype(dtype)
     sizes = [k.shape[1] for k, _ in params]
@@ -345,9 +376,9 @@ class _Decoder(nn.Module):
             head_in = hidden
         if self.head == "lm":
             if cfg.tie_word_embeddings:
-                return hidden, _matmul(head_in, embedding.astype(self.dtype).T), new_caches
+                return hidden, project(head_in, kernel_t=embedding.astype(self.dtype)), new_caches
             kernel = _Weight("kernel", (cfg.hidden_size, cfg.vocab_size), _normal, self.dtype, name="lm_head")()
-            return hidden, _matmul(head_in, kernel.astype(self.dtype)), new_caches
+            return hidden, project(head_in, kernel.astype(self.dtype)), new_caches
         # A scalar head: the critic's starts at zero, the reward model's is always loaded.
         name, initializer = ("value_head", nn.initializers.zeros) if self.head == "value" else ("score", _normal)
         kernel = _Weight("kernel", (cfg.hidden_size, 1), initializer, self.dtype, name=name)()

@@ -103,3 +103,30 @@ def test_head_at_last_or_columns_is_that_slice_of_the_full_head(checkpoint, head
         ValueError, match=r"head_at slice slice\(20, 30, None\) selects no column of an input of length 10"
     ):
         model.apply(params, ids, mask, head_at=slice(20, 30))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_project_weights_major_equals_the_plain_product(jit):
+    """A decode step's projections run as (kernelᵀ · xᵀ)ᵀ on CPU (`decoder.project`); same values as x @ kernel
+    (float64 numpy reference) for a kernel and for a transposed (tied-embedding) kernel, and the weights-major
+    branch is the one taken for a one-column input of few rows, not for a prefill."""
+    from ppojax.models import decoder
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(4, 1, 24)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(24, 40)), jnp.float32)
+    expected = np.asarray(x, np.float64) @ np.asarray(kernel, np.float64)
+    run = jax.jit(decoder.project) if jit else decoder.project
+    np.testing.assert_allclose(run(x, kernel), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run(x, kernel_t=kernel.T), expected, rtol=1e-5, atol=1e-5)
+
+    def barriers(args, **kw):
+        jaxpr = jax.make_jaxpr(functools.partial(decoder.project, **kw))(*args)
+        return sum(eqn.primitive.name == "optimization_barrier" for eqn in jaxpr.eqns)
+
+    assert jax.default_backend() == "cpu"
+    assert barriers((x, kernel)) == 3 and barriers((x,), kernel_t=kernel.T) == 2
+    prefill = jnp.ones((4, 3, 24), jnp.float32)
+    assert barriers((prefill, kernel)) == 0
+    many_rows = jnp.ones((decoder.WEIGHTS_MAJOR_MAX_ROWS * jax.device_count() + 1, 1, 24), jnp.float32)
+    assert barriers((many_rows, kernel)) == 0
