@@ -128,6 +128,14 @@ def worker_env(args) -> dict:
     return env
 
 
+def checked(update: dict, name: str, workload: wl.Workload) -> dict:
+    """An update's report, refused if the library rolled out another number of prompts than the workload's."""
+    rows = update.get("rows", workload.batch_size)
+    if rows != workload.batch_size:
+        raise RuntimeError(f"{name} generated {rows} rows per update, the workload has {workload.batch_size}")
+    return update
+
+
 def run_setting(args, directory: str, minibatches: int, workload: wl.Workload) -> dict:
     env = worker_env(args)
     total = args.warmup + args.updates
@@ -157,7 +165,7 @@ def run_setting(args, directory: str, minibatches: int, workload: wl.Workload) -
             result["ready"][name] = worker.receive()
         names = list(workers)
         for name in names:
-            result["warmup"][name] = [workers[name].ask("update") for _ in range(args.warmup)]
+            result["warmup"][name] = [checked(workers[name].ask("update"), name, workload) for _ in range(args.warmup)]
             print(f"  [{minibatches} minibatch(es)] {name} warm-up: {fmt_update(result['warmup'][name])}", flush=True)
         for round_ in range(args.updates):
             peak = {"jax": workers["ppojax"].ask("peak"), "load": os.getloadavg()[0]}
@@ -166,7 +174,7 @@ def run_setting(args, directory: str, minibatches: int, workload: wl.Workload) -
             result["peaks"].append(peak)
             for name in names if round_ % 2 == 0 else names[::-1]:
                 load = os.getloadavg()[0]
-                run = workers[name].ask("update")
+                run = checked(workers[name].ask("update"), name, workload)
                 run["load"] = load
                 result["runs"][name].append(run)
             print(

@@ -57,18 +57,46 @@ class Clock:
 
     def reset(self):
         self.start, self.start_cpu = wl.process_times()
-        self.generated = self.train_start = None
+        self.generated = self.train_start = self.rows = None
         self.cpu_generated = self.cpu_train_start = None
 
 
 CLOCK: Clock = None  # set in main
 
 
+def trl_batch_settings(batch: int, minibatches: int, micro_batch: int = 0) -> dict:
+    """TRL 1.12's batch arguments for `batch` prompts per update, `minibatches` optimizer steps per epoch and
+    `micro_batch` rows per forward/backward (0: the whole minibatch).
+
+    TRL 1.12 takes the rollout batch as `per_device_train_batch_size × gradient_accumulation_steps` (no
+    `num_mini_batches` factor), splits it into `num_mini_batches` minibatches, walks each in slices of
+    `per_device_train_batch_size` rows, and lets accelerate step the optimizer every `gradient_accumulation_steps`
+    slices. So M minibatches of batch / M rows each with one optimizer step are `per_device = batch`,
+    accumulation 1, `num_mini_batches = M` (the slice then takes the whole minibatch); micro-batches of m rows are
+    `per_device = m`, accumulation `batch / m`, and only with one minibatch (with several, accelerate would step
+    once per `batch / m` slices, i.e. once per epoch). Until 2026-11-21 the bench passed `per_device = batch / M`,
+    accumulation 1: with M = 4 TRL then trained (and generated) 16 prompts per update, not 64."""
+    minibatch = batch // minibatches
+    if micro_batch in (0, minibatch):
+        return {"per_device_train_batch_size": batch, "gradient_accumulation_steps": 1, "num_mini_batches": minibatches}
+    if minibatches != 1 or batch % micro_batch:
+        raise SystemExit(
+            f"TRL 1.12 cannot run micro-batches of {micro_batch} rows with {minibatches} minibatches of {minibatch}: "
+            "its optimizer steps every batch / micro_batch slices; use --micro-batch with --minibatches 1"
+        )
+    return {
+        "per_device_train_batch_size": micro_batch,
+        "gradient_accumulation_steps": batch // micro_batch,
+        "num_mini_batches": 1,
+    }
+
+
 def wrap_phases() -> None:
     original_generation, original_forward = trl_ppo.batch_generation, trl_ppo.forward
 
-    def batch_generation(*args, **kwargs):
-        out = original_generation(*args, **kwargs)
+    def batch_generation(model, queries, *args, **kwargs):
+        out = original_generation(model, queries, *args, **kwargs)
+        CLOCK.rows = int(queries.shape[0])
         CLOCK.generated, CLOCK.cpu_generated = wl.process_times()
         return out
 
@@ -131,6 +159,7 @@ class Interleave(transformers.TrainerCallback):
                     "train": end_cpu - c.cpu_train_start,
                 },
                 "kl": state.log_history[-1].get("objective/kl") if state.log_history else None,
+                "rows": c.rows,
             }
         )
         serve_until_update(self.args, self.dtype)
@@ -158,10 +187,7 @@ def main() -> None:
     dataset = Dataset.from_dict({"input_ids": prompts})
     config = PPOConfig(
         output_dir=args.output_dir or os.path.join(args.dir, "trl_out"),
-        per_device_train_batch_size=args.micro_batch or w.batch_size // args.minibatches,
-        gradient_accumulation_steps=(w.batch_size // args.minibatches)
-        // (args.micro_batch or w.batch_size // args.minibatches),
-        num_mini_batches=args.minibatches,
+        **trl_batch_settings(w.batch_size, args.minibatches, args.micro_batch),
         local_rollout_forward_batch_size=w.batch_size,
         total_episodes=w.batch_size * args.updates,
         num_ppo_epochs=w.ppo_epochs,
