@@ -305,7 +305,7 @@ def print_table(workload: wl.Workload, summaries: list[tuple[int, dict]], header
             + " of it"
         )
         if "train_shape_gflops_median" in s:
-            line += f", train-shape matmul {s['train_shape_gflops_median']:.0f}"
+            line += f"; wall GFLOP/s: JAX train-shape matmul {s['train_shape_gflops_median']:.0f}"
         if "torch_peak_gflops_median" in s:
             line += f", torch peak {s['torch_peak_gflops_median']:.0f}"
         if "speedup_paired_median" in s:
