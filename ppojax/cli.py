@@ -196,6 +196,11 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--bf16", action="store_true", help="bfloat16 weights and compute")
     gen.add_argument("--output", help="write the JSON lines here instead of stdout")
+    gen.add_argument(
+        "--mesh",
+        help="sample on a device mesh, e.g. '{data: 4, tensor: 2}' (as the train config's mesh key; batch size a "
+        "multiple of data x fsdp)",
+    )
 
 
 def _generate(args) -> int:
@@ -207,6 +212,16 @@ def _generate(args) -> int:
     from ppojax.runner_generate import generate
 
     try:
+        mesh = None
+        if args.mesh is not None:
+            import yaml
+
+            try:
+                mesh = yaml.safe_load(args.mesh)
+            except yaml.YAMLError:
+                mesh = args.mesh
+            if not isinstance(mesh, dict):
+                raise ConfigError(f"command line: '--mesh' is {args.mesh!r}; must be a mapping like '{{data: 2}}'")
         rows = generate(
             args.model,
             args.prompts,
@@ -219,8 +234,14 @@ def _generate(args) -> int:
             batch_size=args.batch_size,
             seed=args.seed,
             bf16=args.bf16,
+            mesh=mesh,
         )
-        if args.output:
+        from ppojax import parallel
+
+        if not parallel.is_primary():  # a multi-host run: every process samples, process 0 writes
+            for _ in rows:
+                pass
+        elif args.output:
             atomic_write(args.output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         else:
             for row in rows:

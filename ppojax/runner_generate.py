@@ -5,16 +5,23 @@ Prompts are read as for stage ppo (`ppojax.data.load_prompts`: alpaca instructio
 `batch_size` rows (the last batch is filled up with copies of its last prompt and those rows dropped, so every
 batch has one shape) with `ppojax.rollout`; batch i uses the key fold_in(PRNGKey(seed), i), so a run is
 reproducible. Temperature 0 is greedy.
+
+`mesh` ({data, fsdp, tensor} sizes, as the train config's key) samples on a device mesh with
+`parallel.sharded_rollout`: the weights are read straight into their shards and each batch is split over
+data x fsdp (`batch_size` must be a multiple); the `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` /
+`JAX_PROCESS_ID` variables start a multi-host run, each process feeding its rows (every process yields every
+row; the command writes on process 0 only).
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 
 from ppojax import data as data_lib
+from ppojax import parallel
 from ppojax.config import ConfigError
 from ppojax.generation import bucket_length, pad_prompts, rollout_jit
 from ppojax.models import CheckpointError, load_pretrained
@@ -40,6 +47,7 @@ def generate(
     batch_size: int = 8,
     seed: int = 0,
     bf16: bool = False,
+    mesh: Optional[Mapping] = None,
 ) -> Iterator[dict]:
     """Yields {"prompt", "response", "tokens", "stopped", "source"} per prompt, in file order."""
     _check("--max-new-tokens", max_new_tokens, max_new_tokens >= 1, ">= 1")
@@ -48,13 +56,27 @@ def generate(
     _check("--top-k", top_k, top_k >= 0, ">= 0 (0 is off)")
     _check("--batch-size", batch_size, batch_size >= 1, ">= 1")
     _check("--max-prompt-length", max_prompt_length, max_prompt_length >= 1, ">= 1")
+    layout = None
+    if mesh is not None:  # jax.distributed (from the environment) and the mesh before any other JAX work
+        try:
+            layout, _ = parallel.setup(mesh, None, source="--mesh")
+        except ValueError as e:
+            message = str(e)
+            raise ConfigError(message if message.startswith("--mesh") else f"--mesh: {message}") from None
+        split = layout.batch_shards
+        _check("--batch-size", batch_size, batch_size % split == 0, f"a multiple of data x fsdp = {split} on --mesh")
     tokenizer, _ = data_lib.ensure_pad_token(data_lib.load_tokenizer(model_dir))
     dataset = data_lib.load_prompts(prompts_path, tokenizer, template=template, max_prompt_length=max_prompt_length)
     try:
-        model, params = load_pretrained(model_dir, head="lm", dtype=jnp.bfloat16 if bf16 else jnp.float32)
+        shardings = None if layout is None else (lambda model: layout.params(model.param_shapes()))
+        dtype = jnp.bfloat16 if bf16 else jnp.float32
+        model, params = load_pretrained(model_dir, head="lm", dtype=dtype, shardings=shardings)
     except CheckpointError as e:
         raise ConfigError(f"--model {model_dir}: {e}") from None
     model, params = fit_vocabulary(model, params, tokenizer)
+    if layout is not None:  # again: a vocabulary resize makes new arrays
+        params = parallel.place(params, layout.params(params))
+        sharded = parallel.sharded_rollout(model, layout, max_new_tokens=max_new_tokens, top_k=top_k)
     bucket = min(64, max_prompt_length)
     needed = bucket_length(max(len(p) for p in dataset.prompts), bucket) + max_new_tokens
     if needed > model.config.max_position_embeddings:
@@ -70,20 +92,23 @@ def generate(
         real = len(chunk)
         chunk += [chunk[-1]] * (batch_size - real)
         ids, mask = pad_prompts(chunk, tokenizer.pad_token_id, bucket=bucket)
-        out = rollout_jit(
-            model,
-            params,
-            ids,
-            mask,
-            jax.random.fold_in(key, number),
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            stop_token_ids=stops,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        response_ids, lengths, stopped = jax.device_get((out.response_ids, out.lengths, out.stopped))
+        sampling = dict(temperature=temperature, top_p=top_p, stop_token_ids=stops, pad_token_id=tokenizer.pad_token_id)
+        if layout is None:
+            out = rollout_jit(
+                model,
+                params,
+                ids,
+                mask,
+                jax.random.fold_in(key, number),
+                max_new_tokens=max_new_tokens,
+                top_k=top_k,
+                **sampling,
+            )
+        else:
+            mine = parallel.process_batch_rows(layout, batch_size)
+            batch = parallel.batch_from_process_data(layout, (ids[mine], mask[mine]), batch_size)
+            out = sharded(params, *batch, jax.random.fold_in(key, number), **sampling)
+        response_ids, lengths, stopped = parallel.to_host((out.response_ids, out.lengths, out.stopped))
         for row in range(real):
             yield {
                 "prompt": tokenizer.decode(list(chunk[row]), skip_special_tokens=False),

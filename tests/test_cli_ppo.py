@@ -340,6 +340,17 @@ def test_generate_greedy_matches_a_cacheless_forward_pass(workdir, ppo_run, monk
             generated.append(token)
         assert row["tokens"] == len(generated) and row["stopped"] == (generated[-1] == eos)
         assert row["response"] == tokenizer.decode(generated, skip_special_tokens=True)
+    # On a mesh (8 fake devices: batch over data 4, heads / MLP / vocab over tensor 2): the same greedy rows.
+    mesh = ["--temperature", "0", "--batch-size", "4", "--mesh", "{data: 4, tensor: 2}"]
+    assert main([*args, *mesh, "--output", "greedy_mesh.jsonl"]) == 0
+    assert [json.loads(line) for line in (workdir / "greedy_mesh.jsonl").read_text().splitlines()] == rows
+    assert main([*args, *mesh[:-1], "{data: 3}"]) == 2
+    assert (
+        "ppojax: error: --mesh: mesh {data: 3, fsdp: 1, tensor: 1}: axis sizes multiply to 3" in capsys.readouterr().err
+    )
+    assert main([*args, "--batch-size", "5", *mesh[4:]]) == 2
+    err = capsys.readouterr().err
+    assert err == "ppojax: error: command line: '--batch-size' is 5; must be a multiple of data x fsdp = 4 on --mesh\n"
     # Sampling to stdout: one JSON line per prompt, reproducible for a seed.
     assert main([*args, "--seed", "3"]) == 0
     first = capsys.readouterr().out
