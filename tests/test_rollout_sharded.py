@@ -15,7 +15,7 @@ _SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from fake_models import BagOfWordsLM
-        from ppojax import generation as R
+    from ppojax import generation as R
 
     assert len(jax.devices()) == 2, jax.devices()
     model = BagOfWordsLM()
