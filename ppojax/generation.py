@@ -248,15 +248,12 @@ def _response_outputs(model, params, prompt_ids, prompt_mask, response_ids, resp
     P-1 .. P+N-2, `_response_slice`). When `model.apply` takes `head_at`, the head runs at those columns only:
     the LM head's matmul over the prompt columns (and the backward of slicing its output) is skipped."""
     prompt_len, response_len = prompt_ids.shape[1], response_ids.shape[1]
-    head = {"logits": "lm", "values": "value"}[field]
-    if _accepts_keyword(model.apply, "head_at"):
-        columns = slice(prompt_len - 1, prompt_len + response_len - 1)
-        out = _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora, head_at=columns)
-        _require_head(getattr(out, field), function, head)
-        return out, getattr(out, field)
-    out = _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora)
-    _require_head(getattr(out, field), function, head)
-    return out, _response_slice(getattr(out, field), prompt_len, response_len)
+    at_columns_only = _accepts_keyword(model.apply, "head_at")
+    options = {"head_at": slice(prompt_len - 1, prompt_len + response_len - 1)} if at_columns_only else {}
+    out = _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora, **options)
+    head_out = getattr(out, field)
+    _require_head(head_out, function, {"logits": "lm", "values": "value"}[field])
+    return out, head_out if at_columns_only else _response_slice(head_out, prompt_len, response_len)
 
 
 def response_logprobs(

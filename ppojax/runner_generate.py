@@ -86,13 +86,13 @@ def generate(
         )
     stops = stop_token_ids(tokenizer, model)
     key = jax.random.PRNGKey(seed)
+    sampling = dict(temperature=temperature, top_p=top_p, stop_token_ids=stops, pad_token_id=tokenizer.pad_token_id)
     rows = len(dataset)
     for number, start in enumerate(range(0, rows, batch_size)):
         chunk = list(dataset.prompts[start : start + batch_size])
         real = len(chunk)
         chunk += [chunk[-1]] * (batch_size - real)
         ids, mask = pad_prompts(chunk, tokenizer.pad_token_id, bucket=bucket)
-        sampling = dict(temperature=temperature, top_p=top_p, stop_token_ids=stops, pad_token_id=tokenizer.pad_token_id)
         if layout is None:
             out = rollout_jit(
                 model,

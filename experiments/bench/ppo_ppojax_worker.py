@@ -201,8 +201,9 @@ def setup(directory: str, minibatches: int, micro_batch: int = 0) -> Setup:
         pad_token_id=wl.PAD_ID,
     )
     score = jax.jit(functools.partial(score_phase, config=config, models=models))
-    train = jax.jit(functools.partial(ppojax.train_on_batch, config=config, models=models))
-    if layout is not None:
+    if layout is None:
+        train = jax.jit(functools.partial(ppojax.train_on_batch, config=config, models=models))
+    else:
         sharded_train = parallel.sharded_ppo_phases(config, models, layout, donate=False)[1]
 
         def train(state, experience, ref_params):

@@ -28,6 +28,7 @@ import contextvars
 import dataclasses
 import functools
 import itertools
+import math
 import numbers
 from typing import Any, NamedTuple
 
@@ -109,9 +110,7 @@ def project(x, kernel=None, *, kernel_t=None):
     over every device, as the data-parallel rollout does); elsewhere the plain product (`_matmul`). Same result
     either way (up to summation order).
     """
-    rows = 1
-    for size in x.shape[:-1]:
-        rows *= size
+    rows = math.prod(x.shape[:-1])
     decode_step = x.ndim >= 2 and x.shape[-2] == 1 and rows <= WEIGHTS_MAJOR_MAX_ROWS * jax.device_count()
     if not decode_step or jax.default_backend() != "cpu":
         return _matmul(x, kernel_t.T if kernel is None else kernel)
