@@ -244,16 +244,22 @@ def _response_slice(x: jax.Array, prompt_len: int, response_len: int) -> jax.Arr
 
 
 def _response_outputs(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora, field, function):
-    """(model output, its head output `field` ("logits" / "values") at the response positions: columns
-    P-1 .. P+N-2, `_response_slice`). When `model.apply` takes `head_at`, the head runs at those columns only:
-    the LM head's matmul over the prompt columns (and the backward of slicing its output) is skipped."""
+    """(last hidden state, head output `field` ("logits" / "values")), both at the response positions: columns
+    P-1 .. P+N-2, `_response_slice`. When `model.apply` takes `head_at`, the model computes only those columns
+    past its last layer's keys and values: the LM head's matmul over the prompt columns (and the backward of
+    slicing its output) is skipped, and so is most of the last layer's work there."""
     prompt_len, response_len = prompt_ids.shape[1], response_ids.shape[1]
     at_columns_only = _accepts_keyword(model.apply, "head_at")
     options = {"head_at": slice(prompt_len - 1, prompt_len + response_len - 1)} if at_columns_only else {}
     out = _forward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora, **options)
     head_out = getattr(out, field)
     _require_head(head_out, function, {"logits": "lm", "values": "value"}[field])
-    return out, head_out if at_columns_only else _response_slice(head_out, prompt_len, response_len)
+    hidden = getattr(out, "hidden", None)  # test fakes may have none
+    if at_columns_only:
+        return hidden, head_out
+    if hidden is not None:
+        hidden = _response_slice(hidden, prompt_len, response_len)
+    return hidden, _response_slice(head_out, prompt_len, response_len)
 
 
 def response_logprobs(

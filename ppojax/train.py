@@ -35,7 +35,6 @@ from flax import struct
 from ppojax import sampling
 from ppojax.generation import (
     _response_outputs,
-    _response_slice,
     response_logprobs,
     response_values,
     rollout,
@@ -356,17 +355,14 @@ def policy_outputs(
     forward differently inside a gradient program (measured here: 2e-7 in the hidden state, ≤ 1e-6 in the
     log-probs), so "exactly 1" holds for the log-probs' function, not for their bits.
     """
-    out, logits = _response_outputs(
+    hidden, logits = _response_outputs(
         model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora, "logits", "policy_outputs"
     )
-    prompt_len, response_len = prompt_ids.shape[1], response_ids.shape[1]
     mask = jnp.asarray(response_mask) > 0
     logprobs = jnp.where(mask, sampling.token_logprobs(logits, jnp.asarray(response_ids, jnp.int32), temperature), 0.0)
     values = None
     if value_head is not None:
-        values = jnp.where(
-            mask, values_from_hidden(value_head, _response_slice(out.hidden, prompt_len, response_len)), 0.0
-        )
+        values = jnp.where(mask, values_from_hidden(value_head, hidden), 0.0)
     return logprobs, sampling.apply_temperature(logits, temperature), values
 
 

@@ -60,7 +60,8 @@ class ModelOutput(NamedTuple):
     """`logits [B, S, V]` (compute dtype, head="lm"), `values [B, S]` float32 (head="value"),
     `scores [B, S]` float32 per-token reward (head="reward"), with S = 1 under `apply(..., head_at="last")` and
     S = stop - start under `head_at=slice(start, stop)`; `hidden [B, S, H]` the last hidden state after the final
-    norm (every column), `cache` the updated KVCache (None when none was given)."""
+    norm at the same columns as the head, `cache` the updated KVCache (None when none was given; every column's
+    keys and values, whatever `head_at`)."""
 
     logits: jax.Array | None
     values: jax.Array | None
@@ -250,9 +251,14 @@ def attend_cached(q, keys_t, values, q_slots, k_slots, k_valid, scale):
 
 
 class _Attention(nn.Module):
+    """Self-attention. With `query_columns = (start, stop)` only those columns are queries (the output is
+    `[B, stop - start, H]`), while every column's keys and values are computed (and cached): the last layer
+    needs no more when the head runs at a few columns only (`apply(head_at=...)`)."""
+
     config: ModelConfig
     layer_index: int
     dtype: Any
+    query_columns: tuple[int, int] | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, slots, layer_cache, lora):
@@ -260,25 +266,33 @@ class _Attention(nn.Module):
         batch, seq, _ = x.shape
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         lora = lora or {}
+        columns = slice(None) if self.query_columns is None else slice(*self.query_columns)
         if cfg.fused_qkv:
             qkv = _Dense(q_size + 2 * kv_size, cfg.qkv_bias, self.dtype, name="qkv")(x, lora.get("qkv"))
             q, k, v = jnp.split(qkv, [q_size, q_size + kv_size], axis=-1)
+            q = q[:, columns]
         else:
             hidden = x.shape[-1]
             params = [
                 _DenseParams(hidden, size, cfg.qkv_bias, self.dtype, name=name)()
                 for name, size in (("q", q_size), ("k", kv_size), ("v", kv_size))
             ]
-            q, k, v = _dense_group(x, params, [lora.get(name) for name in "qkv"], self.dtype)
-        q = q.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
+            loras = [lora.get(name) for name in "qkv"]
+            if self.query_columns is None:
+                q, k, v = _dense_group(x, params, loras, self.dtype)
+            else:
+                (q,) = _dense_group(x[:, columns], params[:1], loras[:1], self.dtype)
+                k, v = _dense_group(x, params[1:], loras[1:], self.dtype)
+        q = q.reshape(batch, q.shape[1], cfg.num_heads, cfg.head_dim)
         k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q = _Norm("rms", cfg.norm_eps, self.dtype, name="q_norm")(q)
             k = _Norm("rms", cfg.norm_eps, self.dtype, name="k_norm")(k)
         if cfg.position == "rope":
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, cos[:, columns], sin[:, columns]), apply_rope(k, cos, sin)
         q_slots, k_slots, k_valid, write_index = slots
+        q_slots = q_slots[columns]
         scale = cfg.head_dim**-0.5
         if cfg.attn_scale_by_layer:
             scale /= self.layer_index + 1
@@ -318,18 +332,23 @@ class _Mlp(nn.Module):
 
 
 class _Block(nn.Module):
+    """A pre-norm decoder layer; with `query_columns` its output is those columns only (see `_Attention`)."""
+
     config: ModelConfig
     layer_index: int
     dtype: Any
+    query_columns: tuple[int, int] | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, slots, layer_cache, lora):
         cfg = self.config
         lora = lora or {}
         attn_in = _Norm(cfg.norm, cfg.norm_eps, self.dtype, name="attn_norm")(x)
-        attn_out, layer_cache = _Attention(cfg, self.layer_index, self.dtype, name="attn")(
+        attn_out, layer_cache = _Attention(cfg, self.layer_index, self.dtype, self.query_columns, name="attn")(
             attn_in, cos, sin, slots, layer_cache, lora.get("attn")
         )
+        if self.query_columns is not None:
+            x = x[:, slice(*self.query_columns)]
         x = x + attn_out
         mlp_in = _Norm(cfg.norm, cfg.norm_eps, self.dtype, name="mlp_norm")(x)
         return x + _Mlp(cfg, self.dtype, name="mlp")(mlp_in, lora.get("mlp")), layer_cache
@@ -357,22 +376,29 @@ class _Decoder(nn.Module):
         x = constrain(x, "batch", "length", "embed_act")
         lora = lora or {}
         new_caches = []
+        # The head's columns: the last layer computes only those (plus every column's keys and values); the
+        # layers below it feed the last layer's keys and values, so they run at every column.
+        seq = input_ids.shape[1]
+        if head_at == "last":
+            head_columns = (seq - 1, seq)
+        elif isinstance(head_at, slice):
+            head_columns = head_at.indices(seq)[:2]
+        else:
+            head_columns = None
         # Gradient checkpointing: a rematerialised block keeps only its input for the backward pass.
         block = nn.remat(_Block) if self.remat else _Block
         for i in range(cfg.num_layers):
             layer_cache = None if layer_caches is None else layer_caches[i]
-            x, layer_cache = block(cfg, i, self.dtype, name=f"layers_{i}")(
+            query_columns = head_columns if i == cfg.num_layers - 1 else None
+            x, layer_cache = block(cfg, i, self.dtype, query_columns, name=f"layers_{i}")(
                 x, cos, sin, slots, layer_cache, lora.get(f"layers_{i}")
             )
             x = constrain(x, "batch", "length", "embed_act")
             new_caches.append(layer_cache)
+        if head_columns is not None and cfg.num_layers == 0:
+            x = x[:, slice(*head_columns)]
         hidden = _Norm(cfg.norm, cfg.norm_eps, self.dtype, name="final_norm")(x)
-        if head_at == "last":
-            head_in = hidden[:, -1:]
-        elif isinstance(head_at, slice):
-            head_in = hidden[:, head_at]
-        else:
-            head_in = hidden
+        head_in = hidden
         if self.head == "lm":
             if cfg.tie_word_embeddings:
                 return hidden, project(head_in, kernel_t=embedding.astype(self.dtype)), new_caches
@@ -460,7 +486,9 @@ class DecoderModel:
         the last column, giving `[B, 1, ...]` (a prefill needs just that one: it skips the head's matmul over
         the other columns); a `slice(start, stop)` of columns (static ints, step 1) only there, giving
         `[B, stop - start, ...]` (teacher-forced scoring and training need the logits at the response
-        positions only, so the LM head never runs on prompt columns); `hidden` is `[B, S, H]` either way.
+        positions only, so the LM head never runs on prompt columns). `hidden` is at the same columns as the
+        head: the last layer computes only those columns' outputs (and every column's keys and values, so a
+        cache is filled as with "all"), which spares most of that layer's work at the other columns.
         """
         if isinstance(head_at, slice):
             _check_head_slice(head_at, jnp.shape(input_ids)[-1])

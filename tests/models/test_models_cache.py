@@ -78,23 +78,53 @@ def test_shape_errors(checkpoint):
         model.apply(params, np.ones((2, 4), np.int32), cache=model.init_cache(3, 8))
 
 
-@pytest.mark.parametrize("head", ["lm", "reward"])
-def test_head_at_last_or_columns_is_that_slice_of_the_full_head(checkpoint, head):
-    directory, _ = checkpoint("llama3", head=head)
+@pytest.mark.parametrize(
+    "name, head",
+    [("llama3", "lm"), ("llama3", "reward"), ("qwen3", "lm"), ("gpt2", "lm")],  # GQA, qk-norm, fused q/k/v
+)
+def test_head_at_last_or_columns_is_that_slice_of_the_full_head(checkpoint, name, head):
+    # head_at also prunes the last layer to those columns (keys and values still at every column): the head,
+    # the hidden state and a filled cache must equal the full pass's, and so must the gradient of a loss on
+    # those columns (training asks for the response columns only).
+    directory, _ = checkpoint(name, head=head)
     model, params = load_pretrained(directory, head=head)
     ids, mask = hf_builders.padded_batch(PROMPT_LENGTHS, max(PROMPT_LENGTHS), model.config.vocab_size, seed=4)
     columns = slice(3, 8)  # what teacher-forced scoring asks for: the response positions P-1 .. P+N-2
-    apply = jax.jit(
-        lambda p, i, m: [model.apply(p, i, m, head_at=where) for where in ("all", "last", columns, slice(-2, None))]
-    )
-    full, last, middle, tail = apply(params, ids, mask)
     field = "logits" if head == "lm" else "scores"
+    wheres = ("all", "last", columns, slice(-2, None))
+
+    def edge_loss(head_out):  # the first and last of the columns
+        return jnp.sum(head_out[:, :: max(1, head_out.shape[1] - 1)] ** 2)
+
+    @jax.jit
+    def run(p):
+        outs = [model.apply(p, ids, mask, head_at=where) for where in wheres]
+        cache = model.init_cache(len(ids), ids.shape[1] + 2)
+        prefills = [model.apply(p, ids, mask, cache=cache, head_at=where).cache for where in ("all", "last")]
+        grads = [
+            jax.grad(lambda p, w=w: edge_loss(getattr(model.apply(p, ids, mask, head_at=w), field)))(p)
+            for w in wheres[1:]
+        ]
+        return outs, prefills, grads
+
+    (full, last, middle, tail), (cache_full, cache_last), grads = run(params)
     want = np.asarray(getattr(full, field))
-    for out, expected in ((last, want[:, -1:]), (middle, want[:, 3:8]), (tail, want[:, -2:])):
+    for out, cols in ((last, slice(-1, None)), (middle, columns), (tail, slice(-2, None))):
         got = np.asarray(getattr(out, field))
-        assert got.shape == expected.shape
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(np.asarray(out.hidden), np.asarray(full.hidden))
+        assert got.shape == want[:, cols].shape
+        np.testing.assert_allclose(got, want[:, cols], rtol=1e-5, atol=1e-6)
+        assert out.hidden.shape == full.hidden[:, cols].shape
+        np.testing.assert_allclose(np.asarray(out.hidden), np.asarray(full.hidden)[:, cols], rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(cache_full), jax.tree.leaves(cache_last)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    # The same losses through the full head: slice its output instead.
+    for where, grad in zip(wheres[1:], grads):
+        cols = slice(-1, None) if where == "last" else where
+
+        want_grad = jax.jit(jax.grad(lambda p: edge_loss(getattr(model.apply(p, ids, mask), field)[:, cols])))(params)
+        for g, w in zip(jax.tree.leaves(grad), jax.tree.leaves(want_grad)):
+            g, w = np.asarray(g), np.asarray(w)  # float32 rounding, relative to the tensor's scale (seen: ≤ 1.1e-6)
+            assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max()
     with pytest.raises(ValueError, match="head_at must be 'all', 'last' or a slice of columns, found 'first'"):
         model.apply(params, ids, mask, head_at="first")
     with pytest.raises(ValueError, match=r"head_at slice must have int \(static\) start / stop and step 1"):
