@@ -155,8 +155,14 @@ def rollout(
     temperature = jnp.asarray(temperature, jnp.float32)
     top_p = jnp.asarray(top_p, jnp.float32)
 
+    # Every step's uniforms at once (the values `sample_tokens(fold_in(key, step), ...)` would draw): one RNG
+    # program before the loop instead of one per step.
+    uniforms = jax.vmap(lambda step: jax.random.uniform(jax.random.fold_in(key, step), (batch, 1), jnp.float32))(
+        jnp.arange(max_new_tokens)
+    )
+
     def sample(step, logits):
-        return sampling.sample_tokens(jax.random.fold_in(key, step), logits, temperature, top_k=top_k, top_p=top_p)
+        return sampling.sample_tokens(key, logits, temperature, top_k=top_k, top_p=top_p, uniform=uniforms[step])
 
     cache = model.init_cache(batch, prompt_len + max_new_tokens)  # the model's compute dtype
     # The prefill samples from the last column only: skip the LM head elsewhere when the model can.

@@ -164,10 +164,13 @@ def sample_tokens(
     *,
     top_k: int = 0,
     top_p: jax.Array | float = 1.0,
+    uniform: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Sample one token per row and return it with its behaviour log-prob.
 
-    logits: [B, V]; temperature, top_p: traced scalars; top_k: static int (0 = off).
+    logits: [B, V]; temperature, top_p: traced scalars; top_k: static int (0 = off). `uniform` `[B, 1]` in
+    [0, 1): the draws to use instead of `jax.random.uniform(key, (B, 1))` (the rollout makes every step's at
+    once, before its decode loop); the key is then unused.
     Temperature 0 is greedy (argmax of the raw logits; the first index wins a tie, as in torch).
     Returns (tokens [B] int32, logprobs [B] float32) where logprobs = log softmax(logits / T)[token] over
     the full distribution (not the top-k / top-p one).
@@ -183,7 +186,8 @@ def sample_tokens(
     log_total = jnp.log(jnp.sum(weights, axis=-1))
     kept = filter_logits(logits, temperature, top_k=top_k, top_p=top_p) > -jnp.inf
     greedy = first_argmax(tempered)  # the argmax of the raw logits at T = 0 (divisor 1), kept by every filter
-    uniform = jax.random.uniform(key, logits.shape[:-1] + (1,), jnp.float32)
+    if uniform is None:
+        uniform = jax.random.uniform(key, logits.shape[:-1] + (1,), jnp.float32)
     sampled = _inverse_cdf(jnp.where(kept, weights, 0.0), uniform, greedy)
     tokens = jnp.where(temperature > 0, sampled, greedy)
     logprobs = jnp.take_along_axis(shifted, tokens[..., None], axis=-1)[..., 0] - log_total

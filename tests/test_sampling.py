@@ -138,6 +138,24 @@ class SampleTest(parameterized.TestCase):
         np.testing.assert_array_equal(first, again)
         self.assertFalse(np.array_equal(first, other))
 
+    @chex.all_variants(with_pmap=False)
+    def test_given_uniforms_pick_the_inverse_cdf_token(self):
+        # r = (1 - u) · total; the token is the first j with cdf[j] >= r (numpy loop below).
+        logits = jnp.log(jnp.array([[0.1, 0.2, 0.3, 0.4]] * 5))
+        u = np.array([[0.95], [0.85], [0.6], [0.35], [0.0]], np.float32)
+        tokens, logprobs = self.variant(sampling.sample_tokens)(jax.random.key(0), logits, 1.0, uniform=u)
+        cdf = np.cumsum([0.1, 0.2, 0.3, 0.4])
+        want = [int(np.argmax(cdf >= (1.0 - ui) * cdf[-1] - 1e-7)) for ui in u[:, 0]]
+        np.testing.assert_array_equal(tokens, want)
+        self.assertEqual(want, [0, 1, 2, 3, 3])
+        np.testing.assert_allclose(logprobs, np.log([0.1, 0.2, 0.3, 0.4, 0.4]), rtol=1e-6)
+        # Without `uniform` the key draws one per row: the same tokens as passing those draws.
+        logits = jax.random.normal(jax.random.key(5), (64, 50))
+        drawn = jax.random.uniform(jax.random.key(7), (64, 1), jnp.float32)
+        by_key, _ = self.variant(sampling.sample_tokens)(jax.random.key(7), logits, 0.8)
+        given, _ = self.variant(sampling.sample_tokens)(jax.random.key(0), logits, 0.8, uniform=drawn)
+        np.testing.assert_array_equal(by_key, given)
+
     def test_token_logprobs_divides_by_temperature(self):
         logits = jnp.array([[1.0, 2.0, 0.5]], jnp.bfloat16)
         got = sampling.token_logprobs(logits, jnp.array([2]), 0.5)
