@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import hf_builders
-from ppojax.models import load_pretrained
+from ppojax.models import init_lora, load_pretrained
 
 PROMPT_LENGTHS = (6, 10, 3)
 STEPS = 5
@@ -86,9 +86,14 @@ def test_head_at_last_or_columns_is_that_slice_of_the_full_head(checkpoint, name
     # head_at also prunes the last layer to those columns (keys and values still at every column): the head,
     # the hidden state and a filled cache must equal the full pass's, and so must the gradient of a loss on
     # those columns (training asks for the response columns only). The edge loss reads the first and last of
-    # the columns, so a column mix-up inside the pruned layer changes the gradient.
+    # the columns, so a column mix-up inside the pruned layer changes the gradient. LoRA adapters on every
+    # projection (b random, so they change the output) take the pruned layer's split q / k, v path too.
     directory, _ = checkpoint(name, head=head)
     model, params = load_pretrained(directory, head=head)
+    lora = init_lora(model, jax.random.key(1), rank=2, targets="all")
+    lora = lora.replace(
+        adapters=jax.tree.map(lambda x: jax.random.normal(jax.random.key(2), x.shape) * 0.05, lora.adapters)
+    )
     ids, mask = hf_builders.padded_batch(PROMPT_LENGTHS, max(PROMPT_LENGTHS), model.config.vocab_size, seed=4)
     columns = slice(3, 8)  # what teacher-forced scoring asks for: the response positions P-1 .. P+N-2
     field = "logits" if head == "lm" else "scores"
@@ -100,16 +105,21 @@ def test_head_at_last_or_columns_is_that_slice_of_the_full_head(checkpoint, name
     fast = {"xla_backend_optimization_level": 0}  # compiles faster; the values are what is checked
 
     @functools.partial(jax.jit, compiler_options=fast)
-    def run(p):
-        outs = [model.apply(p, ids, mask, head_at=where) for where in wheres]
+    def run(p, lora):
+        outs = [model.apply(p, ids, mask, lora=lora, head_at=where) for where in wheres]
         cache = model.init_cache(len(ids), ids.shape[1] + 2)
-        prefills = [model.apply(p, ids, mask, cache=cache, head_at=where).cache for where in ("all", "last")]
-        # The gradient through the pruned last layer, against slicing the full pass's head.
-        grad = jax.grad(lambda p: edge_loss(getattr(model.apply(p, ids, mask, head_at=columns), field)))(p)
-        want_grad = jax.grad(lambda p: edge_loss(getattr(model.apply(p, ids, mask), field)[:, columns]))(p)
-        return outs, prefills, (grad, want_grad)
+        prefills = [model.apply(p, ids, mask, cache=cache, lora=lora, head_at=w).cache for w in ("all", "last")]
 
-    (full, last, middle, tail), (cache_full, cache_last), (grad, want_grad) = run(params)
+        # The gradient through the pruned last layer, against slicing the full pass's head.
+        def pruned(p, lora):
+            return edge_loss(getattr(model.apply(p, ids, mask, lora=lora, head_at=columns), field))
+
+        def sliced(p, lora):
+            return edge_loss(getattr(model.apply(p, ids, mask, lora=lora), field)[:, columns])
+
+        return outs, prefills, (jax.grad(pruned, (0, 1))(p, lora), jax.grad(sliced, (0, 1))(p, lora))
+
+    (full, last, middle, tail), (cache_full, cache_last), (grad, want_grad) = run(params, lora)
     want = np.asarray(getattr(full, field))
     for out, cols in ((last, slice(-1, None)), (middle, columns), (tail, slice(-2, None))):
         got = np.asarray(getattr(out, field))
