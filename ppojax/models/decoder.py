@@ -398,16 +398,15 @@ class _Decoder(nn.Module):
         if head_columns is not None and cfg.num_layers == 0:
             x = x[:, slice(*head_columns)]
         hidden = _Norm(cfg.norm, cfg.norm_eps, self.dtype, name="final_norm")(x)
-        head_in = hidden
         if self.head == "lm":
             if cfg.tie_word_embeddings:
-                return hidden, project(head_in, kernel_t=embedding.astype(self.dtype)), new_caches
+                return hidden, project(hidden, kernel_t=embedding.astype(self.dtype)), new_caches
             kernel = _Weight("kernel", (cfg.hidden_size, cfg.vocab_size), _normal, self.dtype, name="lm_head")()
-            return hidden, project(head_in, kernel.astype(self.dtype)), new_caches
+            return hidden, project(hidden, kernel.astype(self.dtype)), new_caches
         # A scalar head: the critic's starts at zero, the reward model's is always loaded.
         name, initializer = ("value_head", nn.initializers.zeros) if self.head == "value" else ("score", _normal)
         kernel = _Weight("kernel", (cfg.hidden_size, 1), initializer, self.dtype, name=name)()
-        return hidden, values_from_hidden({"kernel": kernel}, head_in), new_caches
+        return hidden, values_from_hidden({"kernel": kernel}, hidden), new_caches
 
 
 class _Weight(nn.Module):
