@@ -88,7 +88,11 @@ def check_output_dir(config: TrainConfig) -> bool:
 
 
 def restore_matching(ckpt: Checkpointer, state, config: TrainConfig):
-    """(state, metadata) of the latest checkpoint, refusing one written with other training settings."""
+    """(state, metadata) of the latest checkpoint, refusing one written with other training settings. Says on
+    stderr (process 0) which checkpoint the run resumes from."""
+    from ppojax import parallel
+
+    step = ckpt.latest_step()
     state, meta = ckpt.restore(state)
     if meta.get("config_hash") != config.hash():
         ckpt.close()
@@ -96,6 +100,11 @@ def restore_matching(ckpt: Checkpointer, state, config: TrainConfig):
             f"{config.checkpoint_dir}: the checkpoint was written with different training settings "
             f"(config hash {meta.get('config_hash')} vs {config.hash()}); rerun with the same config to resume, "
             "or set overwrite_output_dir: true to start over"
+        )
+    if parallel.is_primary():
+        unit = "iteration" if config.stage == "ppo" else "step"
+        print(
+            f"ppojax {config.stage}: resuming from the checkpoint of {unit} {step} in {ckpt.directory}", file=sys.stderr
         )
     return state, meta
 

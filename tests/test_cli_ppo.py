@@ -213,6 +213,7 @@ def test_kill9_then_rerun_resumes_bit_identically(workdir, ppo_run):
     assert not (out / "value_model").exists()  # it really died mid-run
     result = run_cli(workdir, "train", ppo_yaml(workdir, "saves/ppo_killed"), "--no-progress", *PPO_OVERRIDES)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "ppojax ppo: resuming from the checkpoint of iteration " in result.stderr  # at least step 0's
     summary = json.loads((out / "ppo_metrics" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["iteration"] == 5
     for sub in ("", "value_model"):
