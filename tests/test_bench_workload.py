@@ -62,3 +62,13 @@ def test_prompts_are_64_of_10_to_16_tokens_left_padded_to_16(built):
     assert ids.shape == (64, 16)
     np.testing.assert_array_equal(np.asarray(mask).sum(1), lengths)
     assert np.all(np.asarray(mask)[:, -1] == 1)  # left-padded
+
+
+def test_pruned_train_flops_is_the_last_layers_query_side_at_the_prompt_columns():
+    # Hand count for the cpu workload: 64 rows × 16 of 48 columns skip the last layer's q, o (256² each), gate,
+    # up, down (256·688 each) and their queries' attention over 48 keys (4 · 48 · 256); ×3 forward + backward,
+    # ×2 models (policy, critic), ×4 epochs.
+    per_column = 2 * (2 * 256 * 256 + 3 * 256 * 688) + 4 * 48 * 256
+    expected = 64 * 16 * per_column * 3 * 2 * 4
+    assert wl.pruned_train_flops(wl.get("cpu")) == expected
+    assert 0.07 < expected / wl.phase_flops(wl.get("cpu"))["train"] < 0.08

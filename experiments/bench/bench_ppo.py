@@ -308,6 +308,14 @@ def print_table(workload: wl.Workload, summaries: list[tuple[int, dict]], header
             line += f"; wall GFLOP/s: JAX train-shape matmul {s['train_shape_gflops_median']:.0f}"
         if "torch_peak_gflops_median" in s:
             line += f", torch peak {s['torch_peak_gflops_median']:.0f}"
+        ppojax_train = s["libraries"].get("ppojax", {}).get("phases", {}).get("train")
+        if ppojax_train:
+            executed = 1.0 - wl.pruned_train_flops(workload) / flops["train"]
+            line += (
+                f"; ppojax executes {100 * executed:.1f} % of the train phase's nominal FLOPs (last layer only at "
+                f"the loss's columns): utilisation {100 * executed * ppojax_train['of_peak']:.0f} % of the peak "
+                f"wall, {100 * executed * ppojax_train.get('of_peak_per_cpu_s', 0):.0f} % per CPU-second"
+            )
         if "speedup_paired_median" in s:
             line += (
                 f"; ppojax / TRL speed-up: update {s['speedup_paired_median']:.2f}× (paired median; "

@@ -144,6 +144,20 @@ def phase_flops(w: Workload) -> dict[str, float]:
     }
 
 
+def pruned_train_flops(w: Workload) -> float:
+    """Of `phase_flops(w)["train"]`, the model FLOPs ppojax does not execute: its forwards ask for the head at the
+    response columns only (`apply(head_at=...)`), so the last layer computes queries, attention, the
+    o-projection and the MLP only there (keys and values at every column). Skipped per pass: the S − N other
+    columns of every row through the last layer's weights but K / V, and their queries' attention over S keys;
+    policy and critic, 3× for forward + backward, every epoch. `phase_flops` stays the nominal count (what TRL
+    executes): divide the time into it for throughput, into nominal − pruned for hardware utilisation."""
+    b, s, n = w.batch_size, w.sequence_length, w.new_tokens
+    kv_params = 2 * w.num_kv_heads * w.head_dim * w.hidden_size
+    query_side_params = matmul_params(w) / w.num_layers - kv_params
+    per_pass = b * (s - n) * (2.0 * query_side_params + 4.0 * s * w.hidden_size)
+    return w.ppo_epochs * 3.0 * 2 * per_pass
+
+
 def dtype_bytes(w: Workload) -> int:
     return {"float32": 4, "bfloat16": 2, "float16": 2}[w.dtype]
 
