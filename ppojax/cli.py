@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
+    from ppojax.memory import release_compiler_memory
+
+    release_compiler_memory()  # the compiler's freed memory back to the OS before each program runs
     if args.command == "train":
         return _train(args)
     if args.command in AIDS_COMMANDS:

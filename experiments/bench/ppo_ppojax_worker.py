@@ -60,7 +60,10 @@ from jax.sharding import PartitionSpec as P
 
 import ppojax
 from ppojax import parallel
+from ppojax.memory import release_compiler_memory
 from ppojax.train import Experience
+
+release_compiler_memory()  # as the `ppojax` command does (no effect under the jemalloc the bench preloads)
 
 
 def make_config(w: wl.Workload, minibatches: int, micro_batch: int = 0) -> ppojax.PPOConfig:
