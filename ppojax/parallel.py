@@ -21,7 +21,7 @@ The pieces:
   `in_shardings` / `out_shardings` from the layout; the train state is donated (its buffers are reused; pass
   `donate=False` to keep the input state alive, e.g. to compare or roll back).
 - `load_sharded`: a Hugging Face directory read tensor by tensor straight into its sharding.
-- `initialize_distributed`, `process_batch_rows`, `batch_from_process_data`: multi-host start, each process
+- `initialize_distributed`, `process_batch_rows`, `batch_from_process_data`, `feed_batch`: multi-host start, each process
   feeding its rows of the global batch; `to_host` (a global array's whole value on every process, gathered
   when it spans other processes), `is_primary` (process 0 writes the files meant to exist once).
 - `estimate_memory`: per-device bytes of params, optimizer state, gradients, KV cache and activations for a
@@ -844,6 +844,14 @@ def batch_from_process_data(layout: Layout, local_tree, global_rows: int):
         return jax.make_array_from_process_local_data(layout.batch, local, (global_rows,) + local.shape[1:])
 
     return jax.tree.map(make, local_tree)
+
+
+def feed_batch(layout: Layout, tree):
+    """A pytree of host arrays holding the whole global batch (every process has the same values) -> the global
+    batch-sharded arrays, this process feeding its rows (`process_batch_rows`)."""
+    global_rows = jax.tree.leaves(tree)[0].shape[0]
+    rows = process_batch_rows(layout, global_rows)
+    return batch_from_process_data(layout, jax.tree.map(lambda a: np.asarray(a)[rows], tree), global_rows)
 
 
 def is_primary() -> bool:

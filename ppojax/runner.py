@@ -183,9 +183,7 @@ def _feed(layout, batch):
         return jax.tree.map(jnp.asarray, batch)
     from ppojax import parallel
 
-    rows = jax.tree.leaves(batch)[0].shape[0]
-    mine = parallel.process_batch_rows(layout, rows)
-    return parallel.batch_from_process_data(layout, jax.tree.map(lambda a: np.asarray(a)[mine], batch), rows)
+    return parallel.feed_batch(layout, batch)
 
 
 def export_supervised(config: TrainConfig, model: DecoderModel, trainable, base, tokenizer) -> None:

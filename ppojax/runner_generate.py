@@ -105,8 +105,7 @@ def generate(
                 **sampling,
             )
         else:
-            mine = parallel.process_batch_rows(layout, batch_size)
-            batch = parallel.batch_from_process_data(layout, (ids[mine], mask[mine]), batch_size)
+            batch = parallel.feed_batch(layout, (ids, mask))
             out = sharded(params, *batch, jax.random.fold_in(key, number), **sampling)
         response_ids, lengths, stopped = parallel.to_host((out.response_ids, out.lengths, out.stopped))
         for row in range(real):

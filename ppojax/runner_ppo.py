@@ -259,7 +259,7 @@ def fit_score_normalisation(
         collect = jax.jit(lambda s, p, ref, rew: train.collect(s, p, ref, rew, config=raw, models=models))
     else:
         collect_sharded, _ = parallel.sharded_ppo_phases(raw, models, layout, donate=False)
-        collect = lambda s, p, ref, rew: collect_sharded(s, feed_prompts(layout, p), ref, rew)  # noqa: E731
+        collect = lambda s, p, ref, rew: collect_sharded(s, parallel.feed_batch(layout, p), ref, rew)  # noqa: E731
     batches = data_lib.prompt_batches(
         inputs.dataset,
         ppo_config.batch_size,
@@ -399,14 +399,6 @@ def shard_inputs(inputs: PPOInputs, layout: parallel.Layout) -> PPOInputs:
     return inputs._replace(policy_params=policy, ref_params=ref, reward_params=place(inputs.reward_params))
 
 
-def feed_prompts(layout: parallel.Layout, prompts):
-    """(ids, mask) host arrays of the whole prompt batch -> the global batch-sharded arrays, this process
-    feeding its rows."""
-    ids, mask = prompts
-    rows = parallel.process_batch_rows(layout, ids.shape[0])
-    return parallel.batch_from_process_data(layout, (ids[rows], mask[rows]), ids.shape[0])
-
-
 def make_iterate(ppo_config: train.PPOConfig, models, layout: Optional[parallel.Layout]):
     """iteration(state, (ids, mask), ref_params, reward_params): one jitted program, sharded over `layout` if
     given (the state is not donated: the run loop keeps it for stop / rollback). Each process feeds its rows."""
@@ -415,7 +407,7 @@ def make_iterate(ppo_config: train.PPOConfig, models, layout: Optional[parallel.
     sharded = parallel.sharded_ppo_iteration(ppo_config, models, layout, donate=False)
 
     def iterate(state, prompts, ref_params, reward_params):
-        return sharded(state, feed_prompts(layout, prompts), ref_params, reward_params)
+        return sharded(state, parallel.feed_batch(layout, prompts), ref_params, reward_params)
 
     return iterate
 

@@ -17,6 +17,16 @@ from tests.test_data import make_tokenizer
 from tests.tiny_models import save_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The training keys of the tiny sft / rm runs (3 steps, a checkpoint at step 2), shared with the mesh tests.
+TINY_RUN_KEYS = dict(
+    template="qwen",
+    per_device_train_batch_size=4,
+    learning_rate=1e-2,
+    max_steps=3,
+    logging_steps=1,
+    save_steps=2,
+    cutoff_len=32,
+)
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +111,8 @@ def test_stage_end_to_end_and_resume(tiny, monkeypatch, capsys, stage, dataset, 
         stage=stage,
         finetuning_type=finetuning,
         dataset=dataset,
-        template="qwen",
         output_dir=out,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        max_steps=3,
-        logging_steps=1,
-        save_steps=2,
-        cutoff_len=32,
+        **TINY_RUN_KEYS,
     )
     assert main(["train", path, "--no-progress"]) == 0, capsys.readouterr().err
     metrics = tiny / out / f"{stage}_metrics"

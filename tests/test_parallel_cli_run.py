@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 
 from ppojax.models import load_pretrained
 from ppojax.reports import read_metrics_csv
-from tests.test_cli import tiny, write_config  # noqa: F401
+from tests.test_cli import TINY_RUN_KEYS, tiny, write_config  # noqa: F401
 from tests.test_cli_ppo import ROOT, PPO_OVERRIDES, ppo_run, ppo_yaml, reward_dir, run_cli, workdir  # noqa: F401
 
 
@@ -225,14 +225,8 @@ def _rm_keys(root, **changes):
         stage="rm",
         finetuning_type="lora",
         dataset=str(root / "pairs.jsonl"),
-        template="qwen",
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        max_steps=3,
-        logging_steps=1,
-        save_steps=2,
-        cutoff_len=32,
         mesh={"data": 2, "fsdp": 2},
+        **TINY_RUN_KEYS,
     )
     return {**keys, **changes}
 

@@ -178,6 +178,9 @@ def test_single_process_feeds_every_row_and_distributed_start_is_optional():
     np.testing.assert_array_equal(batch["ids"], ids)
     with pytest.raises(ValueError, match="local batch has 8 rows, expected rows 0:16"):
         PL.batch_from_process_data(layout, {"ids": ids[:8]}, 16)
+    fed = PL.feed_batch(layout, (ids, ids + 1))  # the whole host batch in, this process's rows fed
+    assert all(a.sharding.spec == layout.batch.spec for a in fed)
+    np.testing.assert_array_equal(fed[1], ids + 1)
     # No settings: a single-process run, nothing started.
     assert PL.initialize_distributed(env={}) == (0, 1, 8, 8)
     assert not jax.distributed.is_initialized()
