@@ -66,6 +66,7 @@ convention's values apply. Keys given explicitly override either.
 | rollback_lr_scale | 0.5 | rollback_continue: the learning rates are multiplied by this at each restore (1: unchanged) |
 | rollback_kl_coef_scale | 1.0 | rollback_continue: the KL coefficient β is multiplied by this at each restore (> 1 holds the policy closer) |
 | critic_mode | separate | ppo: separate (a critic model initialised from the reward model, its own optimizer at critic_learning_rate), joint (the same critic, one optimizer on pg + vf_coef · vf), shared (a zero-initialised value head on the policy trunk, LLaMA-Factory's layout) |
+| old_logprobs | score | ppo: where the old log-probs of the PPO ratio come from: score (a teacher-forced policy pass after sampling; ratio 1 within float32 rounding on the first minibatch) or rollout (the log-probs recorded while sampling, TRL's choice: one forward pass fewer per iteration; policy/logprob_gap is then 0) |
 | max_new_tokens | 1024 | response length in tokens (LLaMA-Factory's default) |
 | temperature | 1.0 | sampling temperature (> 0); LLaMA-Factory's chat default 0.95 is not used: PPO samples the full distribution |
 | top_p | 1.0 | nucleus sampling (0, 1]; < 1 samples a truncated distribution (PPO_DETAILS item 5) |
@@ -121,6 +122,7 @@ SCHEDULERS = ("constant", "linear")  # ppojax.optim schedules; LLaMA-Factory's c
 PROMPT_OVERFLOW = ("truncate", "refuse")
 ON_KL_EXCEEDED = ("stop", "rollback", "rollback_continue")
 CRITIC_MODES = ("separate", "joint", "shared")
+OLD_LOGPROBS = ("score", "rollout")  # as ppojax.train.OLD_LOGPROBS
 RAW_TEMPLATES = ("none", "default", "empty", "raw")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # HF module names (LLaMA-Factory's lora_target values) -> ours.
@@ -201,6 +203,7 @@ class TrainConfig:
     rollback_lr_scale: float = _key(0.5, low=0.0, high=1.0, low_open=True)
     rollback_kl_coef_scale: float = _key(1.0, low=1.0)
     critic_mode: str = _key("separate", choices=CRITIC_MODES)
+    old_logprobs: str = _key("score", choices=OLD_LOGPROBS)
     max_new_tokens: int = _key(1024, low=1)
     temperature: float = _key(1.0, low=0.0, low_open=True)
     top_p: float = _key(1.0, low=0.0, high=1.0, low_open=True)
@@ -710,6 +713,7 @@ _PPO_ONLY_KEYS = frozenset(
         "rollback_lr_scale",
         "rollback_kl_coef_scale",
         "critic_mode",
+        "old_logprobs",
         "max_new_tokens",
         "temperature",
         "top_p",

@@ -551,11 +551,21 @@ def sharded_score(
     compiler_options=None,
 ) -> Callable:
     """score(policy_params, prompt_ids, prompt_mask, response_ids, response_mask, *, temperature,
-    critic_params, reward_params, ref_params=None, lora=None) -> `Scores`, batch-sharded.
+    critic_params, reward_params, ref_params=None, lora=None, old_logprobs=None) -> `Scores`, batch-sharded.
     See `ppojax.generation.score`."""
 
     def run(
-        policy_params, prompt_ids, prompt_mask, response_ids, response_mask, temperature, critic, reward, ref, lora
+        policy_params,
+        prompt_ids,
+        prompt_mask,
+        response_ids,
+        response_mask,
+        temperature,
+        critic,
+        reward,
+        ref,
+        lora,
+        old_logprobs,
     ):
         return generation.score(
             policy_model,
@@ -571,13 +581,15 @@ def sharded_score(
             reward_params=reward,
             ref_params=ref,
             lora=lora,
+            old_logprobs=old_logprobs,
         )
 
     b, p = _batch_role, _params_role
+    optional_b = lambda layout, tree: None if tree is None else b(layout, tree)  # noqa: E731
     sharded = ShardedFunction(
         run,
         layout,
-        (p, b, b, b, b, _replicated_role, p, p, p, p),
+        (p, b, b, b, b, _replicated_role, p, p, p, p, optional_b),
         lambda layout, args: layout.batch,
         compiler_options=compiler_options,
         name="score",
@@ -595,10 +607,11 @@ def sharded_score(
         reward_params,
         ref_params=None,
         lora=None,
+        old_logprobs=None,
     ) -> generation.Scores:
         temperature = _scalar(temperature, jnp.float32)
         batch = (prompt_ids, prompt_mask, response_ids, response_mask)
-        return sharded(policy_params, *batch, temperature, critic_params, reward_params, ref_params, lora)
+        return sharded(policy_params, *batch, temperature, critic_params, reward_params, ref_params, lora, old_logprobs)
 
     score.sharded = sharded
     return score

@@ -234,6 +234,7 @@ def make_ppo_config(
         stop_token_ids=stop_ids,
         pad_token_id=pad_token_id,
         critic_mode=config.critic_mode,
+        old_logprobs=config.old_logprobs,
         policy_optimizer=optimizer(config.learning_rate),
         critic_optimizer=optimizer(config.critic_learning_rate or config.learning_rate),
         entropy_coef=config.entropy_coef,

@@ -35,6 +35,7 @@ from flax import struct
 from ppojax import sampling
 from ppojax.generation import (
     _response_outputs,
+    behaviour_as_old_logprobs,
     response_logprobs,
     response_values,
     rollout,
@@ -50,6 +51,7 @@ from ppojax.stats import as_f32, masked_count, masked_max, masked_mean, masked_v
 
 CRITIC_MODES = ("separate", "joint", "shared")
 CRITIC_INITS = ("reward", "policy")
+OLD_LOGPROBS = ("score", "rollout")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -75,6 +77,11 @@ class PPOConfig:
       iteration), so the first minibatch's ratio is exactly 1 bit for bit; without it the old log-probs come
       from the forward-only collection pass and the first ratio is 1 within float32 rounding (XLA fuses a
       forward differently when a backward follows). Metrics `grad/old_pass_norm`, `policy/old_pass_gap_max`.
+    old_logprobs: where the old log-probs come from. "score" (default): a teacher-forced policy pass after
+      sampling (`policy_outputs`, the function training uses, so the first ratio is 1 within float32
+      rounding). "rollout": the rollout's behaviour log-probs (TRL's choice): one policy forward pass fewer per
+      iteration; they agree with the pass to ≤ 1e-5 in float32, and `policy/logprob_gap` is then 0 by
+      construction. In "shared" critic mode the pass still runs (it gives the values).
     remat: gradient checkpointing (`jax.checkpoint` of each decoder block of the policy and critic models,
       applied by `init_ppo_state`): activations are recomputed in the backward pass; same results, less memory.
     """
@@ -99,12 +106,15 @@ class PPOConfig:
     reward_gain: float = 1.0
     reward_bias: float = 0.0
     exact_old_logprobs: bool = False
+    old_logprobs: str = "score"
     remat: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if self.critic_mode not in CRITIC_MODES:
             raise ValueError(f"PPOConfig.critic_mode must be one of {CRITIC_MODES}, got {self.critic_mode!r}")
+        if self.old_logprobs not in OLD_LOGPROBS:
+            raise ValueError(f"PPOConfig.old_logprobs must be one of {OLD_LOGPROBS}, got {self.old_logprobs!r}")
         if self.batch_size % self.minibatch_size:
             raise ValueError(
                 f"PPOConfig: batch_size {self.batch_size} is not a multiple of minibatch_size {self.minibatch_size}"
@@ -571,11 +581,14 @@ def collect(state: PPOState, prompts, ref_params, reward_params, *, config: PPOC
     )
     batch = (prompt_ids, prompt_mask, sampled.response_ids, sampled.response_mask)
     shared = config.critic_mode == "shared"
-    logprobs, _, values = policy_outputs(
-        models.policy, params, lora, *batch, config.temperature, state.critic if shared else None
-    )
+    if shared or config.old_logprobs == "score":
+        logprobs, _, values = policy_outputs(
+            models.policy, params, lora, *batch, config.temperature, state.critic if shared else None
+        )
     if not shared:
         values = response_values(models.critic, state.critic, *batch)
+    if config.old_logprobs == "rollout":
+        logprobs = behaviour_as_old_logprobs(sampled.logprobs, sampled.response_mask, "collect")
     experience = Experience(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,

@@ -297,6 +297,7 @@ def test_a_run_stopped_on_kl_is_not_resumed_from_its_rejected_update(workdir, pp
         (("critic_mode=shared", "critic_learning_rate=1e-5"), "'critic_learning_rate' has no effect with critic_mode"),
         (("gradient_accumulation_steps=8",), "12 prompts, fewer than one rollout batch of 32"),
         (("on_kl_exceeded=rollbak",), "did you mean 'rollback'?"),
+        (("old_logprobs=behaviour",), "'old_logprobs' is 'behaviour'; allowed: score, rollout"),
         (("dataset=empty_prompt.jsonl",), "empty_prompt.jsonl:2: empty prompt"),
     ],
 )

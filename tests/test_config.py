@@ -188,3 +188,11 @@ def test_yaml_errors_are_one_line(workdir):
     assert "invalid YAML" in error(load_config, write("a: [1, 2\n"))
     assert "mapping" in error(load_config, write("- 1\n- 2\n"))
     assert "no such config file" in error(load_config, "nope.yaml")
+
+
+def test_choice_lists_match_the_library():
+    from ppojax import config as C
+    from ppojax import train
+
+    assert C.CRITIC_MODES == train.CRITIC_MODES
+    assert C.OLD_LOGPROBS == train.OLD_LOGPROBS

@@ -321,6 +321,29 @@ def test_score_equals_one_device(mesh):
     assert np.abs(single.logprobs - single.ref_logprobs).max() > 0.1  # the two models really differ
 
 
+def test_score_with_the_rollout_logprobs_equals_one_device():
+    lay = layout((2, 2, 2))
+    score = PL.sharded_score(POLICY, CRITIC, REWARD, lay, compiler_options=FAST)
+    behaviour = jax.random.normal(jax.random.key(5), RESPONSE_IDS.shape) - 3.0  # stands in for a rollout's
+    out = score(
+        PARAMS,
+        PROMPT_IDS,
+        PROMPT_MASK,
+        RESPONSE_IDS,
+        RESPONSE_MASK,
+        temperature=0.7,
+        critic_params=CRITIC_PARAMS,
+        reward_params=REWARD_PARAMS,
+        ref_params=REF_PARAMS,
+        old_logprobs=behaviour,
+    )
+    single = _single_score()
+    assert out.logprobs.sharding.spec == lay.batch.spec
+    np.testing.assert_array_equal(out.logprobs, np.where(np.asarray(RESPONSE_MASK) > 0, behaviour, 0.0))
+    for name in ("ref_logprobs", "values", "scores"):
+        np.testing.assert_allclose(getattr(out, name), getattr(single, name), atol=1e-5, rtol=0, err_msg=name)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # One PPO update step, one SFT step
 

@@ -333,6 +333,38 @@ def test_score_bundles_policy_reference_critic_and_reward():
         np.testing.assert_array_equal(np.asarray(field)[~mask], 0.0)
 
 
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_score_takes_the_old_logprobs_from_the_rollout(jit):
+    stop = _mixed_stop_token(np.asarray(_run(temperature=0.7).response_ids))
+    out = _run(temperature=0.7, stops=[stop])
+    assert np.any(out.stopped) and not np.all(out.stopped), "test setup: want stopped and unstopped rows"
+    # Behaviour log-probs with junk where masked: score must zero them, not pass them through.
+    junk = jnp.where(out.response_mask > 0, out.logprobs, -7.0)
+    kwargs = dict(
+        temperature=0.7,
+        critic_model=MODEL,
+        critic_params=PARAMS,
+        reward_model=MODEL,
+        reward_params=PARAMS,
+        ref_params=PARAMS,
+    )
+    fn = jit_for_tests(R.score, static_argnames=("policy_model", "critic_model", "reward_model")) if jit else R.score
+    batch = (PROMPT_IDS, PROMPT_MASK, out.response_ids, out.response_mask)
+    got = fn(MODEL, PARAMS, *batch, old_logprobs=junk, **kwargs)
+    recomputed = fn(MODEL, PARAMS, *batch, **kwargs)
+    mask = np.asarray(out.response_mask) == 1
+    np.testing.assert_array_equal(np.asarray(got.logprobs)[mask], np.asarray(out.logprobs)[mask])
+    np.testing.assert_array_equal(np.asarray(got.logprobs)[~mask], 0.0)
+    # The teacher-forced pass it replaces gives the same numbers within float32 rounding.
+    np.testing.assert_allclose(got.logprobs, recomputed.logprobs, atol=1e-5, rtol=0)
+    for name in ("ref_logprobs", "values", "scores"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(recomputed, name), err_msg=name)
+    with pytest.raises(
+        ValueError, match=r"score: old_logprobs has shape \(4, 5\); expected the response shape \(4, 6\)"
+    ):
+        R.score(MODEL, PARAMS, *batch, old_logprobs=out.logprobs[:, :5], **kwargs)
+
+
 def test_input_guards():
     with pytest.raises(ValueError, match="max_new_tokens"):
         _run(max_new_tokens=0)

@@ -377,6 +377,37 @@ def test_lora_update_step_trains_adapters_only():
     assert gain[is_target].mean() > 0.05 and gain[others].mean() < -0.01, (gain[is_target].mean(), gain[others].mean())
 
 
+@pytest.mark.parametrize("mode, jit", [("joint", True), ("shared", True), ("joint", False)])
+def test_old_logprobs_from_the_rollout(mode, jit):
+    configs = {source: _config(mode, old_logprobs=source, stop_token_ids=(1, 2, 3)) for source in ("score", "rollout")}
+    state, models = T.init_ppo_state(
+        configs["score"], POLICY, POLICY_PARAMS, jax.random.key(3), reward_fn=target_rate, critic_init="policy"
+    )
+    wrap = jax.jit if jit else (lambda f: f)
+    collected = {
+        source: wrap(functools.partial(T.collect, config=config, models=models))(state, PROMPTS, POLICY_PARAMS, None)[1]
+        for source, config in configs.items()
+    }
+    got, recomputed = collected["rollout"], collected["score"]
+    np.testing.assert_array_equal(got.response_ids, recomputed.response_ids)  # same key, same samples
+    mask = np.asarray(got.response_mask) > 0
+    assert 0 < mask.sum() < mask.size
+    np.testing.assert_array_equal(got.logprobs, got.behaviour_logprobs)
+    np.testing.assert_array_equal(np.asarray(got.logprobs)[~mask], 0.0)
+    teacher = response_logprobs(
+        POLICY, POLICY_PARAMS, got.prompt_ids, got.prompt_mask, got.response_ids, got.response_mask, 1.0
+    )
+    np.testing.assert_allclose(got.logprobs, teacher, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got.logprobs, recomputed.logprobs, atol=1e-5, rtol=0)
+    for name in ("ref_logprobs", "values", "scores"):
+        np.testing.assert_allclose(getattr(got, name), getattr(recomputed, name), atol=1e-6, rtol=0, err_msg=name)
+    if mode == "joint" and jit:  # training on it: the first minibatch's ratio is 1 within float32 rounding
+        train = jax.jit(functools.partial(T.train_on_batch, config=configs["rollout"], models=models))
+        _, metrics = train(state, got, POLICY_PARAMS)
+        assert abs(float(metrics["policy/first_ratio_max"]) - 1.0) < 1e-4
+        assert float(metrics["policy/logprob_gap_max"]) == 0.0
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="minibatch_size"):
         T.PPOConfig(batch_size=10, minibatch_size=4)
@@ -384,6 +415,8 @@ def test_config_validation():
         T.PPOConfig(batch_size=16, minibatch_size=8, micro_batch_size=3)
     with pytest.raises(ValueError, match="critic_mode"):
         T.PPOConfig(critic_mode="both")
+    with pytest.raises(ValueError, match=r"old_logprobs must be one of \('score', 'rollout'\), got 'behaviour'"):
+        T.PPOConfig(old_logprobs="behaviour")
     with pytest.raises(ValueError, match="reward_model"):
         T.init_ppo_state(
             _config(), POLICY, POLICY_PARAMS, jax.random.key(0), reward_fn=target_rate

@@ -75,6 +75,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="rows per forward/backward pass for both libraries (ppojax micro_batch_size, TRL "
         "per_device_train_batch_size with gradient accumulation); 0: the whole minibatch",
     )
+    parser.add_argument(
+        "--old-logprobs",
+        default="rollout",
+        choices=("rollout", "score"),
+        help="ppojax's old log-probs: rollout (the sampling log-probs, as TRL does: 3 scoring passes like TRL's) or "
+        "score (ppojax's default: a 4th, teacher-forced policy pass)",
+    )
     parser.add_argument("--no-jemalloc", action="store_true")
     parser.add_argument("--peak-size", type=int, default=2048, help="square matmul size of the peak (8192 on a GPU)")
     parser.add_argument(
@@ -144,7 +151,8 @@ def run_setting(args, directory: str, minibatches: int, workload: wl.Workload) -
             "ppojax",
             [sys.executable, os.path.join(HERE, "ppo_ppojax_worker.py"), "--dir", directory]
             + ["--minibatches", str(minibatches), "--devices", str(args.devices), "--peak-size", str(args.peak_size)]
-            + ["--bandwidth-mb", str(args.bandwidth_mb), "--micro-batch", str(args.micro_batch)],
+            + ["--bandwidth-mb", str(args.bandwidth_mb), "--micro-batch", str(args.micro_batch)]
+            + ["--old-logprobs", args.old_logprobs],
             env,
             os.path.join(directory, f"ppojax_{minibatches}.log"),
         )
@@ -266,7 +274,8 @@ def print_table(workload: wl.Workload, summaries: list[tuple[int, dict]], header
         f"# PPO update, workload {workload.name!r}: {wl.param_count(workload) / 1e6:.2f}M params/model, "
         f"{workload.batch_size} prompts × {workload.prompt_max} + {workload.new_tokens} new tokens, "
         f"{workload.ppo_epochs} epochs; ppojax on {header['devices']} JAX device(s), micro-batch "
-        f"{header['micro_batch'] or 'the minibatch'} (both libraries); {header['date']}, {header['machine']}"
+        f"{header['micro_batch'] or 'the minibatch'} (both libraries), ppojax old log-probs from the "
+        f"{header['old_logprobs']}; {header['date']}, {header['machine']}"
     )
     print(
         "# model GFLOP per update: "
@@ -345,6 +354,7 @@ def main(argv=None) -> dict:
         "peak_size": args.peak_size,
         "devices": args.devices,
         "micro_batch": args.micro_batch,
+        "old_logprobs": args.old_logprobs,
         "jemalloc": not args.no_jemalloc and os.path.exists(JEMALLOC),
     }
     summaries, results = [], []

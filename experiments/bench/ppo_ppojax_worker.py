@@ -7,7 +7,8 @@ devices), `memory`, `quit`. A PPO update is the library's public pieces, each ji
 `block_until_ready` after each so the phases can be timed apart:
 
     generate  `rollout_jit` (prefill + `lax.while_loop` decode; 32 tokens, no stop token)
-    score     `score` (old log-probs, reference log-probs, critic values, reward-model scores), jitted
+    score     `score` (old log-probs, reference log-probs, critic values, reward-model scores), jitted;
+              with `--old-logprobs rollout` the old log-probs are the sampling ones (TRL's choice)
     train     `train_on_batch` (TRL convention: shaped rewards, GAE, whitening, 4 epochs × minibatches of
               `update_step`, one AdamW over policy + critic = TRL's "joint" wrapper)
 
@@ -30,6 +31,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--minibatches", type=int, default=1)
     parser.add_argument(
         "--micro-batch", type=int, default=0, help="rows per forward/backward (gradient accumulation); 0: the minibatch"
+    )
+    parser.add_argument(
+        "--old-logprobs",
+        default="score",
+        choices=("score", "rollout"),
+        help="PPOConfig.old_logprobs (see ppojax.train)",
     )
     parser.add_argument("--devices", type=int, default=1, help="virtual CPU devices; the rows are split over them")
     parser.add_argument("--peak-size", type=int, default=2048, help="square matmul size for the peak")
@@ -66,8 +73,11 @@ from ppojax.train import Experience
 release_compiler_memory()  # as the `ppojax` command does (no effect under the jemalloc the bench preloads)
 
 
-def make_config(w: wl.Workload, minibatches: int, micro_batch: int = 0) -> ppojax.PPOConfig:
-    """TRL 1.12's PPO with this workload's settings (no gradient clipping: TRL's PPO loop does none)."""
+def make_config(
+    w: wl.Workload, minibatches: int, micro_batch: int = 0, old_logprobs: str = "score"
+) -> ppojax.PPOConfig:
+    """TRL 1.12's PPO with this workload's settings (no gradient clipping: TRL's PPO loop does none).
+    old_logprobs "rollout" is TRL's own choice (the sampling log-probs; no teacher-forced policy pass)."""
     convention = ppojax.get_preset("trl").replace(
         kl_coef=w.kl_coef, gamma=w.gamma, lam=w.lam, clip_eps=w.clip, value_clip_eps=w.value_clip, vf_coef=w.vf_coef
     )
@@ -82,6 +92,7 @@ def make_config(w: wl.Workload, minibatches: int, micro_batch: int = 0) -> ppoja
         stop_token_ids=(),
         pad_token_id=wl.PAD_ID,
         critic_mode="joint",
+        old_logprobs=old_logprobs,
         policy_optimizer=ppojax.OptimizerConfig(learning_rate=w.learning_rate, max_grad_norm=None),
     )
 
@@ -101,6 +112,7 @@ def score_phase(state, prompt_ids, prompt_mask, sampled, ref_params, reward_para
         reward_model=models.reward,
         reward_params=reward_params,
         ref_params=ref_params,
+        old_logprobs=sampled.logprobs if config.old_logprobs == "rollout" else None,
     )
     return Experience(
         prompt_ids=prompt_ids,
@@ -171,7 +183,7 @@ class Setup(NamedTuple):
     train: Callable  # (state, experience, ref params) -> (state, metrics)
 
 
-def setup(directory: str, minibatches: int, micro_batch: int = 0) -> Setup:
+def setup(directory: str, minibatches: int, micro_batch: int = 0, old_logprobs: str = "score") -> Setup:
     """Load the workload from `directory` and build the three jitted phases (rows split over the devices).
 
     On several devices the train phase is `parallel.sharded_ppo_phases`' `train_on_batch` on a data mesh: a plain
@@ -179,7 +191,7 @@ def setup(directory: str, minibatches: int, micro_batch: int = 0) -> Setup:
     (the minibatch gather let XLA replicate the computation: 2× the CPU time, measured 2026-11-21); the sharded
     entry point pins the activations to the batch split."""
     w, prompts = wl.load(directory)
-    config = make_config(w, minibatches, micro_batch)
+    config = make_config(w, minibatches, micro_batch, old_logprobs)
     dtype = jnp.dtype(w.dtype)
     policy, params = ppojax.load_pretrained(os.path.join(directory, "policy"), head="lm", dtype=dtype)
     reward, reward_params = ppojax.load_pretrained(os.path.join(directory, "reward"), head="reward", dtype=dtype)
@@ -217,7 +229,7 @@ def setup(directory: str, minibatches: int, micro_batch: int = 0) -> Setup:
 
 def main() -> None:
     rss_start = wl.current_rss_mb()
-    run = setup(ARGS.dir, ARGS.minibatches, ARGS.micro_batch)
+    run = setup(ARGS.dir, ARGS.minibatches, ARGS.micro_batch, ARGS.old_logprobs)
     state, ref_params, reward_params = run.state, run.ref_params, run.reward_params
     prompt_ids, prompt_mask = run.prompt_ids, run.prompt_mask
     generate, score, train = run.generate, run.score, run.train
