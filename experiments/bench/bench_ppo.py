@@ -26,6 +26,8 @@ How it runs
      (and torch's), then runs one update of each library, alternating which goes first, recording the
      1-minute load average before each. Only one worker computes at a time.
   4. Peak memory: each worker's resident-set high-water mark (VmHWM from /proc/self/status) at the end.
+  5. "first update s": the first warm-up update's wall time, compilation included (ppojax compiles its three
+     programs there; `--compilation-cache DIR`, given on a second run, shows it with them loaded instead).
 
 FLOPs are analytic model FLOPs (see `workload.phase_flops`): 2 per multiply-add of the matmuls the
 algorithm needs; the same count for both libraries, so a fraction of peak compares like with like.
@@ -81,6 +83,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=("rollout", "score"),
         help="ppojax's old log-probs: rollout (the sampling log-probs, as TRL does: 3 scoring passes like TRL's) or "
         "score (ppojax's default: a 4th, teacher-forced policy pass)",
+    )
+    parser.add_argument(
+        "--compilation-cache",
+        default=None,
+        metavar="DIR",
+        help="JAX's persistent compilation cache for the ppojax worker (JAX_COMPILATION_CACHE_DIR): run twice to "
+        "see the first update with the programs loaded instead of compiled",
     )
     parser.add_argument("--no-jemalloc", action="store_true")
     parser.add_argument("--peak-size", type=int, default=2048, help="square matmul size of the peak (8192 on a GPU)")
@@ -145,6 +154,7 @@ def checked(update: dict, name: str, workload: wl.Workload) -> dict:
 
 def run_setting(args, directory: str, minibatches: int, workload: wl.Workload) -> dict:
     env = worker_env(args)
+    ppojax_env = dict(env, JAX_COMPILATION_CACHE_DIR=args.compilation_cache) if args.compilation_cache else env
     total = args.warmup + args.updates
     workers = {
         "ppojax": Worker(
@@ -153,7 +163,7 @@ def run_setting(args, directory: str, minibatches: int, workload: wl.Workload) -
             + ["--minibatches", str(minibatches), "--devices", str(args.devices), "--peak-size", str(args.peak_size)]
             + ["--bandwidth-mb", str(args.bandwidth_mb), "--micro-batch", str(args.micro_batch)]
             + ["--old-logprobs", args.old_logprobs],
-            env,
+            ppojax_env,
             os.path.join(directory, f"ppojax_{minibatches}.log"),
         )
     }
@@ -267,6 +277,11 @@ def summarise(result: dict, workload: wl.Workload) -> dict:
     return summary
 
 
+def first_update(lib: dict) -> str:
+    """The first (warm-up) update's wall seconds, compilation included; '–' without warm-up."""
+    return f"{lib['warmup_seconds'][0]:.1f}" if lib["warmup_seconds"] else "–"
+
+
 def print_table(workload: wl.Workload, summaries: list[tuple[int, dict]], header: dict) -> None:
     flops = wl.phase_flops(workload)
     print()
@@ -286,9 +301,9 @@ def print_table(workload: wl.Workload, summaries: list[tuple[int, dict]], header
     print(
         "| minibatches | library | generate s | score s | train s | update s (median / best) | "
         "update CPU s | train GFLOP/s (% of peak) | generate / score % of peak | generate tok/s (% of roofline) | "
-        "peak RSS MB | load |"
+        "first update s | peak RSS MB | load |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for minibatches, s in summaries:
         for name, lib in s["libraries"].items():
             ph = lib["phases"]
@@ -299,7 +314,7 @@ def print_table(workload: wl.Workload, summaries: list[tuple[int, dict]], header
                 f"{ph['train']['gflops']:.0f} ({100 * ph['train']['of_peak']:.0f} %) | "
                 f"{100 * ph['generate']['of_peak']:.0f} / {100 * ph['score']['of_peak']:.0f} | "
                 f"{lib['generate_tokens_per_s']:.0f} ({100 * lib['decode_of_bandwidth_roofline']:.0f} %) | "
-                f"{lib['peak_rss_mb']:.0f} | {lib['load'][0]:.1f}–{lib['load'][1]:.1f} |"
+                f"{first_update(lib)} | {lib['peak_rss_mb']:.0f} | {lib['load'][0]:.1f}–{lib['load'][1]:.1f} |"
             )
     print()
     for minibatches, s in summaries:
@@ -355,6 +370,7 @@ def main(argv=None) -> dict:
         "devices": args.devices,
         "micro_batch": args.micro_batch,
         "old_logprobs": args.old_logprobs,
+        "compilation_cache": args.compilation_cache,
         "jemalloc": not args.no_jemalloc and os.path.exists(JEMALLOC),
     }
     summaries, results = [], []
