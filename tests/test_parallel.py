@@ -299,21 +299,17 @@ def _single_score():
     return jax.device_get(jax.jit(run, compiler_options=FAST)(PARAMS, REF_PARAMS, CRITIC_PARAMS, REWARD_PARAMS, *batch))
 
 
+def _sharded_score(lay, **extra):
+    score = PL.sharded_score(POLICY, CRITIC, REWARD, lay, compiler_options=FAST)
+    batch = (PROMPT_IDS, PROMPT_MASK, RESPONSE_IDS, RESPONSE_MASK)
+    kwargs = dict(critic_params=CRITIC_PARAMS, reward_params=REWARD_PARAMS, ref_params=REF_PARAMS)
+    return score(PARAMS, *batch, temperature=0.7, **kwargs, **extra)
+
+
 @pytest.mark.parametrize("mesh", MESHES, ids=MESH_IDS)
 def test_score_equals_one_device(mesh):
     lay = layout(mesh)
-    score = PL.sharded_score(POLICY, CRITIC, REWARD, lay, compiler_options=FAST)
-    out = score(
-        PARAMS,
-        PROMPT_IDS,
-        PROMPT_MASK,
-        RESPONSE_IDS,
-        RESPONSE_MASK,
-        temperature=0.7,
-        critic_params=CRITIC_PARAMS,
-        reward_params=REWARD_PARAMS,
-        ref_params=REF_PARAMS,
-    )
+    out = _sharded_score(lay)
     single = _single_score()
     assert out.scores.sharding.spec == lay.batch.spec
     for name in ("logprobs", "ref_logprobs", "values", "scores"):
@@ -323,20 +319,8 @@ def test_score_equals_one_device(mesh):
 
 def test_score_with_the_rollout_logprobs_equals_one_device():
     lay = layout((2, 2, 2))
-    score = PL.sharded_score(POLICY, CRITIC, REWARD, lay, compiler_options=FAST)
     behaviour = jax.random.normal(jax.random.key(5), RESPONSE_IDS.shape) - 3.0  # stands in for a rollout's
-    out = score(
-        PARAMS,
-        PROMPT_IDS,
-        PROMPT_MASK,
-        RESPONSE_IDS,
-        RESPONSE_MASK,
-        temperature=0.7,
-        critic_params=CRITIC_PARAMS,
-        reward_params=REWARD_PARAMS,
-        ref_params=REF_PARAMS,
-        old_logprobs=behaviour,
-    )
+    out = _sharded_score(lay, old_logprobs=behaviour)
     single = _single_score()
     assert out.logprobs.sharding.spec == lay.batch.spec
     np.testing.assert_array_equal(out.logprobs, np.where(np.asarray(RESPONSE_MASK) > 0, behaviour, 0.0))
