@@ -280,6 +280,35 @@ def test_greedy_rollout_equals_one_device(mesh):
     assert np.all(single.logprobs[single.response_mask > 0] < 0)
 
 
+def test_sampled_top_k_top_p_rollout_is_row_local():
+    # top-k / top-p find their thresholds with row-wise ops only: a batch split over devices samples the same
+    # tokens as one device, and no device gathers the others' logits (lax.top_k made the partitioner all-gather
+    # them at every decode step).
+    lay = layout((8, 1, 1))
+    settings = dict(temperature=0.9, top_p=0.8, stop_token_ids=[5], pad_token_id=PAD)
+    rollout = PL.sharded_rollout(POLICY, lay, max_new_tokens=N, top_k=7, compiler_options=FAST)
+    params = PL.place(PARAMS, lay.params(PARAMS))
+    out = rollout(params, PROMPT_IDS, PROMPT_MASK, jax.random.key(4), **settings)
+    run = jax.jit(G.rollout, static_argnames=G.ROLLOUT_STATIC_ARGNAMES, compiler_options=FAST)
+    scalars = (jnp.float32(0.9), jnp.float32(0.8), jnp.asarray([5], jnp.int32), jnp.int32(PAD))
+    single = run(
+        POLICY,
+        PARAMS,
+        PROMPT_IDS,
+        PROMPT_MASK,
+        jax.random.key(4),
+        max_new_tokens=N,
+        top_k=7,
+        **dict(zip(("temperature", "top_p", "stop_token_ids", "pad_token_id"), scalars)),
+    )
+    np.testing.assert_array_equal(out.response_ids, single.response_ids)
+    np.testing.assert_allclose(out.logprobs, single.logprobs, atol=1e-5, rtol=0)
+    args = (params, PROMPT_IDS, PROMPT_MASK, jax.random.key(4), *scalars, None)
+    with PL.activation_sharding(lay):
+        program = rollout.sharded.jitted(*args).lower(*args).compile().as_text()
+    assert "all-gather" not in program and "all-to-all" not in program
+
+
 @functools.lru_cache(maxsize=None)
 def _single_score():
     def run(policy, ref, critic, reward, *batch):

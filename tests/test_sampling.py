@@ -1,5 +1,7 @@
 """Tests for ppojax.sampling: exact masks, tie rules, the sampled distribution, greedy, keys."""
 
+from unittest import mock
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -59,6 +61,89 @@ class MaskTest(parameterized.TestCase):
         filtered = sampling.filter_logits(logits, 0.5, top_k=3, top_p=0.9)
         np.testing.assert_array_equal(jnp.isfinite(filtered), [[1, 1, 0, 0, 0]])
         np.testing.assert_allclose(filtered[0, :2], logits[0, :2] / 0.5, rtol=1e-6)
+
+
+def _reference_top_k(row, k):
+    """numpy: keep every logit >= the k-th largest."""
+    return row >= np.sort(row)[::-1][k - 1]
+
+
+def _reference_top_p(row, p):
+    """numpy, float64, the module doc's rule by sorting: (keep mask, distance of p from the nearest mass
+    boundary — below float32 rounding the float32 implementations may legitimately decide either way)."""
+    order = np.argsort(-row, kind="stable")
+    finite = row > -np.inf
+    probs = np.where(finite, np.exp(row - row.max()), 0.0)
+    probs = probs / probs.sum()
+    sorted_logits, sorted_probs = row[order], probs[order]
+    mass_before = np.cumsum(sorted_probs) - sorted_probs
+    in_nucleus = mass_before < p
+    in_nucleus[0] = True
+    threshold = sorted_logits[in_nucleus].min()
+    margin = np.min(np.abs(mass_before[sorted_probs > 0] - p))
+    return (row >= threshold) | (p >= 1.0), margin
+
+
+def _random_logits(seed, rows=40, vocab=300):
+    """Rows with ties (values rounded to a coarse grid in half the rows) and -inf entries (as top-k leaves)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(rows, vocab)) * rng.uniform(0.3, 4.0, size=(rows, 1))
+    logits[::2] = np.round(logits[::2] * 2) / 2
+    logits[1::3, rng.choice(vocab, vocab // 3, replace=False)] = -np.inf
+    return logits.astype(np.float32)
+
+
+class ThresholdTest(parameterized.TestCase):
+    """top-k / top-p against numpy references on random rows, for both ways of finding the threshold: the
+    bisection the CPU backend uses and the sort used elsewhere (forced here through `_search_thresholds`)."""
+
+    def _use(self, search):
+        # The choice is made while tracing: drop traces cached by a run with the other choice.
+        patcher = mock.patch.object(sampling, "_search_thresholds", return_value=search)
+        jax.clear_caches()
+        patcher.start()
+        self.addCleanup(jax.clear_caches)
+        self.addCleanup(patcher.stop)
+
+    @chex.all_variants(with_pmap=False)
+    @parameterized.parameters(True, False)
+    def test_top_k_mask_matches_numpy(self, search):
+        self._use(search)
+        logits = _random_logits(1)
+        for k in (1, 2, 7, 50, 299):
+            got = np.asarray(self.variant(sampling.top_k_mask, static_argnums=1)(logits, k))
+            want = np.stack([_reference_top_k(row, k) for row in logits])
+            np.testing.assert_array_equal(got, want, err_msg=f"top_k={k}")
+
+    @chex.all_variants(with_pmap=False)
+    @parameterized.parameters(True, False)
+    def test_top_p_mask_matches_numpy(self, search):
+        self._use(search)
+        logits = _random_logits(2)
+        top_p_mask = self.variant(sampling.top_p_mask)
+        compared = 0
+        for p in (0.0, 0.05, 0.3, 0.5, 0.8, 0.9, 0.95, 0.999, 1.0):
+            got = np.asarray(top_p_mask(logits, p))
+            for row, kept in zip(logits, got):
+                want, margin = _reference_top_p(row.astype(np.float64), p)
+                if margin > 1e-5 or p in (0.0, 1.0):
+                    np.testing.assert_array_equal(kept, want, err_msg=f"top_p={p}")
+                    compared += 1
+        self.assertGreater(compared, 0.9 * 9 * len(logits))  # boundary cases are rare: the test compares
+
+    def test_search_and_sort_agree_in_a_jitted_sampler(self):
+        logits = jnp.asarray(_random_logits(3))
+        results = []
+        for search in (True, False):
+            with mock.patch.object(sampling, "_search_thresholds", return_value=search):
+                jax.clear_caches()
+                fn = jit_for_tests(sampling.filter_logits, static_argnames="top_k")
+                results.append(np.asarray(fn(logits, 0.8, top_k=40, top_p=0.7)))
+        np.testing.assert_array_equal(results[0], results[1])
+        self.assertTrue(np.all(np.isfinite(results[0]).sum(-1) >= 1))
+
+    def test_search_is_the_cpu_choice(self):
+        self.assertEqual(sampling._search_thresholds(), jax.default_backend() == "cpu")
 
 
 class ScanTest(parameterized.TestCase):

@@ -3,8 +3,9 @@
 Both sample from the same tiny random Qwen2-shaped checkpoint (saved once with transformers, loaded by
 ppojax), the same left-padded prompts, at the same temperature, exactly `--new-tokens` tokens per row (no
 stop token in ppojax; `min_new_tokens` = `max_new_tokens` in transformers), full distribution (top-k off,
-top-p 1). After two warm-up runs of each, the timed runs alternate (ppojax, transformers, transformers,
-ppojax, ...) so both see the same neighbours; each run records wall time, process CPU time and the 1-minute
+top-p 1: the issue's workload) unless `--top-k` / `--top-p` ask for the filters users run (LLaMA-Factory's
+defaults are top-k 50, top-p 0.7, T 0.95), applied the same way by both libraries. After two warm-up runs of
+each, the timed runs alternate (ppojax, transformers, transformers, ppojax, ...) so both see the same neighbours; each run records wall time, process CPU time and the 1-minute
 load average. Reports median and best tokens/s of each, both ratios, and CPU ms per 1000 tokens (a figure
 that contention distorts less than wall time).
 
@@ -40,6 +41,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-k", type=int, default=0, help="0: off (the issue's workload)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1: off (the issue's workload)")
     parser.add_argument("--vocab", type=int, default=1536)
     parser.add_argument("--repeats", type=int, default=7, help="timed runs of each library")
     parser.add_argument("--seed", type=int, default=0)
@@ -140,6 +143,8 @@ def main(args: argparse.Namespace) -> None:
         model,
         max_new_tokens=args.new_tokens,
         temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
         stop_token_ids=(),
         pad_token_id=PAD_ID,
     )
@@ -171,8 +176,8 @@ def main(args: argparse.Namespace) -> None:
                 attention_mask=torch_mask,
                 do_sample=True,
                 temperature=args.temperature,
-                top_k=0,
-                top_p=1.0,
+                top_k=args.top_k,
+                top_p=args.top_p,
                 max_new_tokens=args.new_tokens,
                 min_new_tokens=args.new_tokens,
                 use_cache=True,
@@ -198,6 +203,7 @@ def main(args: argparse.Namespace) -> None:
     allocator = "jemalloc" if JEMALLOC in os.environ.get("LD_PRELOAD", "") else "system malloc"
     print(
         f"batch {args.batch}, prompt width {ids.shape[1]}, {args.new_tokens} new tokens, T={args.temperature}, "
+        f"top_k={args.top_k}, top_p={args.top_p}, "
         f"vocab {args.vocab}; torch threads {torch.get_num_threads()}, jax devices {len(jax.devices())}, "
         f"{allocator}; load average (1 min) over the timed runs: "
         f"{min(l for r in results.values() for *_, l in r):.2f}-{max(l for r in results.values() for *_, l in r):.2f}"
