@@ -6,8 +6,9 @@ stop token in ppojax; `min_new_tokens` = `max_new_tokens` in transformers), full
 top-p 1: the issue's workload) unless `--top-k` / `--top-p` ask for the filters users run (LLaMA-Factory's
 defaults are top-k 50, top-p 0.7, T 0.95), applied the same way by both libraries. After two warm-up runs of
 each, the timed runs alternate (ppojax, transformers, transformers, ppojax, ...) so both see the same
-neighbours; each run records wall time, process CPU time and the 1-minute load average. Reports median and best tokens/s of each, both ratios, and CPU ms per 1000 tokens (a figure
-that contention distorts less than wall time).
+neighbours; each run records wall time, process CPU time and the 1-minute load average. Reports median and
+best tokens/s of each, both ratios, and CPU ms per 1000 tokens (a figure that contention distorts less than
+wall time).
 
     python experiments/bench/bench_rollout.py [--batch 64 --prompt-len 16 --new-tokens 32 --repeats 7]
 
