@@ -30,6 +30,7 @@ import numpy as np
 from flax import struct
 
 from ppojax import sampling
+from ppojax.models.lora import Lora, merge_lora
 
 ROLLOUT_STATIC_ARGNAMES = ("model", "max_new_tokens", "top_k")
 
@@ -145,6 +146,12 @@ def rollout(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; found {max_new_tokens}")
+    if _merge_adapters_for_sampling(params, lora):
+        # Sample from W + scale * a @ b: one small product per adapted kernel per rollout instead of two per
+        # projection per decode step (a rollout with adapters on every projection: -15 % on CPU). float32 only:
+        # the merged and the unmerged products then differ by float32 rounding (behaviour log-probs within
+        # ~1e-6 of the teacher-forced pass, which keeps the adapters separate); rounding W + delta to bf16 would not.
+        params, lora = merge_lora(model, params, lora), None
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
     chex.assert_rank([prompt_ids, prompt_mask], 2)
@@ -194,6 +201,11 @@ def rollout(
     _, _, _, response_ids, response_logprobs, lengths, stopped = jax.lax.while_loop(keep_going, decode, state)
     response_mask = (jnp.arange(max_new_tokens)[None, :] < lengths[:, None]).astype(jnp.int32)
     return Rollout(response_ids, response_mask, response_logprobs, lengths, stopped)
+
+
+def _merge_adapters_for_sampling(params, lora) -> bool:
+    """Whether `rollout` samples from merged weights: ppojax LoRA adapters over float32 params."""
+    return isinstance(lora, Lora) and all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
 
 
 _rollout_compiled = jax.jit(rollout, static_argnames=ROLLOUT_STATIC_ARGNAMES)

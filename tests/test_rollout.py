@@ -389,3 +389,51 @@ def test_score_requires_a_reference():
             reward_model=MODEL,
             reward_params=PARAMS,
         )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA: the rollout samples from the merged weights (float32), the teacher-forced pass keeps the adapters apart
+
+
+def _lora_setup(dtype=jnp.float32):
+    from ppojax.models import DecoderModel, ModelConfig, init_lora
+
+    config = ModelConfig(
+        model_type="qwen2", vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=8, max_position_embeddings=64, qkv_bias=True, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = DecoderModel(config, dtype=dtype)
+    params = jax.tree.map(lambda x: x.astype(dtype), model.init_params(jax.random.key(0)))
+    lora = init_lora(model, jax.random.key(1), rank=4, targets="all")
+    # b = 0 would leave the model unchanged: give every adapter a real effect.
+    b_keys = iter(jax.random.split(jax.random.key(2), 64))
+    adapters = jax.tree.map(
+        lambda x: x if x.shape[0] != 4 else 0.3 * jax.random.normal(next(b_keys), x.shape), lora.adapters
+    )
+    return model, params, lora.replace(adapters=adapters)
+
+
+def test_lora_rollout_samples_the_merged_weights_and_matches_the_teacher_forced_pass():
+    from ppojax.models import merge_lora
+
+    model, params, lora = _lora_setup()
+    prompts, mask = R.pad_prompts(((3, 4, 5), (6,), (7, 8, 9, 10), (11, 12)), 0, bucket=4)
+    run = functools.partial(rollout_jit, max_new_tokens=N, temperature=0.8, stop_token_ids=[], pad_token_id=0)
+    out = run(model, params, prompts, mask, jax.random.key(3), lora=lora)
+    merged = run(model, merge_lora(model, params, lora), prompts, mask, jax.random.key(3))
+    np.testing.assert_array_equal(out.response_ids, merged.response_ids)
+    np.testing.assert_allclose(out.logprobs, merged.logprobs, atol=1e-6, rtol=0)
+    batch = (prompts, mask, out.response_ids, out.response_mask)
+    teacher = response_logprobs_jit(model, params, *batch, 0.8, lora=lora)  # adapters applied separately
+    np.testing.assert_allclose(teacher, out.logprobs, atol=1e-5, rtol=0)
+    base = response_logprobs_jit(model, params, *batch, 0.8)
+    assert np.max(np.abs(np.asarray(base) - np.asarray(out.logprobs))) > 0.05  # the adapters matter
+
+
+def test_lora_merges_only_float32_params():
+    model, params, lora = _lora_setup()
+    assert R._merge_adapters_for_sampling(params, lora)
+    assert not R._merge_adapters_for_sampling(params, None)
+    assert not R._merge_adapters_for_sampling(params, {"bias": jnp.zeros(3)})  # a fake model's own adapter tree
+    _, params16, lora16 = _lora_setup(jnp.bfloat16)
+    assert not R._merge_adapters_for_sampling(params16, lora16)
