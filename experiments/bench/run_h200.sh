@@ -16,6 +16,9 @@
 #
 # then run with carry [".whl"]:  bash experiments/bench/run_h200.sh
 # Results land in $OUT (h200.json, h200.log). Not run yet: no GPU was lent to the session that wrote this.
+# A second, short call settles how top-k / top-p should find their cut-offs on the GPU (bisection, as on CPU,
+# against sorting; `ppojax.sampling._search_thresholds`):
+#   python3 experiments/bench/bench_sampling.py --batch 256 --vocab 151936 --steps 32
 set -uo pipefail
 OUT=${OUT:-/tmp/bench_out}
 mkdir -p "$OUT"
