@@ -171,7 +171,10 @@ def rollout(
     def sample(step, logits):
         return sampling.sample_tokens(key, logits, temperature, top_k=top_k, top_p=top_p, uniform=uniforms[step])
 
-    cache = model.init_cache(batch, prompt_len + max_new_tokens)  # the model's compute dtype
+    # The decode loop runs in phases whose caches grow with the response (when the model can grow one): a
+    # step attends over its phase's slots, not over every slot of the longest response.
+    phase_ends = decode_phase_ends(max_new_tokens) if hasattr(model, "grow_cache") else (max_new_tokens,)
+    cache = model.init_cache(batch, prompt_len + phase_ends[0])  # the model's compute dtype
     # The prefill samples from the last column only: skip the LM head elsewhere when the model can.
     last_only = {"head_at": "last"} if _accepts_keyword(model.apply, "head_at") else {}
     out = model.apply(params, prompt_ids, prompt_mask, cache=cache, lora=lora, **last_only)
@@ -181,10 +184,15 @@ def rollout(
     response_logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(logprobs)
     lengths = jnp.ones((batch,), jnp.int32)
 
-    # Loop state: (step, cache, last token, response ids, log-probs, lengths, stopped). Step t samples column t.
-    def keep_going(state):
-        step, *_, stopped = state
-        return (step < max_new_tokens) & ~jnp.all(stopped)
+    # Loop state: (step, cache, last token, response ids, log-probs, lengths, stopped). Step t samples column t
+    # and writes the token of step t - 1 at slot prompt_len + t - 1: a phase ending at step e needs
+    # prompt_len + e - 1 slots.
+    def keep_going(end):
+        def condition(state):
+            step, *_, stopped = state
+            return (step < end) & ~jnp.all(stopped)
+
+        return condition
 
     def decode(state):
         step, cache, last, response_ids, response_logprobs, lengths, stopped = state
@@ -198,9 +206,31 @@ def rollout(
         return step + 1, out.cache, tokens, response_ids, response_logprobs, lengths, stopped
 
     state = (jnp.int32(1), out.cache, tokens, response_ids, response_logprobs, lengths, stopped)
-    _, _, _, response_ids, response_logprobs, lengths, stopped = jax.lax.while_loop(keep_going, decode, state)
+    for phase, end in enumerate(phase_ends):
+        if phase:
+            state = (state[0], model.grow_cache(state[1], prompt_len + end), *state[2:])
+        state = jax.lax.while_loop(keep_going(end), decode, state)
+    _, _, _, response_ids, response_logprobs, lengths, stopped = state
     response_mask = (jnp.arange(max_new_tokens)[None, :] < lengths[:, None]).astype(jnp.int32)
     return Rollout(response_ids, response_mask, response_logprobs, lengths, stopped)
+
+
+DECODE_PHASE_STEPS = 64  # a decode phase covers at least this many steps
+DECODE_PHASES_MAX = 4  # each phase is one more copy of the decode step in the compiled program
+
+
+def decode_phase_ends(max_new_tokens: int) -> tuple[int, ...]:
+    """The steps at which the rollout's decode phases end (the last is `max_new_tokens`): up to
+    `DECODE_PHASES_MAX` equal phases of at least `DECODE_PHASE_STEPS` steps, so short responses keep one loop.
+
+    A decode step's attention reads every slot of its cache, valid or not; with the cache sized for the longest
+    response, a step at the start of a long response read mostly empty slots (at 256 new tokens after 16 prompt
+    tokens, doubling the slots made the benchmark's rollout 50 % slower: attention is half its time there).
+    With four phases each step reads at most its phase's end: ~37 % fewer slots read in all when the prompt is
+    short against the response.
+    """
+    phases = max(1, min(DECODE_PHASES_MAX, max_new_tokens // DECODE_PHASE_STEPS))
+    return tuple(round(max_new_tokens * (i + 1) / phases) for i in range(phases))
 
 
 def _merge_adapters_for_sampling(params, lora) -> bool:

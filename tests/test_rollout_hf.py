@@ -4,6 +4,7 @@ Tiny random checkpoints of each family are built with transformers (tests/models
 with `ppojax.models.load_pretrained`.
 """
 
+import functools
 import os
 import sys
 
@@ -67,8 +68,21 @@ def _hf_greedy(torch_model, ids, mask, stop):
     return out.sequences[:, ids.shape[1] :].numpy(), torch.stack(out.logits, 1).float().numpy()
 
 
-@pytest.mark.parametrize("name", ["llama3", "qwen2", "qwen3", "gpt2"])
-def test_greedy_rollout_equals_transformers_generate_and_logprobs_equal_teacher_forced(build, name):
+@pytest.mark.parametrize(
+    "name, phase_steps",
+    [("llama3", None), ("qwen2", None), ("qwen3", None), ("gpt2", None), ("qwen2", 2), ("gpt2", 2)],
+    ids=["llama3", "qwen2", "qwen3", "gpt2", "qwen2-phases", "gpt2-phases"],
+)
+def test_greedy_rollout_equals_transformers_generate_and_logprobs_equal_teacher_forced(
+    build, name, phase_steps, monkeypatch
+):
+    """`phase_steps` 2: the decode loop in four phases whose caches grow (rope and learned positions)."""
+    run = rollout_jit
+    if phase_steps:
+        monkeypatch.setattr(R, "DECODE_PHASE_STEPS", phase_steps)
+        assert R.decode_phase_ends(N) == (2, 4, 6, 8)
+        # A new function object: the phases are read while tracing, so trace the rollout again.
+        run = jit_for_tests(functools.partial(R.rollout), static_argnames=R.ROLLOUT_STATIC_ARGNAMES)
     torch_model, model, params = build(name)
     ids, mask = _prompts(model.config.vocab_size)
     full, _ = _hf_greedy(torch_model, ids, mask, stop=None)
@@ -79,7 +93,7 @@ def test_greedy_rollout_equals_transformers_generate_and_logprobs_equal_teacher_
     stopped_rows = np.array([stop in row for row in full])
     assert stopped_rows.any() and not stopped_rows.all()
 
-    out = rollout_jit(
+    out = run(
         model,
         params,
         ids,
@@ -106,7 +120,7 @@ def test_greedy_rollout_equals_transformers_generate_and_logprobs_equal_teacher_
     np.testing.assert_allclose(teacher, out.logprobs, atol=1e-5, rtol=0)
 
     # Sampled (same compiled programs: temperature and top_p are traced): behaviour = teacher-forced.
-    sampled = rollout_jit(
+    sampled = run(
         model,
         params,
         ids,

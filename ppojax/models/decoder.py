@@ -553,6 +553,22 @@ class DecoderModel:
             mask=jnp.zeros((batch_size, max_length), bool),
         )
 
+    def grow_cache(self, cache: KVCache, max_length: int) -> KVCache:
+        """`cache` with room for `max_length` slots: the new slots are empty (zeros, not valid), the filled ones
+        and `index` unchanged. Lets a decode loop attend over a window that grows with the response instead of
+        every slot of the longest one (`ppojax.generation.rollout`)."""
+        slots = cache.mask.shape[1]
+        if max_length < slots:
+            raise ValueError(f"grow_cache: max_length {max_length} < the cache's {slots} slots; a cache only grows")
+        extra = max_length - slots
+        pad = lambda x, axis: jnp.pad(x, [(0, extra if i == axis else 0) for i in range(x.ndim)])  # noqa: E731
+        return KVCache(
+            keys=tuple(pad(k, 3) for k in cache.keys),
+            values=tuple(pad(v, 2) for v in cache.values),
+            index=cache.index,
+            mask=pad(cache.mask, 1),
+        )
+
     def param_shapes(self) -> dict:
         """The params pytree as `jax.ShapeDtypeStruct`s (no allocation; traced once per model)."""
         return _param_shapes(self)

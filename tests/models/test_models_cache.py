@@ -68,6 +68,40 @@ def test_cache_layout(checkpoint):
     assert cache.mask.shape == (2, 16) and not cache.mask.any()
 
 
+@pytest.mark.parametrize("name", ["llama3", "gpt2"])
+def test_grown_cache_decodes_as_the_full_size_cache(checkpoint, name):
+    # Prefill into a cache with just enough slots, grow it, decode: the same logits as with the full-size cache
+    # from the start (rope positions and learned positions); the filled slots and the index are kept.
+    model, params = load_pretrained(checkpoint(name)[0])
+    prompt_len = max(PROMPT_LENGTHS)
+    ids, mask = hf_builders.padded_batch(PROMPT_LENGTHS, prompt_len, model.config.vocab_size, seed=4)
+    new_tokens = np.random.default_rng(6).integers(1, model.config.vocab_size, (len(ids), STEPS))
+    step = jax.jit(functools.partial(_apply, model))
+    results = []
+    for slots in ((prompt_len + 1, prompt_len + STEPS), (prompt_len + STEPS, prompt_len + STEPS)):
+        out = step(params, ids, mask, model.init_cache(len(ids), slots[0]))
+        small = out.cache
+        grown = model.grow_cache(small, slots[1])
+        for old, new, axis in [(k, g, 3) for k, g in zip(small.keys, grown.keys)] + [
+            (v, g, 2) for v, g in zip(small.values, grown.values)
+        ]:
+            np.testing.assert_array_equal(np.take(np.asarray(new), np.arange(slots[0]), axis=axis), old)
+            assert not np.take(np.asarray(new), np.arange(slots[0], slots[1]), axis=axis).any()
+        assert int(grown.index) == int(small.index) == prompt_len
+        assert grown.mask.shape == (len(ids), slots[1]) and not np.asarray(grown.mask)[:, slots[0] :].any()
+        logits = [np.asarray(out.logits)]
+        cache = grown
+        for t in range(STEPS - 1):
+            out = step(params, new_tokens[:, t : t + 1], np.ones((len(ids), 1), np.int32), cache)
+            cache = out.cache
+            logits.append(np.asarray(out.logits))
+        results.append(np.concatenate(logits, axis=1))
+    real = np.concatenate([mask, np.ones((len(ids), STEPS - 1), mask.dtype)], axis=1).astype(bool)  # not the pads
+    np.testing.assert_allclose(results[0][real], results[1][real], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="grow_cache: max_length 3"):
+        model.grow_cache(model.init_cache(2, 8), 3)
+
+
 def test_shape_errors(checkpoint):
     model, params = load_pretrained(checkpoint("gpt2")[0])
     with pytest.raises(ValueError, match="input_ids must be"):
