@@ -143,6 +143,8 @@ def rollout(
     restrict sampling only; the log-probs are over the full tempered distribution (see `ppojax.sampling`).
     `stop_token_ids` may be empty (then every row runs to `max_new_tokens`); pad the list with -1 (never a
     token) to keep its length, and so the compiled program, fixed when the stop set changes.
+    With 128 new tokens or more the decode loop runs in phases whose caches grow (`decode_phase_ends`, when the
+    model has `grow_cache`); with float32 `Lora` adapters it samples from the merged weights.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; found {max_new_tokens}")
