@@ -79,7 +79,8 @@ def _search_thresholds() -> bool:
     (k = 50 at [64, 1536], per step: 17 ms on one CPU device; 1.7 ms on two, where the partitioner, which has no
     rule for it, all-gathers the logits of the rows split over the devices). The bisection is 32 passes of a
     comparison and a row sum: 0.5-0.8 ms per step for either filter there, with row-wise ops only (nothing to
-    gather when the rows are sharded). `experiments/bench/bench_rollout.py --top-k / --top-p` measures it.
+    gather when the rows are sharded). `experiments/bench/bench_sampling.py` times both ways on any backend;
+    `experiments/bench/bench_rollout.py --top-k / --top-p` the whole rollout.
     """
     return jax.default_backend() == "cpu"
 

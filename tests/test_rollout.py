@@ -15,6 +15,7 @@ import pytest
 from rollout_testing import chi_square_pvalue, jit_for_tests
 from fake_models import BagOfWordsLM, TableLM
 from ppojax import generation as R
+from ppojax.models import DecoderModel, ModelConfig, init_lora, merge_lora
 
 PAD = 16  # a token the fake model's greedy decoding never emits, so padding is visible
 MODEL = BagOfWordsLM()
@@ -396,8 +397,6 @@ def test_score_requires_a_reference():
 
 
 def _lora_setup(dtype=jnp.float32):
-    from ppojax.models import DecoderModel, ModelConfig, init_lora
-
     config = ModelConfig(
         model_type="qwen2", vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
         num_kv_heads=2, head_dim=8, max_position_embeddings=64, qkv_bias=True, tie_word_embeddings=True,
@@ -407,15 +406,13 @@ def _lora_setup(dtype=jnp.float32):
     lora = init_lora(model, jax.random.key(1), rank=4, targets="all")
     # b = 0 would leave the model unchanged: give every adapter a real effect.
     b_keys = iter(jax.random.split(jax.random.key(2), 64))
-    adapters = jax.tree.map(
-        lambda x: x if x.shape[0] != 4 else 0.3 * jax.random.normal(next(b_keys), x.shape), lora.adapters
+    adapters = jax.tree_util.tree_map_with_path(
+        lambda path, x: 0.3 * jax.random.normal(next(b_keys), x.shape) if path[-1].key == "b" else x, lora.adapters
     )
     return model, params, lora.replace(adapters=adapters)
 
 
 def test_lora_rollout_samples_the_merged_weights_and_matches_the_teacher_forced_pass():
-    from ppojax.models import merge_lora
-
     model, params, lora = _lora_setup()
     prompts, mask = R.pad_prompts(((3, 4, 5), (6,), (7, 8, 9, 10), (11, 12)), 0, bucket=4)
     run = functools.partial(rollout_jit, max_new_tokens=N, temperature=0.8, stop_token_ids=[], pad_token_id=0)
