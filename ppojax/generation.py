@@ -60,7 +60,8 @@ class Scores:
 
     logprobs:     [B, N] policy log-probs at the sampling temperature ("old" log-probs).
     ref_logprobs: [B, N] reference log-probs at the same temperature.
-    values:       [B, N] critic values of the state before each response token.
+    values:       [B, N] critic values of the state before each response token, 0 outside the value mask
+                  (`score(value_mask=)`, by default the response mask).
     scores:       [B] reward-model score at the last real token of prompt + response.
     """
 
@@ -323,13 +324,33 @@ def response_logprobs(
     return jnp.where(jnp.asarray(response_mask) > 0, logprobs, 0.0)
 
 
-def response_values(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora=None) -> jax.Array:
-    """[B, N] float32: the value head at the state before each response token (TRL's alignment), 0 where masked."""
+def response_values(
+    model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora=None, value_mask=None
+) -> jax.Array:
+    """[B, N] float32: the value head at the state before each response token (TRL's alignment), 0 outside
+    `value_mask` (default: the response mask).
+
+    value_mask: [B, N] the slots whose values are kept. A convention whose value function is trained one slot
+    past the response (TRL: `masks_for(convention, response_mask)[1]`) needs the value there: the state
+    after the stop token, i.e. the head at the stop token's own column, a real position of the sequence.
+    """
     _, values = _response_outputs(
         model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora, "values", "response_values"
     )
     values = values.astype(jnp.float32)
-    return jnp.where(jnp.asarray(response_mask) > 0, values, 0.0)
+    return jnp.where(_keep_mask(value_mask, response_mask, "response_values"), values, 0.0)
+
+
+def _keep_mask(value_mask, response_mask, where: str) -> jax.Array:
+    """value_mask (default response_mask) as bool, checked against the response shape."""
+    if value_mask is None:
+        return jnp.asarray(response_mask) > 0
+    if jnp.shape(value_mask) != jnp.shape(response_mask):
+        raise ValueError(
+            f"{where}: value_mask has shape {tuple(jnp.shape(value_mask))}; expected the response shape "
+            f"{tuple(jnp.shape(response_mask))}"
+        )
+    return jnp.asarray(value_mask) > 0
 
 
 def sequence_reward(model, params, prompt_ids, prompt_mask, response_ids, response_mask, lora=None) -> jax.Array:
@@ -368,6 +389,7 @@ def score(
     ref_params=None,
     lora=None,
     old_logprobs=None,
+    value_mask=None,
 ) -> Scores:
     """Old log-probs, reference log-probs, values and reward scores of a rollout, in float32.
 
@@ -376,6 +398,9 @@ def score(
     old_logprobs: the rollout's behaviour log-probs [B, N] to use as the old log-probs instead of a
       teacher-forced policy pass (TRL's choice: one forward pass fewer; they agree with the pass to ≤ 1e-5 in
       float32, see `rollout`); zeroed where the response is masked.
+    value_mask: [B, N] the slots whose values are kept (default: the response mask). Pass the convention's
+      value mask (`masks_for(convention, response_mask)[1]`): TRL's convention trains the value one slot past
+      each stopped response, and a zero there instead of the critic's value changes its GAE and value loss.
     """
     if ref_params is None and lora is None:
         raise ValueError(
@@ -391,6 +416,6 @@ def score(
     return Scores(
         logprobs=logprobs,
         ref_logprobs=response_logprobs(policy_model, ref_params, *batch, temperature),
-        values=response_values(critic_model, critic_params, *batch),
+        values=response_values(critic_model, critic_params, *batch, value_mask=value_mask),
         scores=sequence_reward(reward_model, reward_params, *batch),
     )

@@ -551,7 +551,8 @@ def sharded_score(
     compiler_options=None,
 ) -> Callable:
     """score(policy_params, prompt_ids, prompt_mask, response_ids, response_mask, *, temperature,
-    critic_params, reward_params, ref_params=None, lora=None, old_logprobs=None) -> `Scores`, batch-sharded.
+    critic_params, reward_params, ref_params=None, lora=None, old_logprobs=None, value_mask=None) -> `Scores`,
+    batch-sharded.
     See `ppojax.generation.score`."""
 
     def run(
@@ -566,6 +567,7 @@ def sharded_score(
         ref,
         lora,
         old_logprobs,
+        value_mask,
     ):
         return generation.score(
             policy_model,
@@ -582,6 +584,7 @@ def sharded_score(
             ref_params=ref,
             lora=lora,
             old_logprobs=old_logprobs,
+            value_mask=value_mask,
         )
 
     b, p = _batch_role, _params_role
@@ -589,7 +592,7 @@ def sharded_score(
     sharded = ShardedFunction(
         run,
         layout,
-        (p, b, b, b, b, _replicated_role, p, p, p, p, optional_b),
+        (p, b, b, b, b, _replicated_role, p, p, p, p, optional_b, optional_b),
         lambda layout, args: layout.batch,
         compiler_options=compiler_options,
         name="score",
@@ -608,10 +611,13 @@ def sharded_score(
         ref_params=None,
         lora=None,
         old_logprobs=None,
+        value_mask=None,
     ) -> generation.Scores:
         temperature = _scalar(temperature, jnp.float32)
         batch = (prompt_ids, prompt_mask, response_ids, response_mask)
-        return sharded(policy_params, *batch, temperature, critic_params, reward_params, ref_params, lora, old_logprobs)
+        return sharded(
+            policy_params, *batch, temperature, critic_params, reward_params, ref_params, lora, old_logprobs, value_mask
+        )
 
     score.sharded = sharded
     return score

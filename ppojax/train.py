@@ -46,7 +46,7 @@ from ppojax.losses import aggregate_loss, value_loss
 from ppojax.models.decoder import DecoderModel, init_value_head, values_from_hidden
 from ppojax.models.lora import Lora
 from ppojax.optim import OptimizerConfig, make_optimizer, make_schedule
-from ppojax.presets import PRESETS, Convention, assemble_advantages, ppo_losses
+from ppojax.presets import PRESETS, Convention, assemble_advantages, masks_for, ppo_losses
 from ppojax.stats import as_f32, masked_count, masked_max, masked_mean, masked_var, safe_divide, whiten
 
 CRITIC_MODES = ("separate", "joint", "shared")
@@ -355,12 +355,22 @@ def _policy_params(policy, ref_params):
 
 
 def policy_outputs(
-    model, params, lora, prompt_ids, prompt_mask, response_ids, response_mask, temperature, value_head=None
+    model,
+    params,
+    lora,
+    prompt_ids,
+    prompt_mask,
+    response_ids,
+    response_mask,
+    temperature,
+    value_head=None,
+    value_mask=None,
 ):
     """One teacher-forced pass of the policy over prompt + response.
 
     Returns (logprobs [B, N] float32 (0 where masked), tempered logits [B, N, V] float32, values [B, N]
-    float32 from `value_head` on the trunk's last hidden state, or None). Collection and training both use
+    float32 from `value_head` on the trunk's last hidden state (0 outside `value_mask`, default the response
+    mask: see `response_values`), or None). Collection and training both use
     this function, so on the first minibatch the PPO ratio is 1 up to float32 rounding: XLA fuses the
     forward differently inside a gradient program (measured here: 2e-7 in the hidden state, ≤ 1e-6 in the
     log-probs), so "exactly 1" holds for the log-probs' function, not for their bits.
@@ -372,7 +382,8 @@ def policy_outputs(
     logprobs = jnp.where(mask, sampling.token_logprobs(logits, jnp.asarray(response_ids, jnp.int32), temperature), 0.0)
     values = None
     if value_head is not None:
-        values = jnp.where(mask, values_from_hidden(value_head, hidden), 0.0)
+        keep = mask if value_mask is None else jnp.asarray(value_mask) > 0
+        values = jnp.where(keep, values_from_hidden(value_head, hidden), 0.0)
     return logprobs, sampling.apply_temperature(logits, temperature), values
 
 
@@ -445,10 +456,10 @@ def _minibatch_gradients(state: PPOState, minibatch: Minibatch, ref_params, *, c
         params, lora = _policy_params(policy, ref_params)
         batch = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
         logprobs, logits, values = policy_outputs(
-            models.policy, params, lora, *batch, config.temperature, critic if shared else None
+            models.policy, params, lora, *batch, config.temperature, critic if shared else None, mb.value_mask
         )
         if not shared:
-            values = response_values(models.critic, critic, *batch)
+            values = response_values(models.critic, critic, *batch, value_mask=mb.value_mask)
         pg, vf, stats = ppo_losses(
             conv,
             logprobs=logprobs,
@@ -587,12 +598,13 @@ def collect(state: PPOState, prompts, ref_params, reward_params, *, config: PPOC
     )
     batch = (prompt_ids, prompt_mask, sampled.response_ids, sampled.response_mask)
     shared = config.critic_mode == "shared"
+    value_mask = masks_for(config.convention, sampled.response_mask)[1]
     if shared or config.old_logprobs == "score":
         logprobs, _, values = policy_outputs(
-            models.policy, params, lora, *batch, config.temperature, state.critic if shared else None
+            models.policy, params, lora, *batch, config.temperature, state.critic if shared else None, value_mask
         )
     if not shared:
-        values = response_values(models.critic, state.critic, *batch)
+        values = response_values(models.critic, state.critic, *batch, value_mask=value_mask)
     if config.old_logprobs == "rollout":
         logprobs = behaviour_as_old_logprobs(sampled.logprobs, sampled.response_mask, "collect")
     experience = Experience(

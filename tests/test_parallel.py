@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import ppojax
 from ppojax import generation as G
 from ppojax import parallel as PL
 from ppojax import train as T
@@ -346,15 +347,21 @@ def test_score_equals_one_device(mesh):
     assert np.abs(single.logprobs - single.ref_logprobs).max() > 0.1  # the two models really differ
 
 
-def test_score_with_the_rollout_logprobs_equals_one_device():
+def test_score_with_the_rollout_logprobs_and_a_value_mask_equals_one_device():
     lay = layout((2, 2, 2))
     behaviour = jax.random.normal(jax.random.key(5), RESPONSE_IDS.shape) - 3.0  # stands in for a rollout's
-    out = _sharded_score(lay, old_logprobs=behaviour)
+    value_mask = ppojax.extend_mask(RESPONSE_MASK)  # TRL's: one slot past each response
+    out = _sharded_score(lay, old_logprobs=behaviour, value_mask=value_mask)
     single = _single_score()
     assert out.logprobs.sharding.spec == lay.batch.spec
     np.testing.assert_array_equal(out.logprobs, np.where(np.asarray(RESPONSE_MASK) > 0, behaviour, 0.0))
-    for name in ("ref_logprobs", "values", "scores"):
+    for name in ("ref_logprobs", "scores"):
         np.testing.assert_allclose(getattr(out, name), getattr(single, name), atol=1e-5, rtol=0, err_msg=name)
+    batch = (PROMPT_IDS, PROMPT_MASK, RESPONSE_IDS, RESPONSE_MASK)
+    want = jax.jit(G.response_values, static_argnums=0)(CRITIC, CRITIC_PARAMS, *batch, value_mask=value_mask)
+    np.testing.assert_allclose(out.values, want, atol=1e-5, rtol=0)
+    extra = np.asarray(value_mask) & (np.asarray(RESPONSE_MASK) == 0)
+    assert extra.any() and np.abs(np.asarray(out.values)[extra]).min() > 0  # the +1 slots hold real values
 
 
 # ----------------------------------------------------------------------------------------------------------

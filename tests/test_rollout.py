@@ -14,6 +14,7 @@ import pytest
 
 from rollout_testing import chi_square_pvalue, jit_for_tests
 from fake_models import BagOfWordsLM, TableLM
+import ppojax
 from ppojax import generation as R
 from ppojax.models import DecoderModel, ModelConfig, init_lora, merge_lora
 
@@ -364,6 +365,49 @@ def test_score_takes_the_old_logprobs_from_the_rollout(jit):
         ValueError, match=r"score: old_logprobs has shape \(4, 5\); expected the response shape \(4, 6\)"
     ):
         R.score(MODEL, PARAMS, *batch, old_logprobs=out.logprobs[:, :5], **kwargs)
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_score_keeps_the_values_on_the_value_mask(jit):
+    """TRL's convention trains the value one slot past each stopped response: `score(value_mask=)` keeps the
+    critic's value there (the head at the stop token's own column), which the default zeroes."""
+    stop = _mixed_stop_token(np.asarray(_run(temperature=0.7).response_ids))
+    out = _run(temperature=0.7, stops=[stop])
+    lengths = np.asarray(out.lengths)
+    assert np.any(lengths < N) and np.any(lengths == N), "test setup: want rows with and without a +1 slot"
+    kwargs = dict(
+        temperature=0.7,
+        critic_model=MODEL,
+        critic_params=PARAMS,
+        reward_model=MODEL,
+        reward_params=PARAMS,
+        ref_params=PARAMS,
+    )
+    fn = jit_for_tests(R.score, static_argnames=("policy_model", "critic_model", "reward_model")) if jit else R.score
+    batch = (PROMPT_IDS, PROMPT_MASK, out.response_ids, out.response_mask)
+    value_mask = ppojax.extend_mask(out.response_mask)
+    got = fn(MODEL, PARAMS, *batch, value_mask=value_mask, **kwargs)
+    default = fn(MODEL, PARAMS, *batch, **kwargs)
+    # Reference: the value head of one plain pass over each row's prompt + response (+ the stop token's column).
+    width = PROMPT_IDS.shape[1] + N
+    seq_ids, seq_mask = np.zeros((len(PROMPTS), width), np.int32), np.zeros((len(PROMPTS), width), np.int32)
+    for row, prompt in enumerate(PROMPTS):
+        tokens = list(prompt) + list(np.asarray(out.response_ids[row, : lengths[row]]))
+        seq_ids[row, : len(tokens)], seq_mask[row, : len(tokens)] = tokens, 1
+    ref = MODEL.apply(PARAMS, seq_ids, seq_mask)
+    for row, prompt in enumerate(PROMPTS):
+        start, kept = len(prompt) - 1, min(lengths[row] + 1, N)
+        np.testing.assert_allclose(got.values[row, :kept], ref.values[row, start : start + kept], atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(got.values)[row, kept:], 0.0)
+        np.testing.assert_array_equal(np.asarray(default.values)[row, lengths[row] :], 0.0)
+    extra = np.asarray(value_mask) & (np.asarray(out.response_mask) == 0)
+    assert extra.sum() == np.sum(lengths < N) and np.abs(np.asarray(got.values)[extra]).min() > 1e-3
+    np.testing.assert_array_equal(np.asarray(got.values)[np.asarray(out.response_mask) > 0], default.values[
+        np.asarray(out.response_mask) > 0])  # fmt: skip
+    for name in ("logprobs", "ref_logprobs", "scores"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(default, name), err_msg=name)
+    with pytest.raises(ValueError, match=r"response_values: value_mask has shape \(4, 5\); expected the response"):
+        R.score(MODEL, PARAMS, *batch, value_mask=value_mask[:, :5], **kwargs)
 
 
 def test_input_guards():

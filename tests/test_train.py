@@ -17,7 +17,7 @@ from ppojax.generation import pad_prompts, response_logprobs, response_values
 from ppojax.models import DecoderModel, ModelConfig, init_lora
 from ppojax.models.lora import Lora
 from ppojax.optim import OptimizerConfig
-from ppojax.presets import get_preset, ppo_losses
+from ppojax.presets import get_preset, masks_for, ppo_losses
 
 VOCAB, PAD, TARGET, N = 64, 63, 7, 8
 CONFIG = ModelConfig(
@@ -216,7 +216,7 @@ def test_lora_with_phases_and_a_text_reward():
 # update_step: gradient accumulation and the non-finite guard, on a synthetic minibatch.
 
 
-def _synthetic_minibatch(rows=16, seed=0):
+def _synthetic_minibatch(rows=16, seed=0, value_mask_of=lambda mask: mask > 0):
     rng = np.random.default_rng(seed)
     prompt_ids, prompt_mask = _prompts(seed, rows)
     lengths = rng.integers(1, N + 1, size=rows)
@@ -236,7 +236,7 @@ def _synthetic_minibatch(rows=16, seed=0):
         advantages=jnp.asarray(noisy(1.0)),
         returns=jnp.asarray(noisy(1.0)),
         policy_mask=jnp.asarray(response_mask > 0),
-        value_mask=jnp.asarray(response_mask > 0),
+        value_mask=jnp.asarray(value_mask_of(response_mask)),
     )
 
 
@@ -247,19 +247,18 @@ def _reference_gradients(config, models, state, mb):
 
     def loss(trainable):
         policy, critic = trainable
-        batch = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
-        out = POLICY.apply(
-            policy,
-            jnp.concatenate([mb.prompt_ids, mb.response_ids], 1),
-            jnp.concatenate([mb.prompt_mask, mb.response_mask], 1),
-        )
-        logits = out.logits[:, mb.prompt_ids.shape[1] - 1 : -1].astype(jnp.float32)
+        ids = jnp.concatenate([mb.prompt_ids, mb.response_ids], 1)
+        mask = jnp.concatenate([mb.prompt_mask, mb.response_mask], 1)
+        columns = slice(mb.prompt_ids.shape[1] - 1, ids.shape[1] - 1)  # the column before each response token
+        out = POLICY.apply(policy, ids, mask)
+        logits = out.logits[:, columns].astype(jnp.float32)
         logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits), mb.response_ids[..., None], -1)[..., 0]
+        # Values at every response column, unmasked: `ppo_losses` applies the value mask.
         if shared:
-            values = (out.hidden[:, mb.prompt_ids.shape[1] - 1 : -1].astype(jnp.float32) @ critic["kernel"])[..., 0]
+            values = (out.hidden[:, columns].astype(jnp.float32) @ critic["kernel"])[..., 0]
         else:
             plain_critic = DecoderModel(models.critic.config, head="value")  # never rematerialised
-            values = response_values(plain_critic, critic, *batch)
+            values = plain_critic.apply(critic, ids, mask).values[:, columns].astype(jnp.float32)
         pg, vf, _ = ppo_losses(
             conv,
             logprobs=logprobs,
@@ -277,17 +276,20 @@ def _reference_gradients(config, models, state, mb):
 
 
 @pytest.mark.parametrize(
-    "mode,aggregation,micro,remat",
+    "mode,aggregation,micro,remat,preset",
     [
-        ("separate", "token-mean", 4, False),
-        ("shared", "seq-mean-token-sum", 8, True),
+        ("separate", "token-mean", 4, False, "ppojax"),
+        ("shared", "seq-mean-token-sum", 8, True, "ppojax"),
+        ("joint", "token-mean", 8, False, "trl"),
     ],
 )
-def test_accumulated_gradient_equals_full_minibatch_gradient(mode, aggregation, micro, remat):
-    """Also the gradient-checkpointing switch: with `remat` the same gradient as the plain reference."""
+def test_accumulated_gradient_equals_full_minibatch_gradient(mode, aggregation, micro, remat, preset):
+    """Also the gradient-checkpointing switch: with `remat` the same gradient as the plain reference. With
+    TRL's convention the value mask reaches one slot past each response, and the value trained there is the
+    critic's (the head at the last response token's column), as in the reference's unmasked pass."""
     config = _config(
         mode,
-        convention=get_preset("ppojax").replace(loss_aggregation=aggregation),
+        convention=get_preset(preset).replace(loss_aggregation=aggregation),
         micro_batch_size=micro,
         remat=remat,
     )
@@ -296,7 +298,8 @@ def test_accumulated_gradient_equals_full_minibatch_gradient(mode, aggregation, 
     )
     assert models.policy.remat == remat and models.reward.remat is False
     assert mode == "shared" or models.critic.remat == remat
-    mb = _synthetic_minibatch()
+    mb = _synthetic_minibatch(value_mask_of=lambda mask: masks_for(config.convention, mask)[1])
+    assert preset != "trl" or int(jnp.sum(mb.value_mask)) > int(jnp.sum(mb.response_mask))
     grad_fn = functools.partial(T.minibatch_gradients, config=config, models=models)
     assert ("remat" in str(jax.make_jaxpr(grad_fn)(state, mb, POLICY_PARAMS))) == remat
     # Perturb the zero value head so the shared-trunk value gradient is not trivially zero.
@@ -406,6 +409,34 @@ def test_old_logprobs_from_the_rollout(mode, jit):
         _, metrics = train(state, got, POLICY_PARAMS)
         assert abs(float(metrics["policy/first_ratio_max"]) - 1.0) < 1e-4
         assert float(metrics["policy/logprob_gap_max"]) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["joint", "shared"])
+def test_collect_keeps_the_values_on_the_conventions_value_mask(mode):
+    """TRL's convention: the experience's values reach one slot past each stopped response (its value mask),
+    where the critic's value is the head at the stop token's column; the rest of the slots stay 0."""
+    config = _config(mode, convention=get_preset("trl"), stop_token_ids=(1, 2, 3))
+    state, models = T.init_ppo_state(
+        config, POLICY, POLICY_PARAMS, jax.random.key(3), reward_fn=target_rate, critic_init="policy"
+    )
+    # The value heads start at zero: make them real so the kept slots hold something.
+    heads = jax.random.normal(jax.random.key(5), (CONFIG.hidden_size, 1)) * 0.3
+    critic = {"kernel": heads} if mode == "shared" else {**state.critic, "value_head": {"kernel": heads}}
+    state = state.replace(critic=critic)
+    _, experience = jax.jit(functools.partial(T.collect, config=config, models=models))(
+        state, PROMPTS, POLICY_PARAMS, None
+    )
+    batch = (experience.prompt_ids, experience.prompt_mask, experience.response_ids, experience.response_mask)
+    value_mask = np.asarray(masks_for(config.convention, experience.response_mask)[1])
+    extra = value_mask & (np.asarray(experience.response_mask) == 0)
+    assert extra.any() and (np.asarray(experience.response_mask) > 0).any()
+    if mode == "shared":  # the head on the policy trunk's last hidden state, at the response columns
+        out = POLICY.apply(POLICY_PARAMS, jnp.concatenate(batch[::2], 1), jnp.concatenate(batch[1::2], 1))
+        full = (out.hidden[:, batch[0].shape[1] - 1 : -1] @ heads)[..., 0]
+    else:
+        full = response_values(models.critic, critic, *batch, value_mask=jnp.ones(value_mask.shape, bool))
+    np.testing.assert_allclose(experience.values, np.where(value_mask, full, 0.0), atol=1e-5, rtol=0)
+    assert np.abs(np.asarray(experience.values)[extra]).min() > 0
 
 
 def test_config_validation():

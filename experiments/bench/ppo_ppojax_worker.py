@@ -113,6 +113,7 @@ def score_phase(state, prompt_ids, prompt_mask, sampled, ref_params, reward_para
         reward_params=reward_params,
         ref_params=ref_params,
         old_logprobs=sampled.logprobs if config.old_logprobs == "rollout" else None,
+        value_mask=ppojax.masks_for(config.convention, sampled.response_mask)[1],
     )
     return Experience(
         prompt_ids=prompt_ids,

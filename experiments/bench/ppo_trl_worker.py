@@ -165,31 +165,13 @@ class Interleave(transformers.TrainerCallback):
         serve_until_update(self.args, self.dtype)
 
 
-def main() -> None:
-    global CLOCK
-    args = parse_args()
-    w, prompts = wl.load(args.dir)
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    dtype = getattr(torch, w.dtype)
-    np.random.seed(w.seed)
-    torch.manual_seed(w.seed)
-    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(
-        os.path.join(args.dir, "tokenizer"), padding_side="left"
-    )
-    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (wl.PAD_ID, wl.EOS_ID), "pad / eos ids"
-    policy_dir, reward_dir = os.path.join(args.dir, "policy"), os.path.join(args.dir, "reward")
-    load = {"dtype": dtype}
-    policy = transformers.AutoModelForCausalLM.from_pretrained(policy_dir, **load)
-    ref_policy = transformers.AutoModelForCausalLM.from_pretrained(policy_dir, **load)
-    value_model = transformers.AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1, **load)
-    reward_model = transformers.AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1, **load)
-    dataset = Dataset.from_dict({"input_ids": prompts})
-    config = PPOConfig(
-        output_dir=args.output_dir or os.path.join(args.dir, "trl_out"),
-        **trl_batch_settings(w.batch_size, args.minibatches, args.micro_batch),
+def ppo_config(w: wl.Workload, output_dir: str, minibatches: int, micro_batch: int, updates: int, **overrides):
+    """TRL 1.12's `PPOConfig` for the workload `w` (the quirks above); `overrides` replace any field."""
+    fields = dict(
+        output_dir=output_dir,
+        **trl_batch_settings(w.batch_size, minibatches, micro_batch),
         local_rollout_forward_batch_size=w.batch_size,
-        total_episodes=w.batch_size * args.updates,
+        total_episodes=w.batch_size * updates,
         num_ppo_epochs=w.ppo_epochs,
         response_length=w.new_tokens,
         temperature=w.temperature,
@@ -216,7 +198,27 @@ def main() -> None:
         seed=w.seed,
         dataloader_num_workers=0,
     )
-    trainer = PPOTrainer(
+    return PPOConfig(**{**fields, **overrides})
+
+
+def make_trainer(directory: str, w: wl.Workload, prompts, config, callbacks) -> PPOTrainer:
+    """A `PPOTrainer` on the workload in `directory`: policy and reference from policy/, value and reward models
+    from reward/ (TRL's convention), the tokenizer with left padding; numpy's and torch's generators seeded."""
+    dtype = getattr(torch, w.dtype)
+    np.random.seed(w.seed)
+    torch.manual_seed(w.seed)
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(
+        os.path.join(directory, "tokenizer"), padding_side="left"
+    )
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (wl.PAD_ID, wl.EOS_ID), "pad / eos ids"
+    policy_dir, reward_dir = os.path.join(directory, "policy"), os.path.join(directory, "reward")
+    load = {"dtype": dtype}
+    policy = transformers.AutoModelForCausalLM.from_pretrained(policy_dir, **load)
+    ref_policy = transformers.AutoModelForCausalLM.from_pretrained(policy_dir, **load)
+    value_model = transformers.AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1, **load)
+    reward_model = transformers.AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1, **load)
+    dataset = Dataset.from_dict({"input_ids": prompts})
+    return PPOTrainer(
         args=config,
         processing_class=tokenizer,
         model=policy,
@@ -225,8 +227,20 @@ def main() -> None:
         train_dataset=dataset,
         value_model=value_model,
         eval_dataset=dataset,
-        callbacks=[Interleave(args, dtype)],
+        callbacks=callbacks,
     )
+
+
+def main() -> None:
+    global CLOCK
+    args = parse_args()
+    w, prompts = wl.load(args.dir)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    dtype = getattr(torch, w.dtype)
+    output_dir = args.output_dir or os.path.join(args.dir, "trl_out")
+    config = ppo_config(w, output_dir, args.minibatches, args.micro_batch, args.updates)
+    trainer = make_trainer(args.dir, w, prompts, config, [Interleave(args, dtype)])
     CLOCK = Clock(lambda: trainer.model)
     wrap_phases()
     trainer.train()
