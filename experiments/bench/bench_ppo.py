@@ -75,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         default=0,
         help="rows per forward/backward pass for both libraries (ppojax micro_batch_size, TRL "
-        "per_device_train_batch_size with gradient accumulation); 0: the whole minibatch",
+        "per_device_train_batch_size with gradient accumulation; on this workload TRL then steps its optimizer "
+        "after every micro-batch, see parity_trl.py); 0: the whole minibatch",
     )
     parser.add_argument(
         "--old-logprobs",

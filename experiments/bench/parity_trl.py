@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--trl-python", default="/work/venvs/trl/bin/python")
     parser.add_argument("--stop-fraction", type=float, default=0.5, help="rows given an EOS at a random position")
     parser.add_argument("--learning-rate", type=float, default=None, help="both libraries (default: the workload's)")
+    parser.add_argument(
+        "--micro-batch", type=int, default=0, help="rows per forward/backward, both libraries (0: the whole batch)"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", default=None, help="write the results here")
     return parser.parse_args(argv)
@@ -117,6 +120,8 @@ def run_trl(args, directory: str, out: str) -> dict:
     command = [args.trl_python, os.path.join(HERE, "parity_trl_worker.py"), "--dir", directory, "--out", out]
     if args.learning_rate is not None:
         command += ["--learning-rate", str(args.learning_rate)]
+    if args.micro_batch:
+        command += ["--micro-batch", str(args.micro_batch)]
     with open(os.path.join(out, "trl_worker.log"), "w") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode:
@@ -142,7 +147,7 @@ def main(argv=None) -> dict:
     if args.dir is None:
         wl.build(wl.get(args.workload), directory)
     w, prompts = wl.load(directory)
-    config = side.make_config(w, 1, 0, "score")
+    config = side.make_config(w, 1, args.micro_batch, "score")
     if args.learning_rate is not None:
         config = dataclasses.replace(
             config, policy_optimizer=dataclasses.replace(config.policy_optimizer, learning_rate=args.learning_rate)
@@ -228,6 +233,7 @@ def main(argv=None) -> dict:
     ours_adv = np.asarray(adv.advantages)[order]
     results = {
         "workload": w.name,
+        "micro_batch": args.micro_batch,
         "rows_stopped": int(data["stopped"].sum()),
         "advantages_max_abs_diff": float(np.max(np.abs(ours_adv - trl["advantages"])[policy_mask])),
         "advantages_abs_max": float(np.max(np.abs(trl["advantages"][policy_mask]))),
@@ -305,6 +311,13 @@ def report(r: dict) -> None:
         f"{g['trl_policy_mean']:.6g}, ppojax {g['ppojax_policy_mean']:.6g}; critic TRL {g['trl_value_mean']:.6g}, "
         f"ppojax {g['ppojax_critic_mean']:.6g}"
     )
+    if g["trl_steps"] != g["ppojax_steps"]:
+        print(
+            f"TRL took {g['trl_steps']} optimizer steps, ppojax {g['ppojax_steps']:.0f}: with gradient accumulation "
+            "TRL 1.12 steps after every micro-batch of the last batch of a pass over its dataloader (accelerate "
+            "syncs the gradients at the end of a dataloader), and this workload's prompts are one batch, so the "
+            "figures above do not compare like with like (BUILD_NOTES.md, Benchmarks)."
+        )
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="holds responses.npz; results go to OUT/trl")
     parser.add_argument("--minibatches", type=int, default=1)
     parser.add_argument("--learning-rate", type=float, default=None, help="default: the workload's")
+    parser.add_argument("--micro-batch", type=int, default=0, help="rows per forward/backward (0: the minibatch)")
     return parser.parse_args()
 
 
@@ -84,11 +85,15 @@ def save_hf_tensors(directory: str, config_from: str, tensors: dict) -> None:
 
 
 def watch_optimizer(trainer, directory: str, out: str, steps: list) -> None:
-    """Record each optimizer step's gradient norms; save the first step's gradients."""
+    """Record each optimizer step's gradient norms; save the first step's gradients. With gradient
+    accumulation TRL calls `step` after every micro-batch and accelerate steps only when the gradients sync
+    (every `gradient_accumulation_steps` calls): only those calls are steps."""
     optimizer = trainer.optimizer
     original = optimizer.step
 
     def step(*args, **kwargs):
+        if not trainer.accelerator.sync_gradients:
+            return original(*args, **kwargs)
         grads = {name: p.grad for name, p in trainer.model.named_parameters() if p.grad is not None}
         policy, value = split_named(grads, "policy."), split_named(grads, "value_model.")
         steps.append(
@@ -117,7 +122,7 @@ def main() -> None:
     overrides = {"stop_token": "eos", "total_episodes": w.batch_size}
     if args.learning_rate is not None:
         overrides["learning_rate"] = args.learning_rate
-    config = base.ppo_config(w, os.path.join(out, "trainer"), args.minibatches, 0, 1, **overrides)
+    config = base.ppo_config(w, os.path.join(out, "trainer"), args.minibatches, args.micro_batch, 1, **overrides)
     trainer = base.make_trainer(args.dir, w, prompts, config, [])
     captured, steps = {}, []
     inject_responses(table, captured)
