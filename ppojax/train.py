@@ -21,6 +21,7 @@ adapters sit on: the reference is that base with `lora=None`, so there is no sec
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import time
@@ -777,6 +778,46 @@ def make_ppo_phases(config: PPOConfig, models: PPOModels):
     )
 
 
+class CompiledAhead:
+    """A jitted function whose program can be traced and compiled in a background thread before its first call.
+
+    `start(*args)` (any arrays or `jax.ShapeDtypeStruct`s of the call's shapes) lowers and compiles on a worker
+    thread; XLA's compiler releases the GIL, so the compilation overlaps whatever the caller does next (the
+    rollout's compilation and run, in `make_ppo_iteration`). Calls wait for it and then run the compiled program;
+    arguments of other shapes or dtypes (which the compiled program refuses with a TypeError) fall back to the
+    jitted function, which compiles its own. Without `start` it is the jitted function.
+    """
+
+    def __init__(self, jitted):
+        self.jitted = jitted
+        self.started = False
+        self._future = None
+        self._compiled = None
+
+    def start(self, *args) -> None:
+        if not self.started:
+            self.started = True
+            pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ppojax-compile")
+            self._future = pool.submit(lambda: self.jitted.lower(*args).compile())
+            pool.shutdown(wait=False)
+
+    @property
+    def ahead_of_time(self) -> bool:
+        """True while calls run the program compiled by `start` (False before it, or after a fallback)."""
+        return self._future is not None or self._compiled is not None
+
+    def __call__(self, *args):
+        if self._future is not None:
+            future, self._future = self._future, None
+            self._compiled = future.result()
+        if self._compiled is not None:
+            try:
+                return self._compiled(*args)
+            except TypeError:  # other avals than the ones compiled for: let jit handle (and cache) them
+                self._compiled = None
+        return self.jitted(*args)
+
+
 def decode_responses(experience: Experience, decode: Callable[[list[int]], str]) -> tuple[list[str], list[str]]:
     """Host side: (prompt texts, response texts) of an experience batch, real tokens only."""
     prompt_ids, prompt_mask, response_ids, response_mask = jax.device_get(
@@ -794,6 +835,7 @@ def make_ppo_iteration(
     text_reward_fn: Optional[Callable[[Sequence[str], Sequence[str]], Sequence[float]]] = None,
     decode: Optional[Callable[[list[int]], str]] = None,
     timing: bool = True,
+    compile_ahead: bool = True,
 ):
     """iteration(state, prompts, ref_params, reward_params) -> (state, metrics, experience).
 
@@ -811,16 +853,24 @@ def make_ppo_iteration(
     `text_reward_fn(prompt_texts, response_texts) -> [B]` is added to the scores between the phases; `decode(
     token ids) -> str` (e.g. `tokenizer.decode`) turns ids into text. The phased iteration exposes its two
     jitted programs as `iteration.phases` (collect, train_on_batch).
+
+    compile_ahead (phased only): on the first call the training program is traced and compiled in a background
+    thread (`CompiledAhead`) while the collection phase compiles and runs, so the first iteration does not pay
+    the two compilations one after the other.
     """
     if text_reward_fn is not None and decode is None:
         raise ValueError("make_ppo_iteration: text_reward_fn needs decode (token ids -> str), e.g. tokenizer.decode")
     if text_reward_fn is None and not timing:
         return jax.jit(functools.partial(ppo_iteration, config=config, models=models))
     collect_jit, train_jit = make_ppo_phases(config, models)
+    train_ahead = CompiledAhead(train_jit)
 
     def iteration(state, prompts, ref_params, reward_params):
         perf = {}
         start = time.perf_counter()
+        if compile_ahead and not train_ahead.started:  # train compiles while collection compiles and runs
+            experience_shape = jax.eval_shape(collect_jit, state, prompts, ref_params, reward_params)[1]
+            train_ahead.start(state, experience_shape, ref_params)
         state, experience = jax.block_until_ready(collect_jit(state, prompts, ref_params, reward_params))
         perf["perf/rollout_s"] = time.perf_counter() - start
         if text_reward_fn is not None:
@@ -831,7 +881,7 @@ def make_ppo_iteration(
             experience = experience.replace(scores=experience.scores + text_scores)
             perf["perf/text_reward_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        state, metrics = jax.block_until_ready(train_jit(state, experience, ref_params))
+        state, metrics = jax.block_until_ready(train_ahead(state, experience, ref_params))
         perf["perf/update_s"] = time.perf_counter() - start
         response_mask, prompt_mask = jax.device_get((experience.response_mask, experience.prompt_mask))
         response_tokens = float(np.sum(response_mask > 0))
@@ -842,6 +892,7 @@ def make_ppo_iteration(
         return state, {**metrics, **{name: np.float32(value) for name, value in perf.items()}}, experience
 
     iteration.phases = (collect_jit, train_jit)
+    iteration.train_ahead = train_ahead
     return iteration
 
 

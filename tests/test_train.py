@@ -102,8 +102,9 @@ def _run(mode, iterations, *, key=None):
     for _ in range(iterations):
         state, metrics, experience = iteration(state, PROMPTS, POLICY_PARAMS, None)
         history.append({name: float(value) for name, value in jax.device_get(metrics).items()})
-    if mode == "separate":  # the phases compiled once
-        assert [phase._cache_size() for phase in iteration.phases] == [1, 1]
+    if mode == "separate":  # the phases compiled once: collect by jit, train ahead of time in the background
+        assert [phase._cache_size() for phase in iteration.phases] == [1, 0]
+        assert iteration.train_ahead.ahead_of_time
     return state, history, experience
 
 
@@ -437,6 +438,33 @@ def test_collect_keeps_the_values_on_the_conventions_value_mask(mode):
         full = response_values(models.critic, critic, *batch, value_mask=jnp.ones(value_mask.shape, bool))
     np.testing.assert_allclose(experience.values, np.where(value_mask, full, 0.0), atol=1e-5, rtol=0)
     assert np.abs(np.asarray(experience.values)[extra]).min() > 0
+
+
+def test_compiled_ahead_runs_the_background_program_and_falls_back_on_other_shapes():
+    traces = []
+
+    def make_f():  # a new function each time: JAX caches traces per function
+        def f(x, y):
+            traces.append(x.shape)
+            return x * 2.0 + jnp.sum(y)
+
+        return f
+
+    x, y = jnp.arange(6.0).reshape(2, 3), jnp.ones(4)
+    plain = T.CompiledAhead(jax.jit(make_f()))  # never started: the jitted function
+    np.testing.assert_allclose(plain(x, y), np.asarray(x) * 2 + 4)
+    assert not plain.ahead_of_time and traces == [(2, 3)]
+    traces.clear()
+    ahead = T.CompiledAhead(jax.jit(make_f()))
+    ahead.start(jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(y.shape, y.dtype))
+    ahead.start(x, y)  # a second start is a no-op
+    for shift in (0.0, 1.0):
+        np.testing.assert_allclose(ahead(x + shift, y), (np.asarray(x) + shift) * 2 + 4)
+    assert traces == [(2, 3)] and ahead.ahead_of_time  # traced once (in the background), then the compiled program
+    z = jnp.ones((3, 3))
+    np.testing.assert_allclose(ahead(z, y), 6.0)  # other shapes: the jitted function compiles its own
+    assert traces == [(2, 3), (3, 3)] and not ahead.ahead_of_time
+    np.testing.assert_allclose(ahead(x, y), np.asarray(x) * 2 + 4)
 
 
 def test_config_validation():

@@ -217,8 +217,10 @@ def setup(directory: str, minibatches: int, micro_batch: int = 0, old_logprobs: 
         pad_token_id=wl.PAD_ID,
     )
     score = jax.jit(functools.partial(score_phase, config=config, models=models))
-    if layout is None:
-        train = jax.jit(functools.partial(ppojax.train_on_batch, config=config, models=models))
+    if layout is None:  # compiled ahead on the first update, as `make_ppo_iteration` does (see main)
+        train = ppojax.train.CompiledAhead(
+            jax.jit(functools.partial(ppojax.train_on_batch, config=config, models=models))
+        )
     else:
         sharded_train = parallel.sharded_ppo_phases(config, models, layout, donate=False)[1]
 
@@ -244,6 +246,13 @@ def main() -> None:
             key, sample_key = jax.random.split(state.key)
             state = state.replace(key=key)
             wall0, cpu0 = wl.process_times()
+            if isinstance(train, ppojax.train.CompiledAhead) and not train.started:
+                # The train program compiles in the background while generate and score compile and run.
+                sampled_shape = jax.eval_shape(generate, state.policy, prompt_ids, prompt_mask, sample_key)
+                experience_shape = jax.eval_shape(
+                    score, state, prompt_ids, prompt_mask, sampled_shape, ref_params, reward_params
+                )
+                train.start(state, experience_shape, ref_params)
             sampled = jax.block_until_ready(generate(state.policy, prompt_ids, prompt_mask, sample_key))
             wall1, cpu1 = wl.process_times()
             experience = jax.block_until_ready(
