@@ -24,6 +24,13 @@ OpenRLHF 0.11 `compute_reward`, `get_advantages_and_returns`, `PolicyLoss`, `Val
 replay-buffer normalisation; verl 0.9 `core_algos` (`compute_gae_advantage_return`,
 `compute_policy_loss_vanilla`, `compute_value_loss`, `agg_loss`) with `ppo_trainer.yaml` defaults;
 OpenAI lm-human-preferences `train_policy.py`. BUILD_NOTES.md has the details.
+
+Checked end to end: `trl` against TRL 1.12's `PPOTrainer` itself (tests/test_trl_parity.py). Values are kept on
+the convention's value mask (`masks_for`), so TRL's extra slot holds the critic's value of the state after the
+stop token. Known difference for `openai` with stop tokens: ppojax's rollout pads after the stop token, so the
+full-width slots after it carry no policy gradient and the critic sees pad positions there, while
+lm-human-preferences keeps sampling past its truncation token, trains on those sampled tokens and truncates only
+what the reward model reads.
 """
 
 from __future__ import annotations
