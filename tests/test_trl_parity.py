@@ -18,7 +18,8 @@ import parity_trl  # noqa: E402
 
 def test_trl_preset_runs_trls_ppo_update(tmp_path):
     r = parity_trl.main(["--workload", "tiny", "--out", str(tmp_path), "--trl-python", sys.executable])
-    assert r["rows_stopped"] > 0
+    assert r["rows_stopped"] > 0 and r["ref_noise"] > 0
+    assert abs(r["metrics"]["objective/kl"]["trl"]) > 1e-3  # the reference differs: the KL terms count
     # The same advantages, first-step gradients of every tensor, and update (4 AdamW steps in both).
     assert r["advantages_max_abs_diff"] < 1e-5 * r["advantages_abs_max"]
     for name in ("grad_policy", "grad_critic"):

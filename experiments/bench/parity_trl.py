@@ -6,7 +6,9 @@ The benchmark (`bench_ppo.py`) compares the two libraries' speed on the same wor
 the work is the same algorithm. Both get the same prompts and the same responses (sampled once by ppojax's
 rollout, then edited so that half of the rows stop: an EOS at a random position, pad after it, since rows that
 stop are where the published PPO implementations differ: TRL's value mask is one slot longer than the policy
-mask and its score sits in the slot after the EOS). TRL runs `PPOTrainer.train()` unmodified for one update
+mask and its score sits in the slot after the EOS), and a reference policy that differs from the policy (its
+tensors moved by 5 % of their std in noise, `--ref-noise`; with the policy as its own reference the KL terms would
+all be 0 at the first update). TRL runs `PPOTrainer.train()` unmodified for one update
 (`parity_trl_worker.py`, in its own venv); ppojax runs `score` and `train_on_batch` with the `trl` preset and the
 workload's numbers (what `bench_ppo.py` runs). Compared:
   - the whitened advantages (TRL's first `masked_whiten`) on the policy mask;
@@ -14,8 +16,9 @@ workload's numbers (what `bench_ppo.py` runs). Compared:
   - the weights after the update (4 epochs, 1 minibatch): the change of every tensor (relative L2 error);
   - the logged metrics, and the per-step gradient norms.
 Negative controls: the same gradient comparison for conventions that differ in one detail (the `ppojax` preset's
-masks and score slot; population-variance whitening; vf_coef 0.11), to show that the comparison can tell them
-apart. Not a test (TRL needs its own venv); the figures go to BUILD_NOTES.md.
+masks and score slot; population-variance whitening; vf_coef 0.11; kl_coef 0.06), to show that the comparison
+can tell them apart. `tests/test_trl_parity.py` runs it on the `tiny` workload (TRL from the test extra); the
+figures on the benchmark workload are in BUILD_NOTES.md.
 
 Why the responses are not TRL's own samples: the two libraries draw from different random streams; any fixed
 token sequence is valid PPO data (the old log-probs are teacher-forced on both sides, so the first ratio is 1).
@@ -76,6 +79,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--micro-batch", type=int, default=0, help="rows per forward/backward, both libraries (0: the whole batch)"
     )
+    parser.add_argument(
+        "--ref-noise",
+        type=float,
+        default=0.05,
+        help="the reference policy = the policy with each tensor moved by this fraction of its std in Gaussian "
+        "noise (both libraries), so the KL penalty is not 0; 0: the policy itself",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", default=None, help="write the results here")
     return parser.parse_args(argv)
@@ -122,6 +132,8 @@ def run_trl(args, directory: str, out: str) -> dict:
         command += ["--learning-rate", str(args.learning_rate)]
     if args.micro_batch:
         command += ["--micro-batch", str(args.micro_batch)]
+    if args.ref_noise:
+        command += ["--ref-dir", os.path.join(out, "reference")]
     with open(os.path.join(out, "trl_worker.log"), "w") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode:
@@ -159,6 +171,13 @@ def main(argv=None) -> dict:
         config, policy, params, jax.random.key(w.seed), reward_model=reward, reward_params=reward_params
     )
     prompt_ids, prompt_mask = (jnp.asarray(x) for x in ppojax.pad_prompts(prompts, wl.PAD_ID, bucket=w.prompt_max))
+    ref_params = params
+    if args.ref_noise:  # a reference that differs from the policy: the KL terms are then exercised too
+        keys = iter(jax.random.split(jax.random.key(args.seed + 1), len(jax.tree.leaves(params))))
+        ref_params = jax.tree.map(
+            lambda x: x + args.ref_noise * jnp.std(x) * jax.random.normal(next(keys), x.shape, x.dtype), params
+        )
+        ppojax.save_pretrained(os.path.join(out, "reference"), policy, ref_params)
 
     # The data: one ppojax rollout, edited (see the module doc).
     sampled = ppojax.rollout_jit(
@@ -185,7 +204,7 @@ def main(argv=None) -> dict:
 
     # ppojax on the same data: experience, advantages, first-step gradients, the update.
     experience = jax.jit(functools.partial(side.score_phase, config=config, models=models))(
-        state, prompt_ids, prompt_mask, rollout, params, reward_params
+        state, prompt_ids, prompt_mask, rollout, ref_params, reward_params
     )
 
     def gradients(convention):
@@ -197,7 +216,7 @@ def main(argv=None) -> dict:
             ref_logprobs=experience.ref_logprobs,
             values=experience.values,
             response_mask=experience.response_mask,
-            kl_coef=state.kl.coef,
+            kl_coef=convention.kl_coef,  # fixed β: the state's coef is the configured one
             stopped=experience.stopped,
         )
         minibatch = Minibatch(
@@ -213,7 +232,7 @@ def main(argv=None) -> dict:
             value_mask=adv.value_mask,
         )
         step = jax.jit(functools.partial(minibatch_gradients, config=conv_config, models=models))
-        _, grads = step(state, minibatch, params)
+        _, grads = step(state, minibatch, ref_params)
         return adv, grads
 
     adv, (policy_grads, critic_grads) = gradients(config.convention)
@@ -224,7 +243,7 @@ def main(argv=None) -> dict:
         returns=np.asarray(adv.returns),
     )
     train = jax.jit(functools.partial(ppojax.train_on_batch, config=config, models=models))
-    after, metrics = train(state, experience, params)
+    after, metrics = train(state, experience, ref_params)
 
     # Line TRL's rows up with ours (its dataloader shuffled the prompts).
     row_of = {tuple(int(t) for t in p if t != wl.PAD_ID): i for i, p in enumerate(np.asarray(prompt_ids))}
@@ -235,6 +254,7 @@ def main(argv=None) -> dict:
         "workload": w.name,
         "micro_batch": args.micro_batch,
         "rows_stopped": int(data["stopped"].sum()),
+        "ref_noise": args.ref_noise,
         "advantages_max_abs_diff": float(np.max(np.abs(ours_adv - trl["advantages"])[policy_mask])),
         "advantages_abs_max": float(np.max(np.abs(trl["advantages"][policy_mask]))),
     }
@@ -262,6 +282,7 @@ def main(argv=None) -> dict:
         ),
         "population-variance whitening": config.convention.replace(whiten_unbiased=False),
         "vf_coef 0.11": config.convention.replace(vf_coef=0.11),
+        "kl_coef 0.06": config.convention.replace(kl_coef=0.06),
     }
     results["controls"] = {}
     for name, convention in controls.items():
@@ -280,7 +301,7 @@ def main(argv=None) -> dict:
 def report(r: dict) -> None:
     print(
         f"# ppojax `trl` preset vs TRL 1.12 PPOTrainer, one update on identical data ({r['workload']} workload, "
-        f"{r['rows_stopped']} rows stop at an EOS)"
+        f"{r['rows_stopped']} rows stop at an EOS, reference = policy + {r['ref_noise']} std of noise)"
     )
     print(
         f"whitened advantages: max |diff| {r['advantages_max_abs_diff']:.2e} (max |advantage| "

@@ -40,6 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--minibatches", type=int, default=1)
     parser.add_argument("--learning-rate", type=float, default=None, help="default: the workload's")
     parser.add_argument("--micro-batch", type=int, default=0, help="rows per forward/backward (0: the minibatch)")
+    parser.add_argument("--ref-dir", default=None, help="the reference policy (default: the workload's policy)")
     return parser.parse_args()
 
 
@@ -123,7 +124,7 @@ def main() -> None:
     if args.learning_rate is not None:
         overrides["learning_rate"] = args.learning_rate
     config = base.ppo_config(w, os.path.join(out, "trainer"), args.minibatches, args.micro_batch, 1, **overrides)
-    trainer = base.make_trainer(args.dir, w, prompts, config, [])
+    trainer = base.make_trainer(args.dir, w, prompts, config, [], ref_dir=args.ref_dir)
     captured, steps = {}, []
     inject_responses(table, captured)
     capture_advantages(captured)

@@ -201,9 +201,10 @@ def ppo_config(w: wl.Workload, output_dir: str, minibatches: int, micro_batch: i
     return PPOConfig(**{**fields, **overrides})
 
 
-def make_trainer(directory: str, w: wl.Workload, prompts, config, callbacks) -> PPOTrainer:
-    """A `PPOTrainer` on the workload in `directory`: policy and reference from policy/, value and reward models
-    from reward/ (TRL's convention), the tokenizer with left padding; numpy's and torch's generators seeded."""
+def make_trainer(directory: str, w: wl.Workload, prompts, config, callbacks, ref_dir: str | None = None) -> PPOTrainer:
+    """A `PPOTrainer` on the workload in `directory`: policy and reference from policy/ (the reference from
+    `ref_dir` if given), value and reward models from reward/ (TRL's convention), the tokenizer with left
+    padding; numpy's and torch's generators seeded."""
     dtype = getattr(torch, w.dtype)
     np.random.seed(w.seed)
     torch.manual_seed(w.seed)
@@ -214,7 +215,7 @@ def make_trainer(directory: str, w: wl.Workload, prompts, config, callbacks) -> 
     policy_dir, reward_dir = os.path.join(directory, "policy"), os.path.join(directory, "reward")
     load = {"dtype": dtype}
     policy = transformers.AutoModelForCausalLM.from_pretrained(policy_dir, **load)
-    ref_policy = transformers.AutoModelForCausalLM.from_pretrained(policy_dir, **load)
+    ref_policy = transformers.AutoModelForCausalLM.from_pretrained(ref_dir or policy_dir, **load)
     value_model = transformers.AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1, **load)
     reward_model = transformers.AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1, **load)
     dataset = Dataset.from_dict({"input_ids": prompts})
