@@ -17,7 +17,8 @@ import parity_trl  # noqa: E402
 
 
 def test_trl_preset_runs_trls_ppo_update(tmp_path):
-    r = parity_trl.main(["--workload", "tiny", "--out", str(tmp_path), "--trl-python", sys.executable])
+    argv = ["--workload", "tiny", "--minibatches", "2", "--out", str(tmp_path), "--trl-python", sys.executable]
+    r = parity_trl.main(argv)
     assert r["rows_stopped"] > 0 and r["ref_noise"] > 0
     assert abs(r["metrics"]["objective/kl"]["trl"]) > 1e-3  # the reference differs: the KL terms count
     # The same advantages, first-step gradients of every tensor, and update (4 AdamW steps in both).
@@ -27,7 +28,8 @@ def test_trl_preset_runs_trls_ppo_update(tmp_path):
     for name in ("update_policy", "update_critic"):  # AdamW's early steps ≈ lr · sign(g): rounding can flip a sign
         assert r[name]["all"] < 2e-3, (name, r[name])
     g = r["grad_norms"]
-    assert g["trl_steps"] == g["ppojax_steps"] == 2  # the tiny workload's 2 epochs × 1 minibatch
+    assert g["trl_steps"] == g["ppojax_steps"] == 4  # the tiny workload's 2 epochs × 2 minibatches
+    assert r["trl_shuffles_replaced"] == 2  # TRL's minibatches are ppojax's rows, epoch by epoch
     np.testing.assert_allclose(g["ppojax_policy_mean"], g["trl_policy_mean"], rtol=1e-5)
     np.testing.assert_allclose(g["ppojax_critic_mean"], g["trl_value_mean"], rtol=1e-5)
     m = r["metrics"]

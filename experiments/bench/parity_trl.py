@@ -13,7 +13,8 @@ all be 0 at the first update). TRL runs `PPOTrainer.train()` unmodified for one 
 workload's numbers (what `bench_ppo.py` runs). Compared:
   - the whitened advantages (TRL's first `masked_whiten`) on the policy mask;
   - the first optimizer step's gradients of every policy and value-model tensor (relative L2 error);
-  - the weights after the update (4 epochs, 1 minibatch): the change of every tensor (relative L2 error);
+  - the weights after the update (4 epochs of `--minibatches` steps; TRL's minibatch shuffle returns ppojax's
+    rows): the change of every tensor (relative L2 error);
   - the logged metrics, and the per-step gradient norms.
 Negative controls: the same gradient comparison for conventions that differ in one detail (the `ppojax` preset's
 masks and score slot; population-variance whitening; vf_coef 0.11; kl_coef 0.06), to show that the comparison
@@ -86,6 +87,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the reference policy = the policy with each tensor moved by this fraction of its std in Gaussian "
         "noise (both libraries), so the KL penalty is not 0; 0: the policy itself",
     )
+    parser.add_argument(
+        "--minibatches",
+        type=int,
+        default=1,
+        help="optimizer steps per epoch, both libraries; TRL's minibatch shuffle is replaced by ppojax's permutations",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", default=None, help="write the results here")
     return parser.parse_args(argv)
@@ -132,6 +139,7 @@ def run_trl(args, directory: str, out: str) -> dict:
         command += ["--learning-rate", str(args.learning_rate)]
     if args.micro_batch:
         command += ["--micro-batch", str(args.micro_batch)]
+    command += ["--minibatches", str(args.minibatches)]
     if args.ref_noise:
         command += ["--ref-dir", os.path.join(out, "reference")]
     with open(os.path.join(out, "trl_worker.log"), "w") as log:
@@ -141,7 +149,11 @@ def run_trl(args, directory: str, out: str) -> dict:
     with open(os.path.join(out, "trl", "metrics.json")) as f:
         result = json.load(f)
     captured = np.load(os.path.join(out, "trl", "captured.npz"))
-    result.update(queries=captured["queries"], advantages=captured["advantages"])
+    result.update(
+        queries=captured["queries"],
+        advantages=captured["advantages"],
+        permutations_used=int(captured["permutations_used"]),
+    )
     return result
 
 
@@ -159,7 +171,7 @@ def main(argv=None) -> dict:
     if args.dir is None:
         wl.build(wl.get(args.workload), directory)
     w, prompts = wl.load(directory)
-    config = side.make_config(w, 1, args.micro_batch, "score")
+    config = side.make_config(w, args.minibatches, args.micro_batch, "score")
     if args.learning_rate is not None:
         config = dataclasses.replace(
             config, policy_optimizer=dataclasses.replace(config.policy_optimizer, learning_rate=args.learning_rate)
@@ -192,7 +204,11 @@ def main(argv=None) -> dict:
         pad_token_id=wl.PAD_ID,
     )
     data = make_responses(np.asarray(sampled.response_ids), args.stop_fraction, args.seed)
-    np.savez(os.path.join(out, "responses.npz"), prompt_ids=np.asarray(prompt_ids), **data)
+    # The rows of each epoch's minibatches, as `train_on_batch` draws them from the state's key (the worker makes
+    # TRL's `np.random.permutation` return these, mapped to its own row order).
+    epoch_keys = jax.random.split(jax.random.split(state.key)[1], config.ppo_epochs)
+    permutations = np.stack([np.asarray(jax.random.permutation(k, config.batch_size)) for k in epoch_keys])
+    np.savez(os.path.join(out, "responses.npz"), prompt_ids=np.asarray(prompt_ids), permutations=permutations, **data)
     rollout = ppojax.Rollout(
         response_ids=jnp.asarray(data["response_ids"]),
         response_mask=jnp.asarray(data["response_mask"]),
@@ -219,7 +235,7 @@ def main(argv=None) -> dict:
             kl_coef=convention.kl_coef,  # fixed β: the state's coef is the configured one
             stopped=experience.stopped,
         )
-        minibatch = Minibatch(
+        batch = Minibatch(
             prompt_ids=experience.prompt_ids,
             prompt_mask=experience.prompt_mask,
             response_ids=experience.response_ids,
@@ -231,6 +247,8 @@ def main(argv=None) -> dict:
             policy_mask=adv.policy_mask,
             value_mask=adv.value_mask,
         )
+        first_rows = permutations[0][: config.minibatch_size]  # the first optimizer step's minibatch
+        minibatch = jax.tree.map(lambda x: jnp.take(x, first_rows, axis=0), batch)
         step = jax.jit(functools.partial(minibatch_gradients, config=conv_config, models=models))
         _, grads = step(state, minibatch, ref_params)
         return adv, grads
@@ -255,6 +273,8 @@ def main(argv=None) -> dict:
         "micro_batch": args.micro_batch,
         "rows_stopped": int(data["stopped"].sum()),
         "ref_noise": args.ref_noise,
+        "minibatches": args.minibatches,
+        "trl_shuffles_replaced": trl["permutations_used"],
         "advantages_max_abs_diff": float(np.max(np.abs(ours_adv - trl["advantages"])[policy_mask])),
         "advantages_abs_max": float(np.max(np.abs(trl["advantages"][policy_mask]))),
     }
@@ -301,7 +321,8 @@ def main(argv=None) -> dict:
 def report(r: dict) -> None:
     print(
         f"# ppojax `trl` preset vs TRL 1.12 PPOTrainer, one update on identical data ({r['workload']} workload, "
-        f"{r['rows_stopped']} rows stop at an EOS, reference = policy + {r['ref_noise']} std of noise)"
+        f"{r['rows_stopped']} rows stop at an EOS, reference = policy + {r['ref_noise']} std of noise, "
+        f"{r['minibatches']} minibatch(es) per epoch)"
     )
     print(
         f"whitened advantages: max |diff| {r['advantages_max_abs_diff']:.2e} (max |advantage| "

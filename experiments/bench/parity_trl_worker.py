@@ -63,6 +63,23 @@ def inject_responses(table: dict, captured: dict) -> None:
     trl_ppo.batch_generation = batch_generation
 
 
+def replace_shuffle(data, captured: dict) -> None:
+    """TRL's per-epoch `np.random.permutation` returns the coordinator's (ppojax's) permutations, mapped from
+    its rows to TRL's (its dataloader shuffled the prompts; `captured["queries"]` has TRL's order)."""
+    permutations = iter(data["permutations"])
+
+    def permutation(n):
+        ours = next(permutations)
+        trl_row = {prompt_key(q): i for i, q in enumerate(captured["queries"])}
+        mapped = np.array([trl_row[prompt_key(data["prompt_ids"][r])] for r in ours])
+        if len(mapped) != n:
+            raise SystemExit(f"permutation of {n} rows asked for; the coordinator's has {len(mapped)}")
+        captured["permutations_used"] = captured.get("permutations_used", 0) + 1
+        return mapped
+
+    np.random.permutation = permutation
+
+
 def capture_advantages(captured: dict) -> None:
     original = trl_ppo.masked_whiten
 
@@ -127,6 +144,7 @@ def main() -> None:
     trainer = base.make_trainer(args.dir, w, prompts, config, [], ref_dir=args.ref_dir)
     captured, steps = {}, []
     inject_responses(table, captured)
+    replace_shuffle(data, captured)
     capture_advantages(captured)
     watch_optimizer(trainer, args.dir, out, steps)
     trainer.train()
