@@ -258,6 +258,8 @@ def summarise(result: dict, workload: wl.Workload) -> dict:
         lib["peak_rss_mb"] = result["memory"][name]["peak_rss_mb"]
         lib["rss_loaded_mb"] = result["ready"][name].get("rss_loaded_mb")
         lib["warmup_seconds"] = [sum(r["wall"].values()) for r in result["warmup"][name]]
+        steps = [r.get("optimizer_steps", r.get("updates")) for r in runs]
+        lib["optimizer_steps"] = statistics.median(steps) if None not in steps else None
         summary["libraries"][name] = lib
     if "trl" in result["runs"]:
         pairs = [
@@ -340,6 +342,13 @@ def print_table(workload: wl.Workload, summaries: list[tuple[int, dict]], header
                 f"; ppojax executes {100 * executed:.1f} % of the train phase's nominal FLOPs (last layer only at "
                 f"the loss's columns): utilisation {100 * executed * ppojax_train['of_peak']:.0f} % of the peak "
                 f"wall, {100 * executed * ppojax_train.get('of_peak_per_cpu_s', 0):.0f} % per CPU-second"
+            )
+        steps = {name: lib.get("optimizer_steps") for name, lib in s["libraries"].items()}
+        if len(set(steps.values())) > 1:
+            line += (
+                "; NOT LIKE FOR LIKE: optimizer steps per update "
+                + ", ".join(f"{name} {value:g}" for name, value in steps.items() if value is not None)
+                + " (TRL 1.12 steps after every micro-batch on a dataloader's last batch; see parity_trl.py)"
             )
         if "speedup_paired_median" in s:
             line += (

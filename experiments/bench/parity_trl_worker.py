@@ -103,15 +103,10 @@ def save_hf_tensors(directory: str, config_from: str, tensors: dict) -> None:
 
 
 def watch_optimizer(trainer, directory: str, out: str, steps: list) -> None:
-    """Record each optimizer step's gradient norms; save the first step's gradients. With gradient
-    accumulation TRL calls `step` after every micro-batch and accelerate steps only when the gradients sync
-    (every `gradient_accumulation_steps` calls): only those calls are steps."""
-    optimizer = trainer.optimizer
-    original = optimizer.step
+    """Record each optimizer step's gradient norms (the steps accelerate really takes: see
+    `ppo_trl_worker.on_optimizer_steps`); save the first step's gradients."""
 
-    def step(*args, **kwargs):
-        if not trainer.accelerator.sync_gradients:
-            return original(*args, **kwargs)
+    def record():
         grads = {name: p.grad for name, p in trainer.model.named_parameters() if p.grad is not None}
         policy, value = split_named(grads, "policy."), split_named(grads, "value_model.")
         steps.append(
@@ -123,9 +118,8 @@ def watch_optimizer(trainer, directory: str, out: str, steps: list) -> None:
         if len(steps) == 1:
             save_hf_tensors(f"{out}/grad_policy", f"{directory}/policy", policy)
             save_hf_tensors(f"{out}/grad_value", f"{directory}/reward", value)
-        return original(*args, **kwargs)
 
-    optimizer.step = step
+    base.on_optimizer_steps(trainer, record)
 
 
 def main() -> None:

@@ -58,6 +58,7 @@ class Clock:
     def reset(self):
         self.start, self.start_cpu = wl.process_times()
         self.generated = self.train_start = self.rows = None
+        self.optimizer_steps = 0
         self.cpu_generated = self.cpu_train_start = None
 
 
@@ -106,6 +107,22 @@ def wrap_phases() -> None:
         return original_forward(model, *args, **kwargs)
 
     trl_ppo.batch_generation, trl_ppo.forward = batch_generation, forward
+
+
+def on_optimizer_steps(trainer, callback) -> None:
+    """Call `callback()` before each optimizer step the trainer really takes. TRL calls `optimizer.step()` after
+    every micro-batch; accelerate steps only when the gradients sync, which is every `gradient_accumulation_steps`
+    calls, or every call while the dataloader sits at its last batch (TRL 1.12 trains there: with this workload's
+    one batch of prompts, every micro-batch is an optimizer step)."""
+    optimizer = trainer.optimizer
+    original = optimizer.step
+
+    def step(*args, **kwargs):
+        if trainer.accelerator.sync_gradients:
+            callback()
+        return original(*args, **kwargs)
+
+    optimizer.step = step
 
 
 def matmul_peak(size: int, dtype) -> dict:
@@ -160,6 +177,7 @@ class Interleave(transformers.TrainerCallback):
                 },
                 "kl": state.log_history[-1].get("objective/kl") if state.log_history else None,
                 "rows": c.rows,
+                "optimizer_steps": c.optimizer_steps,
             }
         )
         serve_until_update(self.args, self.dtype)
@@ -244,6 +262,11 @@ def main() -> None:
     trainer = make_trainer(args.dir, w, prompts, config, [Interleave(args, dtype)])
     CLOCK = Clock(lambda: trainer.model)
     wrap_phases()
+
+    def count_step():
+        CLOCK.optimizer_steps += 1
+
+    on_optimizer_steps(trainer, count_step)
     trainer.train()
     serve_until_update(args, dtype)  # peak / memory / quit after the last update
     wl.emit({"error": "more updates asked for than --updates"})
