@@ -87,6 +87,8 @@ from ppojax.train import (
     reward_model_step,
     sft_loss,
     sft_step,
+    shuffle_minibatches,
     train_on_batch,
+    training_batch,
     update_step,
 )

@@ -35,6 +35,7 @@ from flax import struct
 
 from ppojax import sampling
 from ppojax.generation import (
+    _keep_mask,
     _response_outputs,
     behaviour_as_old_logprobs,
     response_logprobs,
@@ -47,7 +48,7 @@ from ppojax.losses import aggregate_loss, value_loss
 from ppojax.models.decoder import DecoderModel, init_value_head, values_from_hidden
 from ppojax.models.lora import Lora
 from ppojax.optim import OptimizerConfig, make_optimizer, make_schedule
-from ppojax.presets import PRESETS, Convention, assemble_advantages, masks_for, ppo_losses
+from ppojax.presets import PRESETS, Advantages, Convention, assemble_advantages, masks_for, ppo_losses
 from ppojax.stats import as_f32, masked_count, masked_max, masked_mean, masked_var, safe_divide, whiten
 
 CRITIC_MODES = ("separate", "joint", "shared")
@@ -383,7 +384,7 @@ def policy_outputs(
     logprobs = jnp.where(mask, sampling.token_logprobs(logits, jnp.asarray(response_ids, jnp.int32), temperature), 0.0)
     values = None
     if value_head is not None:
-        keep = mask if value_mask is None else jnp.asarray(value_mask) > 0
+        keep = _keep_mask(value_mask, response_mask, "policy_outputs")
         values = jnp.where(keep, values_from_hidden(value_head, hidden), 0.0)
     return logprobs, sampling.apply_temperature(logits, temperature), values
 
@@ -643,42 +644,49 @@ def _reduce_step_metrics(per_step: dict) -> dict:
     return out
 
 
+def training_batch(convention: Convention, experience: Experience, kl_coef) -> tuple[Advantages, Minibatch]:
+    """(advantages, the whole batch as a `Minibatch`) of an experience under a convention: what the PPO epochs
+    take their minibatches from. kl_coef: β (the KL controller's current coefficient)."""
+    adv = assemble_advantages(
+        convention,
+        scores=experience.scores,
+        logprobs=experience.logprobs,
+        ref_logprobs=experience.ref_logprobs,
+        values=experience.values,
+        response_mask=experience.response_mask,
+        kl_coef=kl_coef,
+        stopped=experience.stopped,
+    )
+    data = Minibatch(
+        prompt_ids=experience.prompt_ids,
+        prompt_mask=experience.prompt_mask,
+        response_ids=experience.response_ids,
+        response_mask=experience.response_mask,
+        old_logprobs=experience.logprobs,
+        old_values=experience.values,
+        advantages=adv.advantages,
+        returns=adv.returns,
+        policy_mask=adv.policy_mask,
+        value_mask=adv.value_mask,
+    )
+    return adv, data
+
+
+def shuffle_minibatches(key: jax.Array, config: PPOConfig) -> tuple[jax.Array, jax.Array]:
+    """(the key to keep, rows [ppo_epochs, minibatches, minibatch_size]): a fresh permutation of the batch per
+    epoch, cut into minibatches, as `train_on_batch` draws them from `state.key`."""
+    key, permutation_key = jax.random.split(key)
+    epoch_keys = jax.random.split(permutation_key, config.ppo_epochs)
+    rows = jax.vmap(lambda epoch_key: jax.random.permutation(epoch_key, config.batch_size))(epoch_keys)
+    return key, rows.reshape(config.ppo_epochs, config.minibatches, config.minibatch_size)
+
+
 def train_on_batch(state: PPOState, experience: Experience, ref_params, *, config: PPOConfig, models: PPOModels):
     """Phase 2: advantages, `ppo_epochs` passes of minibatch updates, KL-controller update. -> (state, metrics)."""
     conv = config.convention
-
-    def training_data(experience):
-        adv = assemble_advantages(
-            conv,
-            scores=experience.scores,
-            logprobs=experience.logprobs,
-            ref_logprobs=experience.ref_logprobs,
-            values=experience.values,
-            response_mask=experience.response_mask,
-            kl_coef=state.kl.coef,
-            stopped=experience.stopped,
-        )
-        data = Minibatch(
-            prompt_ids=experience.prompt_ids,
-            prompt_mask=experience.prompt_mask,
-            response_ids=experience.response_ids,
-            response_mask=experience.response_mask,
-            old_logprobs=experience.logprobs,
-            old_values=experience.values,
-            advantages=adv.advantages,
-            returns=adv.returns,
-            policy_mask=adv.policy_mask,
-            value_mask=adv.value_mask,
-        )
-        return adv, data
-
-    adv, data = training_data(experience)
-    key, permutation_key = jax.random.split(state.key)
+    adv, data = training_batch(conv, experience, state.kl.coef)
+    key, epoch_rows = shuffle_minibatches(state.key, config)
     state = state.replace(key=key)
-    epoch_keys = jax.random.split(permutation_key, config.ppo_epochs)
-    permutation = lambda epoch_key: jax.random.permutation(epoch_key, config.batch_size).reshape(
-        config.minibatches, config.minibatch_size
-    )
     extra = {}
     if config.exact_old_logprobs:
         # The old log-probs and values again, from the training program itself: the same micro-batch
@@ -686,7 +694,7 @@ def train_on_batch(state: PPOState, experience: Experience, ref_params, *, confi
         # first update sees bit-identical inputs through a bit-identical program and its ratio is exactly 1.
         # The gradients must be used (here: a metric), or XLA drops the backward and fuses the forward as in
         # the forward-only collection pass, which rounds differently.
-        first_rows = permutation(epoch_keys[0])
+        first_rows = epoch_rows[0]
 
         def old_pass(norm_sum, rows):
             minibatch = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), data)
@@ -700,7 +708,7 @@ def train_on_batch(state: PPOState, experience: Experience, ref_params, *, confi
         extra["grad/old_pass_norm"] = norm_sum / config.minibatches
         extra["policy/old_pass_gap_max"] = masked_max(jnp.abs(logprobs - experience.logprobs), mask)
         experience = experience.replace(logprobs=logprobs, values=values)
-        adv, data = training_data(experience)
+        adv, data = training_batch(conv, experience, state.kl.coef)
     step = functools.partial(update_step, ref_params=ref_params, config=config, models=models)
 
     def minibatch_step(carry, rows):
@@ -715,10 +723,10 @@ def train_on_batch(state: PPOState, experience: Experience, ref_params, *, confi
             stop = stop | (metrics["policy/approxkl"] > config.early_stop_kl)
         return (state, stop), metrics
 
-    def epoch(carry, epoch_key):
-        return jax.lax.scan(minibatch_step, carry, permutation(epoch_key))
+    def epoch(carry, rows):
+        return jax.lax.scan(minibatch_step, carry, rows)
 
-    (state, stopped_early), per_step = jax.lax.scan(epoch, (state, jnp.asarray(False)), epoch_keys)
+    (state, stopped_early), per_step = jax.lax.scan(epoch, (state, jnp.asarray(False)), epoch_rows)
     kl_state = kl_controller(conv).update(state.kl, adv.controller_kl, jnp.asarray(config.batch_size, jnp.float32))
 
     response_mask = experience.response_mask > 0

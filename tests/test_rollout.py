@@ -293,25 +293,35 @@ def test_rollout_top_k_and_top_p_keep_the_right_tokens():
 # ----------------------------------------------------------------------------------------------------------
 # Scoring
 
+SCORE_STATIC = ("policy_model", "critic_model", "reward_model")
+SCORE_MODELS = dict(critic_model=MODEL, critic_params=PARAMS, reward_model=MODEL, reward_params=PARAMS)
 
-def test_score_bundles_policy_reference_critic_and_reward():
+
+def _stopping_rollout():
+    """A sampled rollout (T 0.7) with a stop token that some rows emit and some do not."""
     stop = _mixed_stop_token(np.asarray(_run(temperature=0.7).response_ids))
     out = _run(temperature=0.7, stops=[stop])
     assert np.any(out.stopped) and not np.all(out.stopped), "test setup: want stopped and unstopped rows"
+    return out
+
+
+def _plain_pass(out):
+    """Reference for the teacher-forced passes: each row's prompt + response without left padding
+    (right-padded), through one plain forward."""
+    width = PROMPT_IDS.shape[1] + N
+    seq_ids, seq_mask = np.zeros((len(PROMPTS), width), np.int32), np.zeros((len(PROMPTS), width), np.int32)
+    for row, prompt in enumerate(PROMPTS):
+        tokens = list(prompt) + list(np.asarray(out.response_ids[row, : int(out.lengths[row])]))
+        seq_ids[row, : len(tokens)], seq_mask[row, : len(tokens)] = tokens, 1
+    return jit_for_tests(MODEL.apply)(PARAMS, seq_ids, seq_mask)
+
+
+def test_score_bundles_policy_reference_critic_and_reward():
+    out = _stopping_rollout()
     lora = {"bias": jnp.linspace(-1.0, 1.0, MODEL.vocab_size)}
-    score_fn = jit_for_tests(R.score, static_argnames=("policy_model", "critic_model", "reward_model"))
+    score_fn = jit_for_tests(R.score, static_argnames=SCORE_STATIC)
     batch = (PROMPT_IDS, PROMPT_MASK, out.response_ids, out.response_mask)
-    got = score_fn(
-        MODEL,
-        PARAMS,
-        *batch,
-        temperature=0.7,
-        critic_model=MODEL,
-        critic_params=PARAMS,
-        reward_model=MODEL,
-        reward_params=PARAMS,
-        lora=lora,
-    )
+    got = score_fn(MODEL, PARAMS, *batch, temperature=0.7, **SCORE_MODELS, lora=lora)
     mask = np.asarray(out.response_mask) == 1
 
     np.testing.assert_allclose(got.logprobs, R.response_logprobs(MODEL, PARAMS, *batch, 0.7, lora=lora), atol=1e-6)
@@ -319,13 +329,8 @@ def test_score_bundles_policy_reference_critic_and_reward():
     assert np.max(np.abs(got.logprobs - got.ref_logprobs)) > 1e-2
 
     # Values: the value head at the column that predicts each response token; reward: the reward head at
-    # the last real token. Reference: the same sequences without left padding (right-padded, one pass).
-    width = PROMPT_IDS.shape[1] + N
-    seq_ids, seq_mask = np.zeros((len(PROMPTS), width), np.int32), np.zeros((len(PROMPTS), width), np.int32)
-    for row, prompt in enumerate(PROMPTS):
-        tokens = list(prompt) + list(np.asarray(out.response_ids[row, : int(out.lengths[row])]))
-        seq_ids[row, : len(tokens)], seq_mask[row, : len(tokens)] = tokens, 1
-    ref = jit_for_tests(MODEL.apply)(PARAMS, seq_ids, seq_mask)
+    # the last real token.
+    ref = _plain_pass(out)
     for row, prompt in enumerate(PROMPTS):
         length, start = int(out.lengths[row]), len(prompt) - 1
         np.testing.assert_allclose(got.values[row, :length], ref.values[row, start : start + length], atol=1e-5)
@@ -337,20 +342,11 @@ def test_score_bundles_policy_reference_critic_and_reward():
 
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
 def test_score_takes_the_old_logprobs_from_the_rollout(jit):
-    stop = _mixed_stop_token(np.asarray(_run(temperature=0.7).response_ids))
-    out = _run(temperature=0.7, stops=[stop])
-    assert np.any(out.stopped) and not np.all(out.stopped), "test setup: want stopped and unstopped rows"
+    out = _stopping_rollout()
     # Behaviour log-probs with junk where masked: score must zero them, not pass them through.
     junk = jnp.where(out.response_mask > 0, out.logprobs, -7.0)
-    kwargs = dict(
-        temperature=0.7,
-        critic_model=MODEL,
-        critic_params=PARAMS,
-        reward_model=MODEL,
-        reward_params=PARAMS,
-        ref_params=PARAMS,
-    )
-    fn = jit_for_tests(R.score, static_argnames=("policy_model", "critic_model", "reward_model")) if jit else R.score
+    kwargs = dict(temperature=0.7, **SCORE_MODELS, ref_params=PARAMS)
+    fn = jit_for_tests(R.score, static_argnames=SCORE_STATIC) if jit else R.score
     batch = (PROMPT_IDS, PROMPT_MASK, out.response_ids, out.response_mask)
     got = fn(MODEL, PARAMS, *batch, old_logprobs=junk, **kwargs)
     recomputed = fn(MODEL, PARAMS, *batch, **kwargs)
@@ -371,30 +367,17 @@ def test_score_takes_the_old_logprobs_from_the_rollout(jit):
 def test_score_keeps_the_values_on_the_value_mask(jit):
     """TRL's convention trains the value one slot past each stopped response: `score(value_mask=)` keeps the
     critic's value there (the head at the stop token's own column), which the default zeroes."""
-    stop = _mixed_stop_token(np.asarray(_run(temperature=0.7).response_ids))
-    out = _run(temperature=0.7, stops=[stop])
+    out = _stopping_rollout()
     lengths = np.asarray(out.lengths)
     assert np.any(lengths < N) and np.any(lengths == N), "test setup: want rows with and without a +1 slot"
-    kwargs = dict(
-        temperature=0.7,
-        critic_model=MODEL,
-        critic_params=PARAMS,
-        reward_model=MODEL,
-        reward_params=PARAMS,
-        ref_params=PARAMS,
-    )
-    fn = jit_for_tests(R.score, static_argnames=("policy_model", "critic_model", "reward_model")) if jit else R.score
+    kwargs = dict(temperature=0.7, **SCORE_MODELS, ref_params=PARAMS)
+    fn = jit_for_tests(R.score, static_argnames=SCORE_STATIC) if jit else R.score
     batch = (PROMPT_IDS, PROMPT_MASK, out.response_ids, out.response_mask)
     value_mask = ppojax.extend_mask(out.response_mask)
     got = fn(MODEL, PARAMS, *batch, value_mask=value_mask, **kwargs)
     default = fn(MODEL, PARAMS, *batch, **kwargs)
     # Reference: the value head of one plain pass over each row's prompt + response (+ the stop token's column).
-    width = PROMPT_IDS.shape[1] + N
-    seq_ids, seq_mask = np.zeros((len(PROMPTS), width), np.int32), np.zeros((len(PROMPTS), width), np.int32)
-    for row, prompt in enumerate(PROMPTS):
-        tokens = list(prompt) + list(np.asarray(out.response_ids[row, : lengths[row]]))
-        seq_ids[row, : len(tokens)], seq_mask[row, : len(tokens)] = tokens, 1
-    ref = MODEL.apply(PARAMS, seq_ids, seq_mask)
+    ref = _plain_pass(out)
     for row, prompt in enumerate(PROMPTS):
         start, kept = len(prompt) - 1, min(lengths[row] + 1, N)
         np.testing.assert_allclose(got.values[row, :kept], ref.values[row, start : start + kept], atol=1e-5)
@@ -402,8 +385,8 @@ def test_score_keeps_the_values_on_the_value_mask(jit):
         np.testing.assert_array_equal(np.asarray(default.values)[row, lengths[row] :], 0.0)
     extra = np.asarray(value_mask) & (np.asarray(out.response_mask) == 0)
     assert extra.sum() == np.sum(lengths < N) and np.abs(np.asarray(got.values)[extra]).min() > 1e-3
-    np.testing.assert_array_equal(np.asarray(got.values)[np.asarray(out.response_mask) > 0], default.values[
-        np.asarray(out.response_mask) > 0])  # fmt: skip
+    in_response = np.asarray(out.response_mask) > 0
+    np.testing.assert_array_equal(np.asarray(got.values)[in_response], np.asarray(default.values)[in_response])
     for name in ("logprobs", "ref_logprobs", "scores"):
         np.testing.assert_array_equal(getattr(got, name), getattr(default, name), err_msg=name)
     with pytest.raises(ValueError, match=r"response_values: value_mask has shape \(4, 5\); expected the response"):

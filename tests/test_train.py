@@ -17,7 +17,7 @@ from ppojax.generation import pad_prompts, response_logprobs, response_values
 from ppojax.models import DecoderModel, ModelConfig, init_lora
 from ppojax.models.lora import Lora
 from ppojax.optim import OptimizerConfig
-from ppojax.presets import get_preset, masks_for, ppo_losses
+from ppojax.presets import assemble_advantages, get_preset, masks_for, ppo_losses
 
 VOCAB, PAD, TARGET, N = 64, 63, 7, 8
 CONFIG = ModelConfig(
@@ -465,6 +465,54 @@ def test_compiled_ahead_runs_the_background_program_and_falls_back_on_other_shap
     np.testing.assert_allclose(ahead(z, y), 6.0)  # other shapes: the jitted function compiles its own
     assert traces == [(2, 3), (3, 3)] and not ahead.ahead_of_time
     np.testing.assert_allclose(ahead(x, y), np.asarray(x) * 2 + 4)
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_shuffle_minibatches_and_training_batch(jit):
+    wrap = jax.jit if jit else (lambda f: f)
+    config = _config(batch_size=16, minibatch_size=4, micro_batch_size=4, ppo_epochs=3)
+    key, rows = wrap(functools.partial(T.shuffle_minibatches, config=config))(jax.random.key(7))
+    rows = np.asarray(rows)
+    assert rows.shape == (3, 4, 4) and not np.array_equal(
+        jax.random.key_data(key), jax.random.key_data(jax.random.key(7))
+    )
+    for epoch in rows:  # every epoch a permutation of the batch, cut into minibatches; epochs differ
+        np.testing.assert_array_equal(np.sort(epoch.reshape(-1)), np.arange(16))
+    assert not np.array_equal(rows[0], rows[1]) and not np.array_equal(rows[1], rows[2])
+    # The batch a convention trains on: the experience's rows with the advantages `assemble_advantages` gives.
+    mb = _synthetic_minibatch()
+    experience = T.Experience(
+        prompt_ids=mb.prompt_ids,
+        prompt_mask=mb.prompt_mask,
+        response_ids=mb.response_ids,
+        response_mask=mb.response_mask,
+        behaviour_logprobs=mb.old_logprobs,
+        logprobs=mb.old_logprobs,
+        ref_logprobs=mb.old_logprobs - 0.1,
+        values=mb.old_values,
+        scores=jnp.linspace(-1.0, 1.0, 16),
+        stopped=jnp.ones((16,), bool),
+        lengths=jnp.sum(mb.response_mask, axis=1),
+    )
+    conv = get_preset("trl")
+    adv, data = wrap(functools.partial(T.training_batch, conv))(experience, 0.05)
+    want = assemble_advantages(
+        conv,
+        scores=experience.scores,
+        logprobs=experience.logprobs,
+        ref_logprobs=experience.ref_logprobs,
+        values=experience.values,
+        response_mask=experience.response_mask,
+        kl_coef=0.05,
+        stopped=experience.stopped,
+    )
+    for name in ("advantages", "returns", "policy_mask", "value_mask"):
+        np.testing.assert_allclose(getattr(data, name), getattr(want, name), atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(adv.rewards, want.rewards, atol=1e-6)
+    for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask"):
+        np.testing.assert_array_equal(getattr(data, name), getattr(experience, name), err_msg=name)
+    np.testing.assert_array_equal(data.old_logprobs, experience.logprobs)
+    np.testing.assert_array_equal(data.old_values, experience.values)
 
 
 def test_config_validation():

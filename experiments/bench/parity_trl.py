@@ -49,8 +49,7 @@ import ppo_ppojax_worker as side
 import workload as wl
 
 import ppojax
-from ppojax.presets import assemble_advantages
-from ppojax.train import Minibatch, critic_from_reward, minibatch_gradients
+from ppojax.train import critic_from_reward, minibatch_gradients, shuffle_minibatches, training_batch
 
 # TRL metric name -> ppojax metric name (means over the optimizer steps on both sides).
 METRICS = {
@@ -206,8 +205,7 @@ def main(argv=None) -> dict:
     data = make_responses(np.asarray(sampled.response_ids), args.stop_fraction, args.seed)
     # The rows of each epoch's minibatches, as `train_on_batch` draws them from the state's key (the worker makes
     # TRL's `np.random.permutation` return these, mapped to its own row order).
-    epoch_keys = jax.random.split(jax.random.split(state.key)[1], config.ppo_epochs)
-    permutations = np.stack([np.asarray(jax.random.permutation(k, config.batch_size)) for k in epoch_keys])
+    permutations = np.asarray(shuffle_minibatches(state.key, config)[1]).reshape(config.ppo_epochs, -1)
     np.savez(os.path.join(out, "responses.npz"), prompt_ids=np.asarray(prompt_ids), permutations=permutations, **data)
     rollout = ppojax.Rollout(
         response_ids=jnp.asarray(data["response_ids"]),
@@ -225,28 +223,8 @@ def main(argv=None) -> dict:
 
     def gradients(convention):
         conv_config = dataclasses.replace(config, convention=convention)
-        adv = assemble_advantages(
-            convention,
-            scores=experience.scores,
-            logprobs=experience.logprobs,
-            ref_logprobs=experience.ref_logprobs,
-            values=experience.values,
-            response_mask=experience.response_mask,
-            kl_coef=convention.kl_coef,  # fixed β: the state's coef is the configured one
-            stopped=experience.stopped,
-        )
-        batch = Minibatch(
-            prompt_ids=experience.prompt_ids,
-            prompt_mask=experience.prompt_mask,
-            response_ids=experience.response_ids,
-            response_mask=experience.response_mask,
-            old_logprobs=experience.logprobs,
-            old_values=experience.values,
-            advantages=adv.advantages,
-            returns=adv.returns,
-            policy_mask=adv.policy_mask,
-            value_mask=adv.value_mask,
-        )
+        # Fixed β: the state's coefficient is the configured one, so each control's own kl_coef applies.
+        adv, batch = training_batch(convention, experience, convention.kl_coef)
         first_rows = permutations[0][: config.minibatch_size]  # the first optimizer step's minibatch
         minibatch = jax.tree.map(lambda x: jnp.take(x, first_rows, axis=0), batch)
         step = jax.jit(functools.partial(minibatch_gradients, config=conv_config, models=models))
