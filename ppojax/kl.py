@@ -7,9 +7,10 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from ppojax.stats import as_bool_mask, as_f32, check_same_shape, masked_mean, masked_sum
+from ppojax.stats import as_bool_mask, as_f32, check_same_shape, masked_count, masked_mean, masked_sum, safe_divide
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+CONTROLLER_KL_MODES = ("seq_sum", "seq_mean", "token_mean")
 
 
 def kl_penalty(
@@ -98,16 +99,24 @@ def sequence_kl(kl: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def kl_for_controller(kl: jax.Array, mask: jax.Array, *, mode: str) -> jax.Array:
-    """The scalar a KL controller is fed.
+    """The scalar a KL controller is fed (and ppojax logs as `objective/controller_kl`).
 
     mode="seq_sum": the batch mean of per-sequence summed KL (OpenAI lm-human-preferences, old TRL; the
-    classic target is 6 nats). mode="token_mean": the mean over valid tokens (OpenRLHF, verl).
+      classic target is 6 nats).
+    mode="seq_mean": the batch mean of per-sequence token means (verl's `apply_kl_penalty`, OpenRLHF's
+      per-sample `kl` info averaged over samples); rows without a valid token are left out.
+    mode="token_mean": the mean over every valid token of the batch (long responses weigh more).
+    The two means differ when response lengths differ.
     """
     if mode == "seq_sum":
         return jnp.mean(sequence_kl(kl, mask))
+    if mode == "seq_mean":
+        has_tokens = masked_count(mask, axis=-1) > 0
+        per_sequence = jnp.where(has_tokens, masked_mean(kl, mask, axis=-1), 0.0)
+        return safe_divide(jnp.sum(per_sequence), jnp.sum(has_tokens, dtype=jnp.float32))
     if mode == "token_mean":
         return masked_mean(kl, mask)
-    raise ValueError(f"kl_for_controller: mode must be 'seq_sum' or 'token_mean', got {mode!r}")
+    raise ValueError(f"kl_for_controller: mode must be one of {CONTROLLER_KL_MODES}, got {mode!r}")
 
 
 class KLControllerState(NamedTuple):

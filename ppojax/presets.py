@@ -8,14 +8,14 @@
 | KL in reward           | yes         | yes             | yes             | no (β 0.001 on) | yes             |
 | KL estimator / clamp   | k1 / –      | k1 / –          | k1 / ±10        | k1 / –          | k1 / –          |
 | β (init)               | 0.05 fixed  | 0.05 fixed      | 0.01 fixed      | 0.001 fixed     | 0.15 adaptive   |
-| controller sees        | seq sum     | seq sum         | token mean      | token mean      | seq sum         |
+| controller sees        | seq sum     | seq sum         | seq token-mean  | seq token-mean  | seq sum         |
 | γ, λ                   | 1, 0.95     | 1, 0.95         | 1, 1            | 1, 1            | 1, 0.95         |
 | advantage whitening    | Bessel, +ε  | Bessel, +ε      | pop., max(·,ε)  | Bessel, +ε      | pop., +ε        |
 | reward whitening       | no          | option (no)     | no              | no              | no              |
 | no stop token          | –           | (option)        | –               | –               | score := −1     |
 | ε (policy) / ε_v       | 0.2 / 0.2   | 0.2 / 0.2       | 0.2 / 0.5       | 0.2 / 0.5       | 0.2 / 0.2       |
 | dual clip              | –           | –               | –               | c = 3           | –               |
-| log-ratio clamp        | 20          | –               | –               | ±20             | –               |
+| log-ratio clamp        | 20          | –               | ±20             | ±20             | –               |
 | vf_coef                | 0.1         | 0.1             | (own optimizer) | (own optimizer) | 0.1             |
 | loss aggregation       | token-mean  | token-mean      | token-mean      | token-mean      | token-mean      |
 
@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from ppojax.advantages import compute_gae
-from ppojax.kl import KL_RULES, kl_for_controller, kl_penalty
+from ppojax.kl import CONTROLLER_KL_MODES, KL_ESTIMATORS, KL_RULES, kl_for_controller, kl_penalty
 from ppojax.losses import Stats, clipped_loss, value_loss
 from ppojax.rewards import LENGTH_REWARDS, SCORE_PLACEMENTS, extend_mask, shape_rewards
 from ppojax.stats import as_bool_mask, masked_count, whiten
@@ -97,6 +97,14 @@ class Convention:
             raise ValueError(
                 f"Convention {self.name!r}: score_placement must be one of {SCORE_PLACEMENTS}, got {self.score_placement!r}"
             )
+        if self.controller_kl not in CONTROLLER_KL_MODES:
+            raise ValueError(
+                f"Convention {self.name!r}: controller_kl must be one of {CONTROLLER_KL_MODES}, got {self.controller_kl!r}"
+            )
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(
+                f"Convention {self.name!r}: kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}"
+            )
         if self.kl_rule not in KL_RULES:
             raise ValueError(f"Convention {self.name!r}: kl_rule must be one of {KL_RULES}, got {self.kl_rule!r}")
         if self.length_reward not in LENGTH_REWARDS:
@@ -130,17 +138,18 @@ PRESETS = {
         score_clip=10.0,
         kl_clamp=10.0,
         kl_coef=0.01,
-        controller_kl="token_mean",
+        controller_kl="seq_mean",
         lam=1.0,
         whiten_unbiased=False,
         whiten_eps_mode="max",
+        log_ratio_clamp=20.0,
         value_clip_eps=0.5,
     ),
     "verl": Convention(
         name="verl",
         kl_in_reward=False,
         kl_coef=0.001,
-        controller_kl="token_mean",
+        controller_kl="seq_mean",
         lam=1.0,
         dual_clip=3.0,
         log_ratio_clamp=20.0,

@@ -116,10 +116,20 @@ class KLControllerTest(chex.TestCase):
             ppojax.adaptive_kl_controller(0.1, target=0.0, horizon=10)
 
     def test_controller_kl_modes(self):
-        kl = jnp.array([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]])
-        mask = jnp.array([[1, 1, 0], [1, 0, 0]])
-        np.testing.assert_allclose(ppojax.kl_for_controller(kl, mask, mode="seq_sum"), (3.0 + 3.0) / 2)
-        np.testing.assert_allclose(ppojax.kl_for_controller(kl, mask, mode="token_mean"), 6.0 / 3)
+        kl = jnp.array([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0], [7.0, 7.0, 7.0]])
+        mask = jnp.array([[1, 1, 0], [1, 0, 0], [0, 0, 0]])  # the last row has no valid token
+        for fn in (ppojax.kl_for_controller, jax.jit(ppojax.kl_for_controller, static_argnames="mode")):
+            np.testing.assert_allclose(fn(kl, mask, mode="seq_sum"), (3.0 + 3.0 + 0.0) / 3)
+            np.testing.assert_allclose(fn(kl, mask, mode="token_mean"), 6.0 / 3)
+            # verl / OpenRLHF: each row's token mean (1.5 and 3.0), averaged over the rows that have tokens.
+            np.testing.assert_allclose(fn(kl, mask, mode="seq_mean"), (1.5 + 3.0) / 2)
+            np.testing.assert_allclose(fn(kl, jnp.zeros_like(mask), mode="seq_mean"), 0.0)
+        with self.assertRaisesRegex(ValueError, "mode must be one of .*'seq_mean'.*got 'mean'"):
+            ppojax.kl_for_controller(kl, mask, mode="mean")
+        with self.assertRaisesRegex(ValueError, "controller_kl must be one of"):
+            ppojax.Convention(name="x", controller_kl="token")
+        with self.assertRaisesRegex(ValueError, "kl_estimator must be one of"):
+            ppojax.Convention(name="x", kl_estimator="k4")
 
 
 def hand_step_rule(init_coef, target, observations):

@@ -11,6 +11,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import ppojax
+from presets_testing import run_preset
 
 B, T = 4, 5
 LENGTHS = np.array([5, 3, 1, 4])  # fills the width; stopped early; length 1; stopped early
@@ -112,7 +113,7 @@ def openrlhf_reference(d, kl_coef=0.01, gamma=1.0, lambd=1.0, clip_eps=0.2, valu
     mean = (advantages * action_mask).sum() / num
     var = (((advantages - mean) ** 2) * action_mask).sum() / num
     advantages = (advantages - mean) / np.sqrt(max(var, 1e-8))
-    ratio = np.exp(d["new_logprobs"].astype(np.float64) - d["logprobs"])
+    ratio = np.exp(np.clip(d["new_logprobs"].astype(np.float64) - d["logprobs"], -20.0, 20.0))
     surr1, surr2 = ratio * advantages, np.clip(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
     pg_loss = np_masked_mean(-np.minimum(surr1, surr2), action_mask)
     old_values = d["values"]
@@ -128,7 +129,8 @@ def openrlhf_reference(d, kl_coef=0.01, gamma=1.0, lambd=1.0, clip_eps=0.2, valu
         vf_loss=vf_loss,
         policy_mask=mask,
         value_mask=mask,
-        controller_kl=np_masked_mean(kl, action_mask),
+        # ppo_trainer feeds kl_ctl the experiences' per-sample kl info (each row's masked mean), sample-weighted.
+        controller_kl=np.mean((kl * action_mask).sum(1) / action_mask.sum(1)),
     )
 
 
@@ -181,7 +183,8 @@ def verl_reference(d, gamma=1.0, lam=1.0, clip_ratio=0.2, clip_ratio_c=3.0, clip
         vf_loss=vf_loss,
         policy_mask=mask,
         value_mask=mask,
-        controller_kl=np_masked_mean(kl, response_mask),
+        # apply_kl_penalty: masked_mean(kld, response_mask, axis=-1), then the mean over the batch.
+        controller_kl=np.mean((kl * response_mask).sum(1) / (response_mask.sum(1) + 1e-8)),
     )
 
 
@@ -221,30 +224,6 @@ REFERENCES = {
     "verl": verl_reference,
     "openai": openai_reference,
 }
-
-
-def run_preset(convention, d):
-    adv = ppojax.assemble_advantages(
-        convention,
-        scores=d["scores"],
-        logprobs=d["logprobs"],
-        ref_logprobs=d["ref_logprobs"],
-        values=d["values"],
-        response_mask=d["mask"],
-        stopped=d["stopped"],
-    )
-    pg_loss, vf_loss, stats = ppojax.ppo_losses(
-        convention,
-        logprobs=d["new_logprobs"],
-        old_logprobs=d["logprobs"],
-        advantages=adv.advantages,
-        values=d["new_values"],
-        old_values=d["values"],
-        returns=adv.returns,
-        policy_mask=adv.policy_mask,
-        value_mask=adv.value_mask,
-    )
-    return adv, pg_loss, vf_loss, stats
 
 
 class PresetTest(chex.TestCase):
