@@ -115,6 +115,14 @@ class KLControllerTest(chex.TestCase):
         with self.assertRaisesRegex(ValueError, "target must be > 0"):
             ppojax.adaptive_kl_controller(0.1, target=0.0, horizon=10)
 
+    def test_sequence_kl_sums_valid_tokens(self):
+        kl = np.array([[0.5, -0.25, np.nan, np.inf], [2.0, 1.0, 1.0, -1.0], [np.nan, 3.0, 3.0, 3.0]], np.float32)
+        mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+        for fn in (ppojax.sequence_kl, jax.jit(ppojax.sequence_kl)):
+            got = fn(kl, mask)
+            assert got.shape == (3,) and got.dtype == jnp.float32
+            np.testing.assert_allclose(got, [0.25, 3.0, 0.0])
+
     def test_controller_kl_modes(self):
         kl = jnp.array([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0], [7.0, 7.0, 7.0]])
         mask = jnp.array([[1, 1, 0], [1, 0, 0], [0, 0, 0]])  # the last row has no valid token

@@ -156,6 +156,26 @@ class ClippedLossTest(chex.TestCase):
         num_grad = sum(jax.grad(lambda lp, c=c: pair(lp, c).total)(jnp.asarray(logp)) for c in chunks)
         np.testing.assert_allclose(num_grad / total.count, full_grad, rtol=1e-5, atol=1e-7)
 
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_entropy_from_logits(self):
+        rng = np.random.default_rng(3)
+        logits = (rng.normal(size=(3, 4, 6)) * 2).astype(np.float32)
+        logits[0, 1, :4] = -np.inf  # a top-k-filtered row: two tokens left
+        logits[1, 2] = [0, -np.inf, -np.inf, -np.inf, -np.inf, -np.inf]  # one token left: entropy 0
+        logits[2, 3] = 40.0  # uniform over 6
+        z = logits.astype(np.float64)
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        want = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), axis=-1)
+        got = self.variant(ppojax.entropy_from_logits)(logits)
+        assert got.dtype == jnp.float32 and np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[1, 2], 0.0, atol=1e-7)
+        np.testing.assert_allclose(got[2, 3], np.log(6), rtol=1e-6)
+        half = self.variant(ppojax.entropy_from_logits)(jnp.asarray(logits[2:, :3], jnp.bfloat16))
+        assert half.dtype == jnp.float32
+        np.testing.assert_allclose(half, want[2:, :3], rtol=2e-2, atol=2e-2)
+
     def test_entropy_bonus_and_stat(self):
         rng = np.random.default_rng(0)
         logits = rng.normal(size=(2, 3, 5)).astype(np.float32)

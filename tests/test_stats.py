@@ -71,6 +71,23 @@ class StatsTest(chex.TestCase):
         with self.assertRaisesRegex(ValueError, "eps_mode"):
             ppojax.whiten(x, mask, eps_mode="mul")
 
+    @chex.variants(with_jit=True, without_jit=True)
+    @given(masked_batches())
+    def test_masked_sum_count_max_match_numpy(self, drawn):
+        rng, batch, width, mask = drawn
+        x = rng.normal(size=(batch, width)).astype(np.float32) * 3 + 1
+        poisoned = poison(x, mask, rng)
+        valid = mask > 0
+        for axis in (None, -1):
+            total = self.variant(lambda x, m, a=axis: ppojax.masked_sum(x, m, axis=a))(poisoned, mask)
+            count = self.variant(lambda m, a=axis: ppojax.masked_count(m, axis=a))(mask)
+            best = self.variant(lambda x, m, a=axis: ppojax.masked_max(x, m, axis=a))(poisoned, mask)
+            want_max = np.where(valid.any(axis=axis), np.where(valid, x, -np.inf).max(axis=axis), 0.0)
+            np.testing.assert_allclose(total, np.where(valid, x, 0).sum(axis=axis), rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(count, valid.sum(axis=axis).astype(np.float32))
+            np.testing.assert_array_equal(best, want_max.astype(np.float32))
+            assert count.dtype == jnp.float32 and best.dtype == jnp.float32
+
     def test_bf16_inputs_give_float32(self):
         x = jnp.arange(6.0, dtype=jnp.bfloat16).reshape(2, 3)
         mask = jnp.ones((2, 3))

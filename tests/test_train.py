@@ -515,6 +515,49 @@ def test_shuffle_minibatches_and_training_batch(jit):
     np.testing.assert_array_equal(data.old_values, experience.values)
 
 
+@pytest.mark.parametrize("jit", [True, False])
+def test_policy_outputs_and_critic_from_policy(jit):
+    """`policy_outputs` against plain forwards of each row's unpadded prompt + response; the critic that
+    `critic_from_policy` builds shares the trunk and starts with a zero value head."""
+    rng = np.random.default_rng(5)
+    rows, temperature = 4, 0.7
+    prompt_ids, prompt_mask = _prompts(5, rows)
+    lengths = np.array([N, 3, 1, 5])
+    response_mask = (np.arange(N)[None] < lengths[:, None]).astype(np.int32)
+    response_ids = np.where(response_mask > 0, rng.integers(0, 60, size=(rows, N)), PAD).astype(np.int32)
+
+    critic, critic_params = T.critic_from_policy(POLICY, POLICY_PARAMS)
+    assert critic.head == "value" and critic.config == POLICY.config and "lm_head" not in critic_params
+    assert all(critic_params[name] is POLICY_PARAMS[name] for name in POLICY_PARAMS if name != "lm_head")
+    assert all(np.all(np.asarray(leaf) == 0) for leaf in jax.tree.leaves(critic_params["value_head"]))
+    head = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), critic_params["value_head"])
+    value_mask = np.asarray(masks_for(get_preset("trl"), response_mask)[1])  # one slot past each stopped row
+
+    fn = jax.jit(T.policy_outputs, static_argnums=0) if jit else T.policy_outputs
+    args = (POLICY, POLICY_PARAMS, None, prompt_ids, prompt_mask, response_ids, response_mask, temperature)
+    logprobs, logits, values = fn(*args, head, value_mask)
+    no_values = fn(*args)[2]
+    assert no_values is None
+
+    for row in range(rows):
+        prompt = np.asarray(prompt_ids[row])[np.asarray(prompt_mask[row]) > 0]
+        n, p = lengths[row], len(prompt)
+        seq = jnp.asarray(np.concatenate([prompt, response_ids[row, :n]])[None], jnp.int32)
+        want_logits = np.asarray(POLICY.apply(POLICY_PARAMS, seq).logits[0, p - 1 : p - 1 + n]) / temperature
+        want_logprobs = jax.nn.log_softmax(want_logits)[np.arange(n), response_ids[row, :n]]
+        want_values = np.asarray(critic.apply({**critic_params, "value_head": head}, seq).values[0, p - 1 :])
+        np.testing.assert_allclose(logits[row, :n], want_logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(logprobs[row, :n], want_logprobs, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(logprobs[row, n:], 0.0)
+        kept = int(value_mask[row].sum())  # n, or n + 1 when the row stopped before the width
+        np.testing.assert_allclose(values[row, :kept], want_values[:kept], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(values[row, kept:], 0.0)
+    assert np.abs(np.asarray(values)).max() > 0.1  # the random head is really read
+
+    with pytest.raises(ValueError, match="value_mask"):
+        T.policy_outputs(*args, head, value_mask[:, :-1])
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="minibatch_size"):
         T.PPOConfig(batch_size=10, minibatch_size=4)
