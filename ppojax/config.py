@@ -47,7 +47,7 @@ convention's values apply. Keys given explicitly override either.
 | ppo_target | preset (6.0) | adaptive-KL target, nats per sequence (aliases: kl_target, target). Needs adap_kl_ctrl |
 | ppo_score_norm | false | normalise reward-model scores to mean 0, std 1 over the initial policy's responses (at least 64, sampled once before training; the gain and bias are kept in the checkpoints and summary.json) |
 | ppo_whiten_rewards | preset (false) | whiten the shaped rewards before GAE, mean kept (alias: whiten_rewards) |
-| preset | null | ppojax, trl, openrlhf, verl or openai: a `ppojax.presets.Convention`; null: ppojax + LLaMA-Factory's KL defaults |
+| preset | null | ppojax, trl, openrlhf, verl, llamafactory or openai: a `ppojax.presets.Convention`; null: ppojax + LLaMA-Factory's KL defaults. llamafactory is TRL 0.9.6's PPOTrainer as LLaMA-Factory runs it (its micro-batch loss averaging and ratio_threshold 10 included) |
 | kl_coef | preset (0.2 when preset is null) | β, the initial KL coefficient (alias: init_kl_coef) |
 | adap_kl_ctrl | preset (true when preset is null) | adaptive KL controller (Ziegler et al.) instead of a fixed β |
 | horizon | preset (10000) | adaptive controller horizon |

@@ -20,7 +20,13 @@ from ppojax.stats import (
     safe_divide,
 )
 
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+LOSS_AGGREGATIONS = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+    "micro-token-mean",
+)
 
 Stats = Dict[str, jax.Array]
 
@@ -33,12 +39,20 @@ def aggregate_loss(per_token: jax.Array, mask: jax.Array, mode: str = "token-mea
       "seq-mean-token-mean":      Σ_rows mean_t(l) / (rows with a valid token)    every sequence weighs the same
       "seq-mean-token-sum":       Σ_rows Σ_t l / (rows with a valid token)
       "seq-mean-token-sum-norm":  Σ_valid l / (rows with a valid token · T)       Dr. GRPO's constant normaliser
+      "micro-token-mean":         (mean_valid l, 1)  per call                    TRL 0.x / LLaMA-Factory
     The pair's `.value()` is the loss; summing pairs across micro-batches (split by rows) or devices before
-    dividing gives exactly the loss of the whole batch.
+    dividing gives exactly the loss of the whole batch — except for "micro-token-mean", which is defined by
+    its split: each call (one micro-batch of the training step) contributes its token mean with weight 1, so
+    the sum over micro-batches is the mean of their token means. That is TRL 0.x's PPOTrainer (what
+    LLaMA-Factory runs): every micro-batch back-propagates its own masked mean and accelerate averages over
+    the accumulation steps. Without micro-batches it equals "token-mean".
     """
     mask = as_bool_mask(mask)
     if mode == "token-mean":
         return SumCount(masked_sum(per_token, mask), masked_count(mask))
+    if mode == "micro-token-mean":
+        count = masked_count(mask)
+        return SumCount(safe_divide(masked_sum(per_token, mask), count), (count > 0).astype(jnp.float32))
     row_sums = masked_sum(per_token, mask, axis=-1)
     row_counts = masked_count(mask, axis=-1)
     rows = jnp.sum(row_counts > 0, dtype=jnp.float32)

@@ -1,31 +1,38 @@
 """Named PPO-RLHF conventions: each published system's choices as one frozen, documented record.
 
-| choice                 | ppojax      | trl (N+)        | openrlhf        | verl            | openai          |
-|------------------------|-------------|-----------------|-----------------|-----------------|-----------------|
-| loss / value mask      | response    | response / +1   | response        | response        | full width      |
-| score placed at        | last token  | slot after last | last token      | last token      | last column     |
-| score clip             | –           | –               | ±10             | –               | –               |
-| KL in reward           | yes         | yes             | yes             | no (β 0.001 on) | yes             |
-| KL estimator / clamp   | k1 / –      | k1 / –          | k1 / ±10        | k1 / –          | k1 / –          |
-| β (init)               | 0.05 fixed  | 0.05 fixed      | 0.01 fixed      | 0.001 fixed     | 0.15 adaptive   |
-| controller sees        | seq sum     | seq sum         | seq token-mean  | seq token-mean  | seq sum         |
-| γ, λ                   | 1, 0.95     | 1, 0.95         | 1, 1            | 1, 1            | 1, 0.95         |
-| advantage whitening    | Bessel, +ε  | Bessel, +ε      | pop., max(·,ε)  | Bessel, +ε      | pop., +ε        |
-| reward whitening       | no          | option (no)     | no              | no              | no              |
-| no stop token          | –           | (option)        | –               | –               | score := −1     |
-| ε (policy) / ε_v       | 0.2 / 0.2   | 0.2 / 0.2       | 0.2 / 0.5       | 0.2 / 0.5       | 0.2 / 0.2       |
-| dual clip              | –           | –               | –               | c = 3           | –               |
-| log-ratio clamp        | 20          | –               | ±20             | ±20             | –               |
-| vf_coef                | 0.1         | 0.1             | (own optimizer) | (own optimizer) | 0.1             |
-| loss aggregation       | token-mean  | token-mean      | token-mean      | token-mean      | token-mean      |
+| choice                 | ppojax      | trl (N+)        | openrlhf        | verl            | llamafactory     | openai          |
+|------------------------|-------------|-----------------|-----------------|-----------------|------------------|-----------------|
+| loss / value mask      | response    | response / +1   | response        | response        | response         | full width      |
+| score placed at        | last token  | slot after last | last token      | last token      | last token       | last column     |
+| score clip             | –           | –               | ±10             | –               | –                | –               |
+| KL in reward           | yes         | yes             | yes             | no (β 0.001 on) | yes              | yes             |
+| KL estimator / clamp   | k1 / –      | k1 / –          | k1 / ±10        | k1 / –          | k1 / –           | k1 / –          |
+| β (init)               | 0.05 fixed  | 0.05 fixed      | 0.01 fixed      | 0.001 fixed     | 0.2 adaptive     | 0.15 adaptive   |
+| controller sees        | seq sum     | seq sum         | seq token-mean  | seq token-mean  | seq sum          | seq sum         |
+| γ, λ                   | 1, 0.95     | 1, 0.95         | 1, 1            | 1, 1            | 1, 0.95          | 1, 0.95         |
+| advantage whitening    | Bessel, +ε  | Bessel, +ε      | pop., max(·,ε)  | Bessel, +ε      | Bessel, +ε       | pop., +ε        |
+| reward whitening       | no          | option (no)     | no              | no              | option (no)      | no              |
+| no stop token          | –           | (option)        | –               | –               | –                | score := −1     |
+| ε (policy) / ε_v       | 0.2 / 0.2   | 0.2 / 0.2       | 0.2 / 0.5       | 0.2 / 0.5       | 0.2 / 0.2        | 0.2 / 0.2       |
+| dual clip              | –           | –               | –               | c = 3           | –                | –               |
+| log-ratio clamp        | 20          | –               | ±20             | ±20             | –                | –               |
+| vf_coef                | 0.1         | 0.1             | (own optimizer) | (own optimizer) | 0.1              | 0.1             |
+| loss aggregation       | token-mean  | token-mean      | token-mean      | token-mean      | micro-token-mean | token-mean      |
+| ratio threshold        | –           | –               | –               | –               | 10 (skip micro)  | –               |
 
-Sources: TRL 1.12 `trl.experimental.ppo` (the last TRL PPOTrainer, which is the N+ paper's code);
+Sources: TRL 1.12 `trl.experimental.ppo` (the last TRL PPOTrainer, which is the N+ paper's code); TRL 0.9.6's
+`PPOTrainer` with the `PPOConfig` LLaMA-Factory 0.9.x builds (llamafactory);
 OpenRLHF 0.11 `compute_reward`, `get_advantages_and_returns`, `PolicyLoss`, `ValueLoss` and its
 replay-buffer normalisation; verl 0.9 `core_algos` (`compute_gae_advantage_return`,
 `compute_policy_loss_vanilla`, `compute_value_loss`, `agg_loss`) with `ppo_trainer.yaml` defaults;
 OpenAI lm-human-preferences `train_policy.py`. BUILD_NOTES.md has the details.
 
-Checked end to end: `trl` against TRL 1.12's `PPOTrainer` itself (tests/test_trl_parity.py). Values are kept on
+Checked end to end: `trl` against TRL 1.12's `PPOTrainer` itself (tests/test_trl_parity.py); `openrlhf`, `verl` and
+`llamafactory` against the outputs of those systems' own functions (tests/test_peer_conventions.py).
+Known differences for `llamafactory`: LLaMA-Factory's value head has TRL's dropout 0.1, active while it trains
+(ppojax has no dropout), and starts from `nn.Linear`'s random init (ppojax's shared head starts at 0); with
+`whiten_rewards` TRL 0.9.6 leaves the whitened padding slots in its GAE, which leaks into shorter rows'
+advantages (ppojax zeroes them, as TRL 1.x does). Values are kept on
 the convention's value mask (`masks_for`), so TRL's extra slot holds the critic's value of the state after the
 stop token. Known difference for `openai` with stop tokens: ppojax's rollout pads after the stop token, so the
 full-width slots after it carry no policy gradient and the critic sees pad positions there, while
@@ -43,9 +50,9 @@ import jax.numpy as jnp
 
 from ppojax.advantages import compute_gae
 from ppojax.kl import CONTROLLER_KL_MODES, KL_ESTIMATORS, KL_RULES, kl_for_controller, kl_penalty
-from ppojax.losses import Stats, clipped_loss, value_loss
+from ppojax.losses import LOSS_AGGREGATIONS, Stats, clipped_loss, value_loss
 from ppojax.rewards import LENGTH_REWARDS, SCORE_PLACEMENTS, extend_mask, shape_rewards
-from ppojax.stats import as_bool_mask, masked_count, whiten
+from ppojax.stats import SumCount, as_bool_mask, masked_count, whiten
 
 MASK_MODES = ("response", "response_plus_one", "full_width")
 
@@ -89,6 +96,9 @@ class Convention:
     value_clip_eps: Optional[float] = 0.2
     vf_coef: float = 0.1
     loss_aggregation: str = "token-mean"
+    # TRL 0.x: a call of `ppo_losses` (one micro-batch of the training step) whose mean ratio over the policy
+    # mask exceeds this contributes 0 to both losses (it still counts in the aggregation's denominator).
+    ratio_threshold: Optional[float] = None
 
     def __post_init__(self):
         if self.mask_mode not in MASK_MODES:
@@ -116,6 +126,13 @@ class Convention:
                 f"Convention {self.name!r}: length_penalty {self.length_penalty} goes with length_reward 'penalty' "
                 f"(got {self.length_reward!r}); set both or neither"
             )
+        if self.loss_aggregation not in LOSS_AGGREGATIONS:
+            raise ValueError(
+                f"Convention {self.name!r}: loss_aggregation must be one of {LOSS_AGGREGATIONS}, "
+                f"got {self.loss_aggregation!r}"
+            )
+        if self.ratio_threshold is not None and not self.ratio_threshold > 1.0:
+            raise ValueError(f"Convention {self.name!r}: ratio_threshold must be > 1, got {self.ratio_threshold}")
         if self.whiten_scope not in ("batch", "minibatch"):
             raise ValueError(
                 f"Convention {self.name!r}: whiten_scope must be 'batch' or 'minibatch', got {self.whiten_scope!r}"
@@ -155,6 +172,15 @@ PRESETS = {
         log_ratio_clamp=20.0,
         value_clip_eps=0.5,
     ),
+    "llamafactory": Convention(
+        name="llamafactory",
+        kl_coef=0.2,
+        adaptive_kl=True,
+        kl_target=6.0,
+        kl_horizon=10000.0,
+        loss_aggregation="micro-token-mean",
+        ratio_threshold=10.0,
+    ),
     "openai": Convention(
         name="openai",
         mask_mode="full_width",
@@ -170,7 +196,7 @@ PRESETS = {
 
 
 def get_preset(name: str) -> Convention:
-    """The named convention: one of 'ppojax', 'trl', 'openrlhf', 'verl', 'openai'."""
+    """The named convention: one of 'ppojax', 'trl', 'openrlhf', 'verl', 'llamafactory', 'openai'."""
     try:
         return PRESETS[name]
     except KeyError:
@@ -300,4 +326,13 @@ def ppo_losses(
         aggregation=convention.loss_aggregation,
         as_sum_count=as_sum_count,
     )
-    return pg_loss, vf_loss, {**pg_stats, **vf_stats}
+    stats = {**pg_stats, **vf_stats}
+    if convention.ratio_threshold is not None:
+        skip = pg_stats["ratio_mean"] > convention.ratio_threshold
+        stats["ratio_skipped"] = skip.astype(jnp.float32)
+        if as_sum_count:
+            pg_loss = SumCount(jnp.where(skip, 0.0, pg_loss.total), pg_loss.count)
+            vf_loss = SumCount(jnp.where(skip, 0.0, vf_loss.total), vf_loss.count)
+        else:
+            pg_loss, vf_loss = jnp.where(skip, 0.0, pg_loss), jnp.where(skip, 0.0, vf_loss)
+    return pg_loss, vf_loss, stats

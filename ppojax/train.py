@@ -426,16 +426,25 @@ def _guarded_update(tx: optax.GradientTransformation, grads, opt_state, params, 
     return jax.lax.cond(ok, step, lambda operands: (operands[2], operands[1]), (grads, opt_state, params))
 
 
-_POLICY_WEIGHTED = ("clipfrac", "clipfrac_lower", "dual_clipfrac", "approx_kl", "ratio_mean", "entropy")
+_POLICY_WEIGHTED = (
+    "clipfrac",
+    "clipfrac_lower",
+    "dual_clipfrac",
+    "approx_kl",
+    "ratio_mean",
+    "entropy",
+    "ratio_skipped",
+)
 
 
 def _minibatch_gradients(state: PPOState, minibatch: Minibatch, ref_params, *, config: PPOConfig, models: PPOModels):
     """(loss, grads of (policy, critic), stats) of the whole minibatch, built from micro-batches.
 
     Loss = pg_sum / pg_count + c · vf_sum / vf_count with the counts of the whole minibatch (they depend on
-    the masks only), c = vf_coef ("joint", "shared") or 1 ("separate": disjoint params, so each model gets
-    its own loss's gradient). Each micro-batch contributes its sums over the same counts; the accumulated
-    gradient is the minibatch gradient. Gradients are accumulated in float32.
+    the masks only: the sum of the micro-batches' counts), c = vf_coef ("joint", "shared") or 1 ("separate":
+    disjoint params, so each model gets its own loss's gradient). Each micro-batch contributes its sums over
+    the same counts; the accumulated gradient is the minibatch gradient ("micro-token-mean": the mean of the
+    micro-batches' token-mean losses, by definition). Gradients are accumulated in float32.
     """
     conv = config.convention
     if conv.whiten_scope == "minibatch":
@@ -448,8 +457,10 @@ def _minibatch_gradients(state: PPOState, minibatch: Minibatch, ref_params, *, c
             )
         )
     agg = conv.loss_aggregation
-    pg_count = aggregate_loss(jnp.zeros(minibatch.policy_mask.shape), minibatch.policy_mask, agg).count
-    vf_count = aggregate_loss(jnp.zeros(minibatch.value_mask.shape), minibatch.value_mask, agg).count
+    k = config.micro_batches
+    micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), minibatch)
+    count = lambda masks: jnp.sum(jax.vmap(lambda m: aggregate_loss(jnp.zeros(m.shape), m, agg).count)(masks))
+    pg_count, vf_count = count(micro.policy_mask), count(micro.value_mask)
     vf_weight = 1.0 if config.critic_mode == "separate" else conv.vf_coef
     shared = config.critic_mode == "shared"
 
@@ -479,8 +490,6 @@ def _minibatch_gradients(state: PPOState, minibatch: Minibatch, ref_params, *, c
         loss = safe_divide(pg.total, pg_count) + vf_weight * safe_divide(vf.total, vf_count)
         return loss, (pg.total, vf.total, stats, logprobs, values)
 
-    k = config.micro_batches
-    micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), minibatch)
     trainable = (state.policy, state.critic)
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
 
@@ -557,6 +566,8 @@ def update_step(state: PPOState, minibatch: Minibatch, ref_params, *, config: PP
     }
     if "dual_clipfrac" in stats:
         metrics["policy/dual_clipfrac"] = stats["dual_clipfrac"]
+    if "ratio_skipped" in stats:  # share of the minibatch's tokens in micro-batches the ratio threshold zeroed
+        metrics["policy/ratio_skipped"] = stats["ratio_skipped"]
     metrics = {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
     state = state.replace(
         step=state.step + ok.astype(jnp.int32),

@@ -15,7 +15,7 @@ from batches import masked_batches, poison
 def np_aggregate(per_token, mask, mode):
     valid = mask > 0
     rows = [b for b in range(mask.shape[0]) if valid[b].any()]
-    if mode == "token-mean":
+    if mode in ("token-mean", "micro-token-mean"):  # one call is one micro-batch
         return per_token[valid].sum() / valid.sum() if valid.any() else 0.0
     if not rows:
         return 0.0
@@ -128,7 +128,7 @@ class ClippedLossTest(chex.TestCase):
         np.testing.assert_allclose(loss_capped, (0.0 + 3.0) / 2, rtol=1e-6)
         np.testing.assert_allclose(stats_capped["dual_clipfrac"], 0.5)
 
-    @parameterized.parameters(*ppojax.LOSS_AGGREGATIONS)
+    @parameterized.parameters(*(mode for mode in ppojax.LOSS_AGGREGATIONS if mode != "micro-token-mean"))
     def test_sum_count_accumulation_equals_full_batch_loss_and_gradient(self, aggregation):
         rng = np.random.default_rng(3)
         batch, width = 8, 6
@@ -155,6 +155,27 @@ class ClippedLossTest(chex.TestCase):
         )
         num_grad = sum(jax.grad(lambda lp, c=c: pair(lp, c).total)(jnp.asarray(logp)) for c in chunks)
         np.testing.assert_allclose(num_grad / total.count, full_grad, rtol=1e-5, atol=1e-7)
+
+    def test_micro_token_mean_is_the_mean_of_the_micro_batches_token_means(self):
+        # TRL 0.x: each micro-batch back-propagates its masked mean, accelerate averages the accumulation steps.
+        rng = np.random.default_rng(4)
+        per_token = rng.normal(size=(6, 5)).astype(np.float32)
+        mask = (np.arange(5)[None] < np.array([5, 1, 3, 0, 2, 4])[:, None]).astype(np.float32)
+        chunks = [slice(0, 2), slice(2, 4), slice(4, 6)]
+        pairs = [ppojax.aggregate_loss(per_token[c], mask[c], "micro-token-mean") for c in chunks]
+        total = functools.reduce(lambda a, b: a + b, pairs)
+        means = [per_token[c][mask[c] > 0].mean() for c in chunks]
+        np.testing.assert_allclose(total.value(), np.mean(means), rtol=1e-6)
+        assert float(total.count) == 3.0
+        # A micro-batch without a valid token counts for nothing (its mean would be 0 / 0).
+        empty = ppojax.aggregate_loss(per_token[3:4], mask[3:4], "micro-token-mean")
+        assert float(empty.total) == 0.0 and float(empty.count) == 0.0
+        # In one call it is the token mean.
+        np.testing.assert_allclose(
+            ppojax.aggregate_loss(per_token, mask, "micro-token-mean").value(),
+            ppojax.aggregate_loss(per_token, mask, "token-mean").value(),
+            rtol=1e-6,
+        )
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_entropy_from_logits(self):

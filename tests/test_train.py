@@ -318,6 +318,35 @@ def test_accumulated_gradient_equals_full_minibatch_gradient(mode, aggregation, 
     assert max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(grads[1])) > 0  # the critic gets gradient
 
 
+@pytest.mark.parametrize("micro", [4, 8])
+def test_llamafactory_preset_averages_micro_batch_losses_and_skips_high_ratio_micro_batches(micro):
+    """TRL 0.x (LLaMA-Factory): each micro-batch's token-mean loss is back-propagated and the accumulation
+    averages them; a micro-batch whose mean ratio exceeds 10 contributes nothing (it still counts)."""
+    config = _config("shared", convention=get_preset("llamafactory"), micro_batch_size=micro)
+    state, models = T.init_ppo_state(
+        config, POLICY, POLICY_PARAMS, jax.random.key(3), reward_model=REWARD, reward_params=REWARD_PARAMS
+    )
+    mb = _synthetic_minibatch()
+    # The first micro-batch's old log-probs 5 nats lower: ratio ≈ e^5 there, so that micro-batch is skipped.
+    first = np.arange(16)[:, None] < micro
+    mb = mb.replace(old_logprobs=jnp.where(first & np.asarray(mb.policy_mask), mb.old_logprobs - 5.0, mb.old_logprobs))
+    loss, grads = jax.jit(functools.partial(T.minibatch_gradients, config=config, models=models))(state, mb, None)
+    parts = [
+        _reference_gradients(config, models, state, jax.tree.map(lambda x, s=start: x[s : s + micro], mb))
+        for start in range(0, 16, micro)
+    ]
+    assert float(parts[0][0]) == 0.0 and all(float(p[0]) != 0.0 for p in parts[1:])
+    want_loss = np.mean([float(p[0]) for p in parts])
+    want_grads = jax.tree.map(lambda *g: sum(g) / len(g), *[p[1] for p in parts])
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(grads, want_grads, rtol=1e-4, atol=1e-6)
+    # One call over the whole minibatch is its token mean (what TRL computes without accumulation).
+    whole = _reference_gradients(
+        config.replace(convention=get_preset("llamafactory").replace(ratio_threshold=None)), models, state, mb
+    )
+    assert abs(float(whole[0]) - want_loss) > 1e-3
+
+
 def test_non_finite_loss_skips_every_update_and_keeps_the_state():
     """A NaN in the critic makes values, advantages and the loss NaN: every update of the iteration is skipped
     and params and optimizer states stay bit-identical. Runs the separate-mode program already compiled."""
