@@ -15,15 +15,21 @@ def run_preset(convention, d):
         response_mask=d["mask"],
         stopped=d.get("stopped"),
     )
-    pg_loss, vf_loss, stats = ppojax.ppo_losses(
+    pg_loss, vf_loss, stats = batch_losses(convention, d, adv.advantages, adv.returns, adv.policy_mask, adv.value_mask)
+    return adv, pg_loss, vf_loss, stats
+
+
+def batch_losses(convention, d, advantages, returns, policy_mask, value_mask, as_sum_count=False):
+    """ppo_losses on d's new_logprobs / new_values against its rollout logprobs / values."""
+    return ppojax.ppo_losses(
         convention,
         logprobs=d["new_logprobs"],
         old_logprobs=d["logprobs"],
-        advantages=adv.advantages,
+        advantages=advantages,
         values=d["new_values"],
         old_values=d["values"],
-        returns=adv.returns,
-        policy_mask=adv.policy_mask,
-        value_mask=adv.value_mask,
+        returns=returns,
+        policy_mask=policy_mask,
+        value_mask=value_mask,
+        as_sum_count=as_sum_count,
     )
-    return adv, pg_loss, vf_loss, stats

@@ -16,7 +16,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import ppojax
-from presets_testing import run_preset
+from presets_testing import batch_losses, run_preset
 
 DATA = np.load(os.path.join(os.path.dirname(__file__), "data", "peer_conventions.npz"))
 TRL0 = np.load(os.path.join(os.path.dirname(__file__), "data", "trl0_conventions.npz"))
@@ -34,18 +34,8 @@ def peer(system, case):
 
 def micro_losses(convention, d):
     """ppo_losses of one micro-batch as the training step accumulates them (SumCount pairs)."""
-    return ppojax.ppo_losses(
-        convention,
-        logprobs=d["new_logprobs"],
-        old_logprobs=d["logprobs"],
-        advantages=d["advantages"],
-        values=d["new_values"],
-        old_values=d["values"],
-        returns=d["returns"],
-        policy_mask=d["mask"] > 0,
-        value_mask=d["mask"] > 0,
-        as_sum_count=True,
-    )
+    mask = d["mask"] > 0
+    return batch_losses(convention, d, d["advantages"], d["returns"], mask, mask, as_sum_count=True)
 
 
 def trl0_whitened_reward_advantages(rewards, values, mask, lam):
