@@ -365,8 +365,12 @@ def test_generate_greedy_matches_a_cacheless_forward_pass(workdir, ppo_run, monk
 
 @pytest.mark.slow  # its own compilations (full fine-tuning, shared trunk, score normalisation): ~60 s of CPU
 def test_full_finetuning_shared_critic_and_score_norm(workdir, reward_dir):
+    # LLaMA-Factory's layout (a value head on the policy trunk) with its TRL 0.9.6 convention: micro-batches of 2
+    # rows, accumulated as the mean of their token-mean losses, and the ratio threshold.
     out = workdir / "saves" / "ppo_full"
-    extra = dict(finetuning_type="full", critic_mode="shared", ppo_score_norm="true", bf16="false")
+    extra = dict(
+        finetuning_type="full", critic_mode="shared", ppo_score_norm="true", bf16="false", preset="llamafactory"
+    )
     path = ppo_yaml(workdir, "saves/ppo_full", **extra)
     path_text = open(path).read()
     path_text = "\n".join(line for line in path_text.splitlines() if not line.startswith(("lora_rank", "lora_target")))
@@ -379,6 +383,8 @@ def test_full_finetuning_shared_critic_and_score_norm(workdir, reward_dir):
     assert summary["status"] == "completed" and control["reward_gain"] > 0 and control["reward_gain"] != 1.0
     rows = csv_rows(out)
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["objective/kl"] == 0.0
+    assert [r["policy/ratio_skipped"] for r in rows] == [0.0, 0.0]  # ratios near 1: nothing skipped
+    assert rows[0]["objective/kl_coef"] == pytest.approx(0.2)  # llamafactory: adaptive from TRL 0.x's 0.2
     policy, params = load_pretrained(str(out), head="lm")
     _, base = load_pretrained(str(workdir / "qwen2-tiny"), head="lm")
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"

@@ -166,6 +166,10 @@ def test_preset_with_explicit_overrides(workdir):
     assert "no effect" in msg and "adap_kl_ctrl" in msg
     assert config_from_dict(base(preset="trl", ppo_target=3.0, adap_kl_ctrl=True)).convention.kl_target == 3.0
     assert "kl_estimator" in error(config_from_dict, base(kl_penalty="kl"))
+    # LLaMA-Factory's own convention (TRL 0.9.6): its ppo_target applies, the micro-batch rules come with it.
+    conv = config_from_dict(base(preset="llamafactory", ppo_target=3.0)).convention
+    assert conv.loss_aggregation == "micro-token-mean" and conv.ratio_threshold == 10.0
+    assert conv.adaptive_kl and conv.kl_coef == 0.2 and conv.kl_target == 3.0 and conv.log_ratio_clamp is None
 
 
 def test_stage_and_finetuning_consistency(workdir):
