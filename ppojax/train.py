@@ -777,7 +777,8 @@ def ppo_iteration(state: PPOState, prompts, ref_params, reward_params, *, config
     first_approxkl, logprob_gap, logprob_gap_max}, loss/{policy, value, total}, value/{clipfrac, explained_variance},
     returns/{mean, var}, advantages/{mean, var}, response/{length_mean, clip_ratio, eos_rate},
     grad/{policy_norm, critic_norm}, lr/{policy, critic}, train/{updates, skipped_updates, early_stopped};
-    with `config.exact_old_logprobs` also grad/old_pass_norm and policy/old_pass_gap_max. Per-update metrics
+    with `config.exact_old_logprobs` also grad/old_pass_norm and policy/old_pass_gap_max; with a dual clip
+    policy/dual_clipfrac, with a ratio threshold policy/ratio_skipped. Per-update metrics
     are averaged over the updates attempted (ratio_max: their max). `make_ppo_iteration` adds the host-timed
     throughput metrics perf/*.
     """
