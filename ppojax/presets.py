@@ -30,7 +30,8 @@ OpenAI lm-human-preferences `train_policy.py`. BUILD_NOTES.md has the details.
 Checked end to end: `trl` against TRL 1.12's `PPOTrainer` itself (tests/test_trl_parity.py); `openrlhf`, `verl` and
 `llamafactory` against the outputs of those systems' own functions (tests/test_peer_conventions.py).
 Known differences for `llamafactory`: LLaMA-Factory's value head has TRL's dropout 0.1, active while it trains
-(ppojax has no dropout), and starts from `nn.Linear`'s random init (ppojax's shared head starts at 0); with
+(ppojax has no dropout), has a bias and starts from `nn.Linear`'s random init (ppojax's shared head is a
+bias-free kernel starting at 0); with
 `whiten_rewards` TRL 0.9.6 leaves the whitened padding slots in its GAE, which leaks into shorter rows'
 advantages (ppojax zeroes them, as TRL 1.x does). Values are kept on
 the convention's value mask (`masks_for`), so TRL's extra slot holds the critic's value of the state after the
