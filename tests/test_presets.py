@@ -6,7 +6,6 @@ than ppojax's masked formulation, so the two can disagree if ppojax gets a conve
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
