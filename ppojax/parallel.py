@@ -77,6 +77,7 @@ PARAM_AXES: tuple[tuple[str, tuple[Optional[str], ...]], ...] = (
     ("(attn_norm|mlp_norm|final_norm)/(scale|bias)", ("norm",)),
     ("lm_head/kernel", ("embed", "vocab")),
     ("(value_head|score)/kernel", ("embed", "head_out")),
+    ("(value_head|score)/bias", ("head_out",)),
     ("attn/(q|qkv)/a", ("embed", "lora_rank")),
     ("attn/(q|qkv)/b", ("lora_rank", "heads")),
     ("attn/(k|v)/a", ("embed", "lora_rank")),

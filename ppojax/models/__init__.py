@@ -1,5 +1,6 @@
 """Flax (linen) decoders for the Llama, Qwen2, Qwen3 and GPT-2 families with LM, value and reward heads,
-an explicit KV cache, LoRA, and torch-free import / export of Hugging Face checkpoints."""
+an explicit KV cache, LoRA, and torch-free import / export of Hugging Face checkpoints (and of LLaMA-Factory's
+value-head reward models, full or LoRA)."""
 
 from ppojax.models.config import SUPPORTED_MODEL_TYPES, CheckpointError, ModelConfig, from_hf_config, to_hf_config
 from ppojax.models.decoder import (
@@ -16,6 +17,7 @@ from ppojax.models.decoder import (
 )
 from ppojax.models.hf import load_pretrained, read_config, save_pretrained
 from ppojax.models.lora import ALL_TARGETS, Lora, init_lora, merge_lora
+from ppojax.models.valuehead import is_valuehead_checkpoint, load_valuehead_checkpoint, save_valuehead_checkpoint
 
 __all__ = [
     "ALL_TARGETS",
@@ -31,11 +33,14 @@ __all__ = [
     "init_lora",
     "init_params",
     "init_value_head",
+    "is_valuehead_checkpoint",
     "load_pretrained",
+    "load_valuehead_checkpoint",
     "merge_lora",
     "positions_from_mask",
     "read_config",
     "save_pretrained",
+    "save_valuehead_checkpoint",
     "score_index",
     "sequence_scores",
     "to_hf_config",

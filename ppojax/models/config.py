@@ -61,6 +61,9 @@ class ModelConfig:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # A bias on the scalar (value / reward) head: TRL's and LLaMA-Factory's `v_head.summary` has one
+    # (`value_head.safetensors`, see `ppojax.models.valuehead`); transformers' `score` does not.
+    head_bias: bool = False
     hf_config_json: str = dataclasses.field(default="", repr=False)
 
     def __post_init__(self):

@@ -17,6 +17,7 @@ Params layout (one path per tensor; `hf.py` maps these to Hugging Face names):
     lm_head/kernel [H, V]      (head="lm", untied only; tied models use embed/embedding)
     value_head/kernel [H, 1]   (head="value", zero-initialised)
     score/kernel [H, 1]        (head="reward", HF `score.weight`)
+    {value_head, score}/bias [1]  (config.head_bias only: a LLaMA-Factory / TRL `v_head.summary.bias`)
 
 Positions come from the attention mask: `position = valid tokens before it (cache included)`, so a
 left-padded row and the same row unpadded give the same logits at real tokens.
@@ -405,8 +406,8 @@ class _Decoder(nn.Module):
             return hidden, project(hidden, kernel.astype(self.dtype)), new_caches
         # A scalar head: the critic's starts at zero, the reward model's is always loaded.
         name, initializer = ("value_head", nn.initializers.zeros) if self.head == "value" else ("score", _normal)
-        kernel = _Weight("kernel", (cfg.hidden_size, 1), initializer, self.dtype, name=name)()
-        return hidden, values_from_hidden({"kernel": kernel}, hidden), new_caches
+        head_params = _ScalarHead(cfg.hidden_size, cfg.head_bias, initializer, self.dtype, name=name)()
+        return hidden, values_from_hidden(head_params, hidden), new_caches
 
 
 class _Weight(nn.Module):
@@ -422,17 +423,41 @@ class _Weight(nn.Module):
         return self.param(self.param_name, self.initializer, self.shape, self.dtype)
 
 
+class _ScalarHead(nn.Module):
+    """The value / reward head's params: `kernel [H, 1]`, and `bias [1]` (zero-initialised) if `bias`."""
+
+    hidden_size: int
+    bias: bool
+    initializer: Any
+    dtype: Any
+
+    @nn.compact
+    def __call__(self) -> dict:
+        head = {"kernel": self.param("kernel", self.initializer, (self.hidden_size, 1), self.dtype)}
+        if self.bias:
+            head["bias"] = self.param("bias", nn.initializers.zeros, (1,), self.dtype)
+        return head
+
+
 def values_from_hidden(head_params: dict, hidden: jax.Array) -> jax.Array:
-    """A scalar head on the last hidden state: `{"kernel": [H, 1]}`, hidden `[B, S, H]` -> `[B, S]`
-    float32. The value model (`head="value"`), the reward model (`head="reward"`) and a value head on a
-    policy's shared trunk (`values_from_hidden(value_head, policy_out.hidden)`) all use this."""
+    """A scalar head on the last hidden state: `{"kernel": [H, 1]}` (and `"bias": [1]` if the config has
+    `head_bias`), hidden `[B, S, H]` -> `[B, S]` float32. The value model (`head="value"`), the reward model
+    (`head="reward"`) and a value head on a policy's shared trunk (`values_from_hidden(value_head,
+    policy_out.hidden)`) all use this."""
     kernel = head_params["kernel"].astype(jnp.float32)
-    return jnp.dot(hidden.astype(jnp.float32), kernel)[..., 0]
+    values = jnp.dot(hidden.astype(jnp.float32), kernel)[..., 0]
+    if "bias" in head_params:
+        values = values + head_params["bias"].astype(jnp.float32)[0]
+    return values
 
 
 def init_value_head(config: ModelConfig, dtype=jnp.float32) -> dict:
-    """Zero-initialised value head params `{"kernel": [H, 1]}`, for a value head on a shared trunk."""
-    return {"kernel": jnp.zeros((config.hidden_size, 1), dtype)}
+    """Zero-initialised value head params `{"kernel": [H, 1]}` (plus `"bias": [1]` when `config.head_bias`),
+    for a value head on a shared trunk."""
+    head = {"kernel": jnp.zeros((config.hidden_size, 1), dtype)}
+    if config.head_bias:
+        head["bias"] = jnp.zeros((1,), dtype)
+    return head
 
 
 def positions_from_mask(attention_mask: jax.Array, valid_before: jax.Array | None = None) -> jax.Array:

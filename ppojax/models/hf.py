@@ -68,6 +68,8 @@ LLAMA_FAMILY_TABLE: tuple[Rule, ...] = (
     Rule("lm_head.weight", "lm_head/kernel", True),
     Rule("score.weight", "score/kernel", True),
     Rule("score.weight", "value_head/kernel", True),
+    Rule("score.bias", "score/bias"),  # config.head_bias: from value_head.safetensors (models/valuehead.py)
+    Rule("score.bias", "value_head/bias"),
 )
 
 _GPT2_LAYER = "transformer.h.{i}"
@@ -84,6 +86,8 @@ GPT2_TABLE: tuple[Rule, ...] = (
     Rule("lm_head.weight", "lm_head/kernel", True),
     Rule("score.weight", "score/kernel", True),
     Rule("score.weight", "value_head/kernel", True),
+    Rule("score.bias", "score/bias"),  # config.head_bias: from value_head.safetensors (models/valuehead.py)
+    Rule("score.bias", "value_head/bias"),
 )
 
 
@@ -183,15 +187,39 @@ def load_pretrained(path: str, *, head: str = "lm", dtype=jnp.float32, shardings
 
     head="lm": ForCausalLM weights (tied models read the embedding). head="reward": ForSequenceClassification
     with one label (`score.weight`). head="value": a critic; its head starts from `score.weight` when the
-    checkpoint has one (a reward model), else at zero. Errors: `CheckpointError`, one line.
+    checkpoint has one (a reward model), else at zero. A LLaMA-Factory reward model (`value_head.safetensors`
+    beside a causal LM) loads through `ppojax.models.valuehead` (head with a bias). Errors: `CheckpointError`,
+    one line.
     shardings: a params-shaped tree of `jax.sharding.Sharding`s, or a function model -> such a tree (see
     `ppojax.parallel.load_sharded`): each tensor is then built shard by shard from slices of the file, straight
     on its devices, never whole on one device.
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, found {head!r}")
-    config = read_config(path)
-    model = DecoderModel(config, head, dtype)
+    if head != "lm":
+        from ppojax.models import valuehead  # imports this module
+
+        if valuehead.is_valuehead_checkpoint(path):
+            if valuehead.is_adapter_checkpoint(path):
+                raise CheckpointError(
+                    f"{path}: a LoRA reward adapter with a value head (LLaMA-Factory); load it with "
+                    "ppojax.models.load_valuehead_checkpoint(path, base=<the model it was trained on>)"
+                )
+            return valuehead.load_valuehead_checkpoint(path, head=head, dtype=dtype, shardings=shardings)
+    model = DecoderModel(read_config(path), head, dtype)
+    return model, read_params(path, model, dtype=dtype, shardings=shardings)
+
+
+def read_params(path: str, model: DecoderModel, *, dtype=jnp.float32, shardings=None, extra=None, deltas=None) -> dict:
+    """The params of `model` read from the safetensors of the HF directory `path` (see `load_pretrained`).
+
+    extra: HF tensor name -> array (HF layout) for tensors that live outside `path`'s weight files (a value head
+    from `value_head.safetensors`); deltas: HF tensor name -> array added to that tensor as read (a LoRA
+    adapter's `scale * B @ A`, HF layout). Both are used by `ppojax.models.valuehead`.
+    """
+    extra, deltas = dict(extra or {}), dict(deltas or {})
+    config = model.config
+    head = model.head
     family = _FAMILIES[config.model_type]
     files = _weight_files(path)
     names = {name: name for name in files if not re.search(family.ignored, name)}
@@ -203,6 +231,11 @@ def load_pretrained(path: str, *, head: str = "lm", dtype=jnp.float32, shardings
     # Head tensors this head does not use (a critic from a causal LM, a tied copy of the embedding).
     tolerated = {"lm_head.weight"} - (used if head == "lm" else set())
     unexpected = sorted(set(names) - used - tolerated)
+    unused_deltas = sorted(set(deltas) - used)
+    if unused_deltas:
+        raise CheckpointError(
+            f"{path}: the adapter changes {unused_deltas[0]!r}, which a {config.model_type} {head} model does not have"
+        )
     if unexpected:
         file = files[names[unexpected[0]]]
         raise CheckpointError(
@@ -217,6 +250,20 @@ def load_pretrained(path: str, *, head: str = "lm", dtype=jnp.float32, shardings
     try:
         for ours, rule in rules.items():
             expected = shapes[ours][::-1] if rule.transpose else shapes[ours]
+            if rule.hf in extra:
+                tensor = extra[rule.hf]
+                found = tuple(tensor.shape)
+                if found != expected:
+                    raise CheckpointError(f"{path}: head tensor {rule.hf!r} has shape {found}, expected {expected}")
+                if shardings is not None:
+                    sharded = _sharded_tensor(
+                        tensor, rule.transpose, shapes[ours], np_dtype, _get_path(shardings, ours)
+                    )
+                    _set_path(params, ours, sharded)
+                else:
+                    array = tensor.T if rule.transpose else tensor
+                    _set_path(params, ours, jnp.asarray(np.ascontiguousarray(array).astype(np_dtype)))
+                continue
             if rule.hf not in names:
                 if ours.startswith("value_head/"):
                     zeros = np.zeros(shapes[ours], np_dtype)
@@ -243,6 +290,13 @@ def load_pretrained(path: str, *, head: str = "lm", dtype=jnp.float32, shardings
             if found != expected:
                 hint = "; a reward checkpoint needs num_labels=1" if rule.hf == "score.weight" else ""
                 raise CheckpointError(f"{file}: tensor {names[rule.hf]!r} has shape {found}, expected {expected}{hint}")
+            if rule.hf in deltas:
+                if tuple(deltas[rule.hf].shape) != found:
+                    raise CheckpointError(
+                        f"{path}: the adapter's update of {rule.hf!r} has shape {tuple(deltas[rule.hf].shape)}, "
+                        f"the base tensor {found}"
+                    )
+                tensor = _Sum(tensor, deltas[rule.hf])
             if shardings is not None:
                 _set_path(
                     params,
@@ -254,7 +308,30 @@ def load_pretrained(path: str, *, head: str = "lm", dtype=jnp.float32, shardings
             _set_path(params, ours, jnp.asarray(np.ascontiguousarray(array).astype(np_dtype)))
     finally:
         handles.clear()
-    return model, params
+    return params
+
+
+class _Sum:
+    """A base tensor (array or safetensors slice) plus an update, summed in float32 when read (`[index]`,
+    `np.asarray`, `.T`)."""
+
+    def __init__(self, tensor, delta: np.ndarray):
+        self.tensor, self.delta = tensor, delta
+        self.shape = tuple(delta.shape)
+
+    def get_shape(self):
+        return self.shape
+
+    def __getitem__(self, index):
+        return np.asarray(self.tensor[index]).astype(np.float32) + self.delta[index].astype(np.float32)
+
+    def __array__(self, dtype=None, copy=None):
+        full = self[tuple(slice(None) for _ in self.shape)]
+        return full if dtype is None else full.astype(dtype)
+
+    @property
+    def T(self):
+        return np.asarray(self).T
 
 
 def _sharded_tensor(tensor_slice, transpose: bool, shape, dtype, sharding) -> jax.Array:
@@ -272,9 +349,15 @@ def _sharded_tensor(tensor_slice, transpose: bool, shape, dtype, sharding) -> ja
 def save_pretrained(path: str, model: DecoderModel, params: dict, tokenizer=None, *, lora=None) -> None:
     """Writes `config.json` + `model.safetensors` (params' own dtype) that transformers loads as
     `AutoModelForCausalLM` (head="lm") or `AutoModelForSequenceClassification` with one label (head="value"
-    or "reward"). LoRA adapters, if given, are merged first. A tokenizer, if given, is saved beside it."""
+    or "reward"; with `config.head_bias`, LLaMA-Factory's causal LM + `value_head.safetensors` instead). LoRA
+    adapters, if given, are merged first. A tokenizer, if given, is saved beside it."""
     if lora is not None:
         params = merge_lora(model, params, lora)
+    if model.head != "lm" and model.config.head_bias:  # transformers' score has no bias: LLaMA-Factory's layout
+        from ppojax.models import valuehead
+
+        valuehead.save_valuehead_checkpoint(path, model, params, tokenizer)
+        return
     os.makedirs(path, exist_ok=True)
     tensors = {}
     dtypes = set()

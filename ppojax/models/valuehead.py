@@ -1,0 +1,245 @@
+"""Value-head checkpoints as LLaMA-Factory (and TRL 0.x's `AutoModelForCausalLMWithValueHead`) write them.
+
+LLaMA-Factory's `stage: rm` saves a reward model as a causal LM plus `value_head.safetensors`, TRL's
+`v_head.summary` linear layer on the final norm's output: `v_head.summary.weight [1, H]` and
+`v_head.summary.bias [1]`. Two layouts:
+
+- full fine-tuning: `config.json` + `model.safetensors` (the causal LM, `lm_head` included or not) +
+  `value_head.safetensors`;
+- LoRA (LLaMA-Factory's default `reward_model_type: lora`): a PEFT adapter (`adapter_config.json`,
+  `adapter_model.safetensors`) + `value_head.safetensors`. LLaMA-Factory applies the adapter to the base model
+  the policy starts from, so `load_valuehead_checkpoint` takes that base (`base=`) and merges the adapter into
+  it as it reads it (W + scale · B A, scale = lora_alpha / r, or lora_alpha / sqrt(r) with `use_rslora`;
+  `alpha_pattern` honoured; `modules_to_save` tensors replace the base's).
+
+The result is a `DecoderModel` whose config has `head_bias=True`: the same trunk, and the head `{kernel, bias}`.
+The reward is read at the last real token, LLaMA-Factory's rule (`attention_mask.sum(-1) - 1` on its
+right-padded scoring batch) and `ppojax.sequence_reward`'s. `save_valuehead_checkpoint` writes the full layout
+back (what `ppojax.models.save_pretrained` does for a model with `head_bias`), which LLaMA-Factory reads as a
+`reward_model_type: full` reward model and ppojax reads with `load_valuehead_checkpoint`.
+
+Only safetensors are read: `value_head.bin` and `adapter_model.bin` (pickles) are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from ppojax.models import hf
+from ppojax.models.config import CheckpointError, to_hf_config
+from ppojax.models.decoder import DecoderModel
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+_HEAD_KEYS = {"v_head.summary.weight": "score.weight", "v_head.summary.bias": "score.bias"}
+_PEFT_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+# adapter_config.json options that change what the adapter computes and that this reader does not implement.
+_UNSUPPORTED_ADAPTER_OPTIONS = {
+    "use_dora": "DoRA (use_dora)",
+    "lora_bias": "LoRA biases (lora_bias)",
+    "layer_replication": "layer replication",
+    "trainable_token_indices": "trainable token indices",
+    "target_parameters": "target_parameters",
+}
+
+
+def is_valuehead_checkpoint(path: str) -> bool:
+    """Whether `path` is a directory with a value head file (`value_head.safetensors`, or the pickle
+    `value_head.bin`, which `load_valuehead_checkpoint` refuses with its own message)."""
+    return os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, name)) for name in (VALUE_HEAD_FILE, "value_head.bin")
+    )
+
+
+def is_adapter_checkpoint(path: str) -> bool:
+    """Whether `path` holds a PEFT adapter (`adapter_config.json`)."""
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG_FILE))
+
+
+def read_value_head(path: str) -> dict[str, np.ndarray]:
+    """`path/value_head.safetensors` -> `{"score.weight": [1, H], "score.bias": [1]}` (HF layout, float32)."""
+    file = os.path.join(path, VALUE_HEAD_FILE)
+    if not os.path.isfile(file):
+        pickled = os.path.join(path, "value_head.bin")
+        if os.path.isfile(pickled):
+            raise CheckpointError(
+                f"{pickled}: pickle checkpoints are never loaded (unsafe); save the value head as {VALUE_HEAD_FILE} "
+                "(LLaMA-Factory: save_safetensors: true, its default)"
+            )
+        raise CheckpointError(f"{path}: no {VALUE_HEAD_FILE}")
+    with safe_open(file, framework="numpy") as f:
+        found = {name: f.get_tensor(name) for name in f.keys()}
+    missing = sorted(set(_HEAD_KEYS) - set(found))
+    if missing:
+        raise CheckpointError(f"{file}: missing tensor {missing[0]!r}; found {sorted(found)}")
+    extra = sorted(set(found) - set(_HEAD_KEYS))
+    if extra:
+        raise CheckpointError(f"{file}: unexpected tensor {extra[0]!r}; a value head has {sorted(_HEAD_KEYS)}")
+    weight, bias = found["v_head.summary.weight"], found["v_head.summary.bias"]
+    if weight.ndim != 2 or weight.shape[0] != 1 or bias.shape != (1,):
+        raise CheckpointError(
+            f"{file}: v_head.summary.weight {weight.shape} and bias {bias.shape}, expected [1, hidden] and [1] "
+            "(a reward head with one output)"
+        )
+    return {"score.weight": weight.astype(np.float32), "score.bias": bias.astype(np.float32)}
+
+
+def _adapter_config(path: str) -> dict:
+    file = os.path.join(path, ADAPTER_CONFIG_FILE)
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file}: malformed JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, found {type(config).__name__}")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{file}: peft_type {config.get('peft_type')!r}; only LORA adapters are read")
+    for key, what in _UNSUPPORTED_ADAPTER_OPTIONS.items():
+        if config.get(key):
+            raise CheckpointError(f"{file}: {what} is not supported; merge the adapter into the model first")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
+            raise CheckpointError(f"{file}: key {key!r} must be a positive number, found {config.get(key)!r}")
+    return config
+
+
+def _alpha(config: dict, module: str) -> float:
+    """lora_alpha for `module`, honouring PEFT's `alpha_pattern` (a key matches a module name's suffix)."""
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return float(alpha)
+    return float(config["lora_alpha"])
+
+
+def read_adapter_updates(path: str, model: DecoderModel) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A PEFT LoRA adapter directory -> `(deltas, replacements)`, both HF tensor name -> array in the HF
+    layout: `deltas` are added to the base tensor (`scale * B @ A` for a `Linear`, `[out, in]`; its transpose
+    for GPT-2's `Conv1D`, `[in, out]`), `replacements` (PEFT `modules_to_save`) replace it."""
+    config = _adapter_config(path)
+    file = os.path.join(path, ADAPTER_WEIGHTS_FILE)
+    if not os.path.isfile(file):
+        pickled = os.path.join(path, "adapter_model.bin")
+        if os.path.isfile(pickled):
+            raise CheckpointError(
+                f"{pickled}: pickle checkpoints are never loaded (unsafe); save the adapter as safetensors"
+            )
+        raise CheckpointError(f"{path}: {ADAPTER_CONFIG_FILE} but no {ADAPTER_WEIGHTS_FILE}")
+    rules = {rule.hf: rule for rule in hf.expand_table(model).values()}
+    with safe_open(file, framework="numpy") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    deltas: dict[str, np.ndarray] = {}
+    replacements: dict[str, np.ndarray] = {}
+    for name, tensor in tensors.items():
+        if not name.startswith(_PEFT_PREFIX):
+            raise CheckpointError(f"{file}: unexpected tensor {name!r} (PEFT names start with {_PEFT_PREFIX!r})")
+        inner = name[len(_PEFT_PREFIX) :]
+        match = _LORA_KEY.match(inner)
+        if match:
+            pairs.setdefault(match["module"], {})[match["part"]] = tensor
+        elif inner in rules:  # modules_to_save: the whole tensor, trained
+            replacements[inner] = tensor
+        else:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} is not a LoRA factor of a {model.config.model_type} projection "
+                "(embedding or other adapters are not supported)"
+            )
+    for module, parts in sorted(pairs.items()):
+        target = f"{module}.weight"
+        if set(parts) != {"A", "B"}:
+            raise CheckpointError(f"{file}: {module} has lora_{''.join(parts)} but not both lora_A and lora_B")
+        if target not in rules or rules[target].ours.split("/")[-1] != "kernel":
+            raise CheckpointError(f"{file}: LoRA on {module!r}, not a projection of a {model.config.model_type} model")
+        a, b = parts["A"].astype(np.float32), parts["B"].astype(np.float32)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise CheckpointError(
+                f"{file}: {module} lora_A {a.shape} and lora_B {b.shape} do not chain (rank mismatch)"
+            )
+        rank = a.shape[0]
+        scale = _alpha(config, module) / (np.sqrt(rank) if config.get("use_rslora") else rank)
+        delta = scale * (b @ a)  # [out, in], torch Linear's layout
+        deltas[target] = delta if rules[target].transpose else delta.T  # GPT-2 Conv1D stores [in, out]
+    overlap = sorted(set(deltas) & set(replacements))
+    if overlap:
+        raise CheckpointError(f"{file}: {overlap[0]!r} is both LoRA-adapted and saved whole (modules_to_save)")
+    return deltas, replacements
+
+
+def load_valuehead_checkpoint(
+    path: str, *, head: str = "reward", base: str | None = None, dtype=jnp.float32, shardings=None
+) -> tuple[DecoderModel, dict]:
+    """A LLaMA-Factory value-head reward model directory -> `(model, params)` with `model.config.head_bias`.
+
+    head: "reward" (the reward model) or "value" (a critic initialised from it). base: the HF directory of the
+    model a LoRA reward adapter was trained on (LLaMA-Factory applies it to the policy's base model); required
+    for a LoRA directory, refused for a full one. shardings: as `load_pretrained`. Errors: `CheckpointError`,
+    one line naming the file and tensor.
+    """
+    if head not in ("reward", "value"):
+        raise ValueError(f"a value-head checkpoint loads as head 'reward' or 'value', found {head!r}")
+    head_tensors = read_value_head(path)
+    if is_adapter_checkpoint(path):
+        if base is None:
+            raise CheckpointError(
+                f"{path}: a LoRA reward model ({ADAPTER_CONFIG_FILE}); pass the base model it was trained on "
+                "(base=; in a config, the policy's model_name_or_path)"
+            )
+        trunk = base
+    else:
+        if base is not None:
+            raise CheckpointError(f"{path}: a full reward model (no {ADAPTER_CONFIG_FILE}); base= is only for adapters")
+        trunk = path
+    config = dataclasses.replace(hf.read_config(trunk), head_bias=True)
+    if head_tensors["score.weight"].shape[1] != config.hidden_size:
+        raise CheckpointError(
+            f"{os.path.join(path, VALUE_HEAD_FILE)}: v_head.summary.weight has {head_tensors['score.weight'].shape[1]} "
+            f"inputs, the model {trunk} has hidden_size {config.hidden_size}"
+        )
+    model = DecoderModel(config, head, dtype)
+    deltas, replacements = read_adapter_updates(path, model) if trunk is base else ({}, {})
+    extra = {**replacements, **head_tensors}
+    params = hf.read_params(trunk, model, dtype=dtype, shardings=shardings, extra=extra, deltas=deltas)
+    return model, params
+
+
+def save_valuehead_checkpoint(path: str, model: DecoderModel, params: dict, tokenizer=None) -> None:
+    """Writes the full layout LLaMA-Factory reads: `config.json` (the causal LM's), `model.safetensors` (the
+    trunk; no `lm_head`: transformers initialises an untied one, which a reward model does not use) and
+    `value_head.safetensors` (`v_head.summary.weight [1, H]`, `v_head.summary.bias [1]`)."""
+    if model.head not in ("reward", "value") or not model.config.head_bias:
+        raise ValueError(
+            f"save_valuehead_checkpoint needs a reward or value model with head_bias, found {model.head!r}"
+        )
+    os.makedirs(path, exist_ok=True)
+    tensors, head = {}, {}
+    head_name = "score" if model.head == "reward" else "value_head"
+    for ours, rule in hf.expand_table(model).items():
+        array = np.asarray(hf._get_path(params, ours))
+        array = np.ascontiguousarray(array.T if rule.transpose else array)
+        if ours.startswith(f"{head_name}/"):
+            head[rule.hf.replace("score.", "v_head.summary.", 1)] = array  # score.weight [1, H], score.bias [1]
+        else:
+            tensors[rule.hf] = array
+    dtypes = {array.dtype.name for array in tensors.values()}
+    hf_config = to_hf_config(dataclasses.replace(model.config, head_bias=False), "lm")
+    hf_config["dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
+    with open(os.path.join(path, hf.CONFIG_FILE), "w") as f:
+        json.dump(hf_config, f, indent=2, sort_keys=True)
+    save_file(tensors, os.path.join(path, hf.WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file(head, os.path.join(path, VALUE_HEAD_FILE), metadata={"format": "pt"})
+    for stale in (hf.INDEX_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):  # would be read before these files
+        if os.path.exists(os.path.join(path, stale)):
+            os.remove(os.path.join(path, stale))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
