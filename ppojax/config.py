@@ -23,7 +23,8 @@ convention's values apply. Keys given explicitly override either.
 | lora_rank | 8 | LoRA rank (> 0) |
 | lora_alpha | 2 × lora_rank | LoRA alpha; scale = alpha / rank (LLaMA-Factory's default alpha is rank × 2) |
 | lora_target | all | all, or a comma list of projections: q k v o gate up down (HF names q_proj ... down_proj accepted) |
-| reward_model | (ppo: required) | local HF directory of the reward model (a `stage: rm` output_dir) |
+| reward_model | (ppo: required) | local directory of the reward model: a ppojax `stage: rm` output_dir (HF sequence classifier), or a LLaMA-Factory `stage: rm` output_dir (`value_head.safetensors` beside a causal LM, or beside a LoRA adapter, which is applied to model_name_or_path as LLaMA-Factory does) |
+| reward_model_type | null | LLaMA-Factory's key, checked against the directory: full or lora (null: whatever the directory holds) |
 | ref_model | null | local HF directory of the reference policy; null: the initial policy (LoRA: the base, adapters off) |
 | dataset | required | a local .json (array) or .jsonl file; see ppojax/data.py for the formats |
 | dataset_dir | null | directory `dataset` is relative to (else the current directory) |
@@ -118,6 +119,7 @@ class ConfigError(ValueError):
 
 STAGES = ("sft", "rm", "ppo")
 FINETUNING_TYPES = ("full", "lora")
+REWARD_MODEL_TYPES = ("full", "lora")  # LLaMA-Factory's; its "api" (a reward server) and "oft" are not read
 SCHEDULERS = ("constant", "linear")  # ppojax.optim schedules; LLaMA-Factory's cosine is not offered
 PROMPT_OVERFLOW = ("truncate", "refuse")
 ON_KL_EXCEEDED = ("stop", "rollback", "rollback_continue")
@@ -162,6 +164,7 @@ class TrainConfig:
     lora_alpha: Optional[float] = _key(None, low=0.0, low_open=True)
     lora_target: Union[str, tuple] = _key("all")
     reward_model: Optional[str] = _key(None, path="dir")
+    reward_model_type: Optional[str] = _key(None, choices=REWARD_MODEL_TYPES)
     ref_model: Optional[str] = _key(None, path="dir")
     dataset_dir: Optional[str] = _key(None, path="dir")
     template: str = _key("default")
@@ -324,7 +327,6 @@ FOREIGN_KEYS = {
     "report_to": "use tensorboard: true (metrics CSV, summary.json and plots are always written)",
     "lora_dropout": "ppojax uses no dropout anywhere (PPO_DETAILS item 4); remove lora_dropout",
     "early_stopping": "set target_kl to enable TRL-style early stopping of the PPO epochs",
-    "reward_model_type": "reward_model must be a full Hugging Face directory (the output_dir of a stage: rm run)",
     "use_score_norm": "use ppo_score_norm: true",
     "use_score_scaling": "use ppo_score_norm: true",
 }
@@ -538,7 +540,8 @@ def _check_path(key: str, value: str, kind: str, source: str, raw: Mapping) -> s
     if kind == "dir":
         if not os.path.isdir(path):
             raise ConfigError(f"{source}: '{key}' is {value!r} but {path} is not a directory{_dir_hint(key)}")
-        if key != "dataset_dir" and not os.path.isfile(os.path.join(path, "config.json")):
+        adapter = key == "reward_model" and os.path.isfile(os.path.join(path, "adapter_config.json"))
+        if key != "dataset_dir" and not adapter and not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(
                 f"{source}: '{key}' is {value!r} but {path} has no config.json "
                 "(expected a local Hugging Face model directory; hub names are not downloaded)"
@@ -613,6 +616,14 @@ def _check_consistency(config: TrainConfig, raw: Mapping, where):
         raise ConfigError(f"{where('do_train')}: 'do_train' is false; ppojax train only trains (set do_train: true)")
     if c.stage == "ppo" and c.reward_model is None:
         raise ConfigError(f"{where('stage')}: stage ppo needs 'reward_model' (the output_dir of a stage: rm run)")
+    if c.reward_model_type is not None and c.reward_model is not None:
+        is_adapter = os.path.isfile(os.path.join(c.reward_model, "adapter_config.json"))
+        if (c.reward_model_type == "lora") != is_adapter:
+            found = "a LoRA adapter (adapter_config.json)" if is_adapter else "no adapter_config.json (a full model)"
+            raise ConfigError(
+                f"{where('reward_model_type')}: 'reward_model_type' is {c.reward_model_type!r} but reward_model "
+                f"{c.reward_model} holds {found}; remove the key (ppojax reads either) or fix it"
+            )
     step = c.optimizer_batch_size
     product = (
         f"per_device_train_batch_size × gradient_accumulation_steps = {c.per_device_train_batch_size} × "
@@ -688,6 +699,7 @@ def _check_ppo(c: TrainConfig, where):
 _PPO_ONLY_KEYS = frozenset(
     {
         "reward_model",
+        "reward_model_type",
         "ref_model",
         "ppo_buffer_size",
         "batch_size",

@@ -6,8 +6,10 @@ Models
   trained). With `finetuning_type: lora` the trained pytree is the adapters (`lora_rank`, `lora_alpha`,
   `lora_target`) and the reference is the same base with the adapters off; with `full` the reference is
   `ref_model` or the initial policy weights.
-- reward: `reward_model`, the HF directory a `stage: rm` run writes (LoRA merged, score head included). Its
-  vocabulary must be the policy tokenizer's (the pad token ppojax adds included).
+- reward: `reward_model`, the HF directory a `stage: rm` run writes (LoRA merged, score head included), or a
+  LLaMA-Factory `stage: rm` output_dir (`value_head.safetensors` beside a causal LM, or beside a LoRA adapter,
+  which is merged into `model_name_or_path` as LLaMA-Factory applies it to the policy's base;
+  `ppojax.models.valuehead`). Its vocabulary must be the policy tokenizer's (the pad token ppojax adds included).
 - critic (`critic_mode`): separate / joint: a value model initialised from the reward model (its score head
   becomes the value head, PPO_DETAILS 19); shared: a zero value head on the policy trunk.
 
@@ -61,7 +63,16 @@ from ppojax.config import ConfigError, TrainConfig, stage_at, stage_config, stag
 from ppojax.diagnostics import hacking_flags, repetition_rate_host
 from ppojax.health import check_health
 from ppojax.generation import bucket_length
-from ppojax.models import CheckpointError, DecoderModel, init_lora, load_pretrained, merge_lora, save_pretrained
+from ppojax.models import (
+    CheckpointError,
+    DecoderModel,
+    init_lora,
+    is_valuehead_checkpoint,
+    load_pretrained,
+    load_valuehead_checkpoint,
+    merge_lora,
+    save_pretrained,
+)
 from ppojax.models.lora import Lora
 from ppojax.optim import OptimizerConfig
 from ppojax.reports import MetricsWriter
@@ -110,9 +121,14 @@ def prompt_bucket(config: TrainConfig) -> int:
     return min(PROMPT_BUCKET, config.max_prompt_length)
 
 
-def _load(path: str, head: str, dtype, key: str, layout=None) -> tuple[DecoderModel, dict]:
+def _load(path: str, head: str, dtype, key: str, layout=None, base: Optional[str] = None) -> tuple[DecoderModel, dict]:
+    """`load_pretrained`; a LLaMA-Factory reward model (`value_head.safetensors`) through `load_valuehead_checkpoint`,
+    a LoRA one applied to `base` (LLaMA-Factory applies the reward adapter to the policy's base model)."""
     shardings = None if layout is None else (lambda model: layout.params(model.param_shapes()))
     try:
+        if head != "lm" and is_valuehead_checkpoint(path):
+            adapter_base = base if os.path.isfile(os.path.join(path, "adapter_config.json")) else None
+            return load_valuehead_checkpoint(path, head=head, base=adapter_base, dtype=dtype, shardings=shardings)
         return load_pretrained(path, head=head, dtype=dtype, shardings=shardings)
     except CheckpointError as e:
         if head == "reward" and "score.weight" in str(e):
@@ -141,7 +157,7 @@ def _check_reward_vocabulary(config: TrainConfig, reward_model: DecoderModel, to
 def load_inputs(config: TrainConfig, layout=None) -> PPOInputs:
     """Tokenizer (with a dedicated pad token), prompts, policy, reference and reward model (each tensor read
     straight into its shards when a `parallel.Layout` is given)."""
-    tokenizer, _ = data_lib.ensure_pad_token(data_lib.load_tokenizer(config.model_name_or_path))
+    tokenizer, pad_added = data_lib.ensure_pad_token(data_lib.load_tokenizer(config.model_name_or_path))
     dataset = data_lib.load_prompts(
         config.dataset,
         tokenizer,
@@ -168,7 +184,14 @@ def load_inputs(config: TrainConfig, layout=None) -> PPOInputs:
                 f"ref_model {config.ref_model} is not the same architecture as {config.model_name_or_path}; "
                 "the reference must share the policy's config"
             )
-    reward_model, reward_params = _load(config.reward_model, "reward", dtype, "reward_model", layout)
+    reward_model, reward_params = _load(
+        config.reward_model, "reward", dtype, "reward_model", layout, base=config.model_name_or_path
+    )
+    if pad_added and reward_model.config.vocab_size == tokenizer.pad_token_id == len(tokenizer) - 1:
+        # Only the pad token ppojax added is missing (a reward model trained with pad = EOS, as LLaMA-Factory and
+        # TRL train one for tokenizers without a pad): give it the row the policy gets. Pads are masked and never
+        # the scored position, so the row does not change any reward.
+        reward_model, reward_params = fit_vocabulary(reward_model, reward_params, tokenizer)
     _check_reward_vocabulary(config, reward_model, tokenizer)
     return PPOInputs(tokenizer, dataset, policy_model, policy_params, ref_params, reward_model, reward_params)
 

@@ -170,7 +170,8 @@ class PPOState:
     step: int32 optimizer steps applied (skipped updates do not count).
     iteration: int32 PPO iterations done.
     policy: full policy params, or the `Lora` adapters (then the base is `ref_params`).
-    critic: critic-model params ("separate" / "joint") or the value head `{"kernel": [H, 1]}` ("shared").
+    critic: critic-model params ("separate" / "joint") or the value head `{"kernel": [H, 1]}` ("shared"; plus
+        `"bias"` when the policy config has `head_bias`).
     policy_opt_state: optimizer state of `policy` ("separate") or of the pair (policy, critic).
     critic_opt_state: optimizer state of `critic` ("separate"), else `optax.EmptyState()`.
     kl: KL-controller state (β). key: the PRNG key, split at every use.
@@ -250,9 +251,10 @@ class PreferenceBatch(NamedTuple):
 
 
 def critic_from_reward(reward_model: DecoderModel, reward_params: dict) -> tuple[DecoderModel, dict]:
-    """A head="value" critic initialised from the reward model, its score head becoming the value head."""
+    """A head="value" critic initialised from the reward model, its score head (kernel, and bias when the
+    config has `head_bias`) becoming the value head."""
     params = {name: sub for name, sub in reward_params.items() if name != "score"}
-    params["value_head"] = {"kernel": reward_params["score"]["kernel"]}
+    params["value_head"] = dict(reward_params["score"])
     return DecoderModel(reward_model.config, head="value", dtype=reward_model.dtype), params
 
 

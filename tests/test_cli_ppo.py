@@ -393,3 +393,26 @@ def test_full_finetuning_shared_critic_and_score_norm(workdir, reward_dir):
     # Shared trunk: the value model is the trained policy trunk with the trained value head.
     np.testing.assert_array_equal(value_params["embed"]["embedding"], params["embed"]["embedding"])
     assert np.abs(np.asarray(value_params["value_head"]["kernel"])).max() > 0  # from 0, trained
+
+
+@pytest.mark.slow  # its own compilations (a second reward model shape: the head's bias): ~40 s of CPU
+def test_ppo_on_a_llamafactory_lora_reward_model(workdir):
+    # The seed documents' flow with step 1 done in LLaMA-Factory: `reward_model` is its LoRA rm output_dir
+    # (adapter + value_head.safetensors, tokenizer padded with EOS) and `reward_model_type: lora` as they write it.
+    from tests.test_llamafactory_rm import BIAS, build_llamafactory_lora_rm
+
+    lf_dir = workdir / "saves" / "lf_reward"
+    build_llamafactory_lora_rm(workdir / "qwen2-tiny", lf_dir)
+    path = ppo_yaml(workdir, "saves/ppo_lf", reward_model="saves/lf_reward", reward_model_type="lora")
+    sizes = [o for o in PPO_OVERRIDES if not o.startswith("max_steps")]
+    result = run_cli(workdir, "train", path, "--no-progress", *sizes, "max_steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = workdir / "saves" / "ppo_lf"
+    assert json.loads((out / "ppo_metrics" / "summary.json").read_text())["status"] == "completed"
+    rows = csv_rows(out)
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["objective/scores"]) for r in rows)
+    # The critic started from LLaMA-Factory's head and is exported in its layout (transformers' score has no bias).
+    assert {"config.json", "model.safetensors", "value_head.safetensors"} <= set(os.listdir(out / "value_model"))
+    value_model, value_params = load_pretrained(str(out / "value_model"), head="value")
+    bias = float(value_params["value_head"]["bias"][0])
+    assert value_model.config.head_bias and abs(bias - BIAS) < 0.05  # LLaMA-Factory's head (bf16), a few steps on
