@@ -113,6 +113,9 @@ def add_aids_commands(sub) -> None:
     evaluate.add_argument("--threshold", type=float, default=0.6, help="gold correlation below it: retrain")
     evaluate.add_argument("--length-bias-threshold", type=float, default=0.5, help="score-length Spearman flagged")
     evaluate.add_argument("--bf16", action="store_true", help="bfloat16 weights and compute")
+    evaluate.add_argument(
+        "--base", help="for a LLaMA-Factory LoRA reward model: the model its adapter was trained on (a local HF dir)"
+    )
     evaluate.add_argument("--json", metavar="FILE", help="also write the numbers to FILE (JSON)")
     _add_review_command(sub)
 
@@ -143,6 +146,7 @@ def _eval_rm(args) -> int:
             threshold=args.threshold,
             length_bias_threshold=args.length_bias_threshold,
             bf16=args.bf16,
+            base=os.path.abspath(args.base) if args.base else None,
         )
     except (ConfigError, CheckpointError) as e:
         print(f"ppojax: error: {e}", file=sys.stderr)

@@ -247,13 +247,15 @@ def evaluate_reward_model(
     threshold: float = 0.6,
     length_bias_threshold: float = 0.5,
     bf16: bool = False,
+    base: str | None = None,
 ) -> dict:
-    """Loads the reward model (a `stage: rm` output_dir or any *ForSequenceClassification directory with one
-    label), scores every response of `data_path` and returns `score_statistics` plus the file names."""
+    """Loads the reward model (a `stage: rm` output_dir, any *ForSequenceClassification directory with one
+    label, or a LLaMA-Factory rm output_dir: a LoRA one is applied to `base`), scores every response of
+    `data_path` and returns `score_statistics` plus the file names."""
     import jax.numpy as jnp
 
     from ppojax import data as data_lib
-    from ppojax.models import load_pretrained
+    from ppojax.models import load_reward_model
     from ppojax.runner import fit_vocabulary
 
     kind = file_kind(data_path)
@@ -270,7 +272,8 @@ def evaluate_reward_model(
             responses.append(answer)
         if kind == "pairs":
             pairs.append((start, start + 1))
-    model, params = load_pretrained(model_dir, head="reward", dtype=jnp.bfloat16 if bf16 else jnp.float32)
+    dtype = jnp.bfloat16 if bf16 else jnp.float32
+    model, params = load_reward_model(model_dir, head="reward", base=base, dtype=dtype)
     model, params = fit_vocabulary(model, params, tokenizer)
     scores = score_responses(model, params, prompts, responses, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
     eos = tokenizer.eos_token_id

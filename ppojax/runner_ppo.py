@@ -67,9 +67,8 @@ from ppojax.models import (
     CheckpointError,
     DecoderModel,
     init_lora,
-    is_valuehead_checkpoint,
     load_pretrained,
-    load_valuehead_checkpoint,
+    load_reward_model,
     merge_lora,
     save_pretrained,
 )
@@ -126,9 +125,8 @@ def _load(path: str, head: str, dtype, key: str, layout=None, base: Optional[str
     a LoRA one applied to `base` (LLaMA-Factory applies the reward adapter to the policy's base model)."""
     shardings = None if layout is None else (lambda model: layout.params(model.param_shapes()))
     try:
-        if head != "lm" and is_valuehead_checkpoint(path):
-            adapter_base = base if os.path.isfile(os.path.join(path, "adapter_config.json")) else None
-            return load_valuehead_checkpoint(path, head=head, base=adapter_base, dtype=dtype, shardings=shardings)
+        if head != "lm":
+            return load_reward_model(path, head=head, base=base, dtype=dtype, shardings=shardings)
         return load_pretrained(path, head=head, dtype=dtype, shardings=shardings)
     except CheckpointError as e:
         if head == "reward" and "score.weight" in str(e):

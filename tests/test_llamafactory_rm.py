@@ -115,3 +115,34 @@ def test_reward_model_type_is_checked_against_the_directory(lf_setup):
         ppo_config(root, reward_model_type="full")
     with pytest.raises(ConfigError, match="reward_model_type"):
         ppo_config(root, reward_model_type="api")
+
+
+def test_eval_rm_scores_a_llamafactory_lora_reward_model(lf_setup, capsys):
+    from ppojax.cli import main
+    from ppojax.data import ensure_pad_token, load_preferences, load_tokenizer
+
+    root, torch_model, head = lf_setup
+    pairs = root / "pairs.jsonl"
+    rows = [
+        {"prompt": "hi there", "chosen": "good yes", "rejected": "bad"},
+        {"prompt": "a", "chosen": "cat", "rejected": "no no"},
+    ]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["eval-rm", "--model", str(root / "rm"), "--data", str(pairs)]
+    assert main(args) == 2
+    assert "a LoRA reward model (adapter_config.json); pass the base model" in capsys.readouterr().err
+    assert main([*args, "--base", str(root / "base"), "--json", str(root / "eval.json")]) == 0
+    result = json.loads((root / "eval.json").read_text())
+    # Reference: the same token ids through PEFT + the value head, the score at each sequence's last token.
+    tokenizer, _ = ensure_pad_token(load_tokenizer(str(root / "rm")))
+    dataset = load_preferences(str(pairs), tokenizer, template="default", cutoff_len=2048)
+    scores = []
+    for prompt, answers in zip(dataset.prompts, dataset.responses):
+        for answer in answers:
+            ids = torch.tensor([list(prompt) + list(answer)])
+            with torch.no_grad():
+                scores.append(
+                    float(head(torch_model(input_ids=ids, output_hidden_states=True).hidden_states[-1])[0, -1, 0])
+                )
+    assert result["responses"] == 4
+    assert result["score_mean"] == pytest.approx(np.mean(scores), abs=1e-4)

@@ -17,7 +17,12 @@ from ppojax.models.decoder import (
 )
 from ppojax.models.hf import load_pretrained, read_config, save_pretrained
 from ppojax.models.lora import ALL_TARGETS, Lora, init_lora, merge_lora
-from ppojax.models.valuehead import is_valuehead_checkpoint, load_valuehead_checkpoint, save_valuehead_checkpoint
+from ppojax.models.valuehead import (
+    is_valuehead_checkpoint,
+    load_reward_model,
+    load_valuehead_checkpoint,
+    save_valuehead_checkpoint,
+)
 
 __all__ = [
     "ALL_TARGETS",
@@ -35,6 +40,7 @@ __all__ = [
     "init_value_head",
     "is_valuehead_checkpoint",
     "load_pretrained",
+    "load_reward_model",
     "load_valuehead_checkpoint",
     "merge_lora",
     "positions_from_mask",

@@ -193,7 +193,7 @@ def load_valuehead_checkpoint(
         if base is None:
             raise CheckpointError(
                 f"{path}: a LoRA reward model ({ADAPTER_CONFIG_FILE}); pass the base model it was trained on "
-                "(base=; in a config, the policy's model_name_or_path)"
+                "(base=; ppojax eval-rm --base; in a PPO config the policy's model_name_or_path is used)"
             )
         trunk = base
     else:
@@ -211,6 +211,18 @@ def load_valuehead_checkpoint(
     extra = {**replacements, **head_tensors}
     params = hf.read_params(trunk, model, dtype=dtype, shardings=shardings, extra=extra, deltas=deltas)
     return model, params
+
+
+def load_reward_model(
+    path: str, *, head: str = "reward", base: str | None = None, dtype=jnp.float32, shardings=None
+) -> tuple[DecoderModel, dict]:
+    """Any reward model directory ppojax reads, as head "reward" (or "value": a critic from it): a Hugging Face
+    sequence classifier (a ppojax `stage: rm` output_dir) or a LLaMA-Factory value-head model, full or LoRA (the
+    adapter applied to `base`, which is ignored for the other layouts)."""
+    if is_valuehead_checkpoint(path):
+        adapter_base = base if is_adapter_checkpoint(path) else None
+        return load_valuehead_checkpoint(path, head=head, base=adapter_base, dtype=dtype, shardings=shardings)
+    return hf.load_pretrained(path, head=head, dtype=dtype, shardings=shardings)
 
 
 def save_valuehead_checkpoint(path: str, model: DecoderModel, params: dict, tokenizer=None) -> None:
