@@ -48,7 +48,7 @@ convention's values apply. Keys given explicitly override either.
 | ppo_target | preset (6.0) | adaptive-KL target, nats per sequence (aliases: kl_target, target). Needs adap_kl_ctrl |
 | ppo_score_norm | false | normalise reward-model scores to mean 0, std 1 over the initial policy's responses (at least 64, sampled once before training; the gain and bias are kept in the checkpoints and summary.json) |
 | ppo_whiten_rewards | preset (false) | whiten the shaped rewards before GAE, mean kept (alias: whiten_rewards) |
-| preset | null | ppojax, trl, openrlhf, verl, llamafactory or openai: a `ppojax.presets.Convention`; null: ppojax + LLaMA-Factory's KL defaults. llamafactory is TRL 0.9.6's PPOTrainer as LLaMA-Factory runs it (its micro-batch loss averaging and ratio_threshold 10 included) |
+| preset | null | ppojax, trl, openrlhf, verl, llamafactory or openai: a `ppojax.presets.Convention`; null: ppojax + LLaMA-Factory's KL defaults. llamafactory is TRL 0.9.6's PPOTrainer as LLaMA-Factory runs it (its micro-batch loss averaging, ratio_threshold 10 and log-probs at T = 1 included) |
 | kl_coef | preset (0.2 when preset is null) | β, the initial KL coefficient (alias: init_kl_coef) |
 | adap_kl_ctrl | preset (true when preset is null) | adaptive KL controller (Ziegler et al.) instead of a fixed β |
 | horizon | preset (10000) | adaptive controller horizon |
@@ -70,6 +70,7 @@ convention's values apply. Keys given explicitly override either.
 | old_logprobs | score | ppo: where the old log-probs of the PPO ratio come from: score (a teacher-forced policy pass after sampling; ratio 1 within float32 rounding on the first minibatch) or rollout (the log-probs recorded while sampling, TRL's choice: one forward pass fewer per iteration; policy/logprob_gap is then 0) |
 | max_new_tokens | 1024 | response length in tokens (LLaMA-Factory's default) |
 | temperature | 1.0 | sampling temperature (> 0); LLaMA-Factory's chat default 0.95 is not used: PPO samples the full distribution |
+| logprob_temperature | null | ppo: temperature of the old / new / reference log-probs (ratio, KL) and the entropy; null: the preset's (llamafactory: 1.0, TRL 0.x scores untempered logits), else the sampling temperature |
 | top_p | 1.0 | nucleus sampling (0, 1]; < 1 samples a truncated distribution (PPO_DETAILS item 5) |
 | top_k | 0 | top-k sampling; 0 = off |
 | bf16 | false | bfloat16 weights and compute (losses and statistics stay float32) |
@@ -209,6 +210,7 @@ class TrainConfig:
     old_logprobs: str = _key("score", choices=OLD_LOGPROBS)
     max_new_tokens: int = _key(1024, low=1)
     temperature: float = _key(1.0, low=0.0, low_open=True)
+    logprob_temperature: Optional[float] = _key(None, low=0.0, low_open=True)
     top_p: float = _key(1.0, low=0.0, high=1.0, low_open=True)
     top_k: int = _key(0, low=0)
     bf16: bool = _key(False)
@@ -305,6 +307,7 @@ CONVENTION_KEYS = {
     "missing_eos_penalty": "missing_eos_penalty",
     "ppo_whiten_rewards": "whiten_rewards",
     "kl_rule": "kl_rule",
+    "logprob_temperature": "logprob_temperature",
     "length_reward": "length_reward",
     "length_penalty": "length_penalty",
 }
@@ -689,6 +692,13 @@ def _check_ppo(c: TrainConfig, where):
             f"{where('ref_model')}: 'ref_model' is set but finetuning_type is 'lora', where the reference is the "
             "policy's base with the adapters off; remove ref_model or set finetuning_type: full"
         )
+    scored_at = c.convention.logprob_temperature
+    if c.old_logprobs == "rollout" and scored_at is not None and scored_at != c.temperature:
+        key = "logprob_temperature" if c.logprob_temperature is not None else "preset"
+        raise ConfigError(
+            f"{where(key)}: old_logprobs: rollout reuses the log-probs sampled at temperature {c.temperature}, but "
+            f"the log-probs are scored at {scored_at} ({key}); use old_logprobs: score"
+        )
     if c.critic_mode != "separate" and c.critic_learning_rate is not None:
         raise ConfigError(
             f"{where('critic_learning_rate')}: 'critic_learning_rate' has no effect with critic_mode {c.critic_mode} "
@@ -726,6 +736,7 @@ _PPO_ONLY_KEYS = frozenset(
         "rollback_kl_coef_scale",
         "critic_mode",
         "old_logprobs",
+        "logprob_temperature",
         "max_new_tokens",
         "temperature",
         "top_p",

@@ -19,6 +19,7 @@
 | vf_coef                | 0.1         | 0.1             | (own optimizer) | (own optimizer) | 0.1              | 0.1             |
 | loss aggregation       | token-mean  | token-mean      | token-mean      | token-mean      | micro-token-mean | token-mean      |
 | ratio threshold        | –           | –               | –               | –               | 10 (skip micro)  | –               |
+| log-probs, KL at       | sampling T  | sampling T      | sampling T      | sampling T      | T = 1            | sampling T      |
 
 Sources: TRL 1.12 `trl.experimental.ppo` (the last TRL PPOTrainer, which is the N+ paper's code); TRL 0.9.6's
 `PPOTrainer` with the `PPOConfig` LLaMA-Factory 0.9.x builds (llamafactory);
@@ -100,6 +101,10 @@ class Convention:
     # TRL 0.x: a call of `ppo_losses` (one micro-batch of the training step) whose mean ratio over the policy
     # mask exceeds this contributes 0 to both losses (it still counts in the aggregation's denominator).
     ratio_threshold: Optional[float] = None
+    # The temperature of the policy's (old and new) and the reference's log-probs and of the entropy: None = the
+    # sampling temperature (the rollout's distribution); TRL 0.x scores the untempered logits (1.0) whatever
+    # temperature LLaMA-Factory samples at (its default 0.95, with top-p 0.7 and top-k 50).
+    logprob_temperature: Optional[float] = None
 
     def __post_init__(self):
         if self.mask_mode not in MASK_MODES:
@@ -131,6 +136,10 @@ class Convention:
             raise ValueError(
                 f"Convention {self.name!r}: loss_aggregation must be one of {LOSS_AGGREGATIONS}, "
                 f"got {self.loss_aggregation!r}"
+            )
+        if self.logprob_temperature is not None and not self.logprob_temperature > 0.0:
+            raise ValueError(
+                f"Convention {self.name!r}: logprob_temperature must be > 0 (or None), got {self.logprob_temperature}"
             )
         if self.ratio_threshold is not None and not self.ratio_threshold > 1.0:
             raise ValueError(f"Convention {self.name!r}: ratio_threshold must be > 1, got {self.ratio_threshold}")
@@ -181,6 +190,7 @@ PRESETS = {
         kl_horizon=10000.0,
         loss_aggregation="micro-token-mean",
         ratio_threshold=10.0,
+        logprob_temperature=1.0,
     ),
     "openai": Convention(
         name="openai",

@@ -117,6 +117,11 @@ class PPOConfig:
             raise ValueError(f"PPOConfig.critic_mode must be one of {CRITIC_MODES}, got {self.critic_mode!r}")
         if self.old_logprobs not in OLD_LOGPROBS:
             raise ValueError(f"PPOConfig.old_logprobs must be one of {OLD_LOGPROBS}, got {self.old_logprobs!r}")
+        if self.old_logprobs == "rollout" and self.logprob_temperature != self.temperature:
+            raise ValueError(
+                f"PPOConfig: old_logprobs 'rollout' are log-probs at the sampling temperature {self.temperature}, but "
+                f"convention {self.convention.name!r} scores at {self.logprob_temperature}; use old_logprobs 'score'"
+            )
         if self.batch_size % self.minibatch_size:
             raise ValueError(
                 f"PPOConfig: batch_size {self.batch_size} is not a multiple of minibatch_size {self.minibatch_size}"
@@ -125,6 +130,13 @@ class PPOConfig:
             raise ValueError(
                 f"PPOConfig: minibatch_size {self.minibatch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
             )
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature of the old / new / reference log-probs and the entropy: the convention's
+        `logprob_temperature` (TRL 0.x: 1.0), else the sampling temperature."""
+        fixed = self.convention.logprob_temperature
+        return self.temperature if fixed is None else fixed
 
     @property
     def micro_size(self) -> int:
@@ -191,8 +203,9 @@ class PPOState:
 class Experience:
     """One collected rollout batch. [B, P] prompts (left-padded), [B, N] responses (right-padded).
 
-    behaviour_logprobs: log-probs recorded while sampling. logprobs: teacher-forced policy log-probs at the
-    sampling temperature ("old" log-probs). ref_logprobs, values: [B, N]. scores: [B] (reward model and/or
+    behaviour_logprobs: log-probs recorded while sampling. logprobs: teacher-forced policy log-probs at
+    `PPOConfig.logprob_temperature` (the sampling temperature unless the convention fixes one; "old" log-probs).
+    ref_logprobs (same temperature), values: [B, N]. scores: [B] (reward model and/or
     programmatic; text rewards are added between the phases). stopped, lengths: [B].
     """
 
@@ -471,7 +484,7 @@ def _minibatch_gradients(state: PPOState, minibatch: Minibatch, ref_params, *, c
         params, lora = _policy_params(policy, ref_params)
         batch = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
         logprobs, logits, values = policy_outputs(
-            models.policy, params, lora, *batch, config.temperature, critic if shared else None, mb.value_mask
+            models.policy, params, lora, *batch, config.logprob_temperature, critic if shared else None, mb.value_mask
         )
         if not shared:
             values = response_values(models.critic, critic, *batch, value_mask=mb.value_mask)
@@ -616,7 +629,13 @@ def collect(state: PPOState, prompts, ref_params, reward_params, *, config: PPOC
     value_mask = masks_for(config.convention, sampled.response_mask)[1]
     if shared or config.old_logprobs == "score":
         logprobs, _, values = policy_outputs(
-            models.policy, params, lora, *batch, config.temperature, state.critic if shared else None, value_mask
+            models.policy,
+            params,
+            lora,
+            *batch,
+            config.logprob_temperature,
+            state.critic if shared else None,
+            value_mask,
         )
     if not shared:
         values = response_values(models.critic, state.critic, *batch, value_mask=value_mask)
@@ -629,7 +648,7 @@ def collect(state: PPOState, prompts, ref_params, reward_params, *, config: PPOC
         response_mask=sampled.response_mask,
         behaviour_logprobs=sampled.logprobs,
         logprobs=logprobs,
-        ref_logprobs=response_logprobs(models.policy, ref_params, *batch, config.temperature),
+        ref_logprobs=response_logprobs(models.policy, ref_params, *batch, config.logprob_temperature),
         values=values,
         scores=_sequence_scores(config, models, reward_params, *batch),
         stopped=sampled.stopped,

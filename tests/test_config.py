@@ -170,6 +170,15 @@ def test_preset_with_explicit_overrides(workdir):
     conv = config_from_dict(base(preset="llamafactory", ppo_target=3.0)).convention
     assert conv.loss_aggregation == "micro-token-mean" and conv.ratio_threshold == 10.0
     assert conv.adaptive_kl and conv.kl_coef == 0.2 and conv.kl_target == 3.0 and conv.log_ratio_clamp is None
+    # TRL 0.9.6 scores log-probs at T = 1 whatever the sampling temperature; a key overrides it either way.
+    assert conv.logprob_temperature == 1.0
+    assert config_from_dict(base()).convention.logprob_temperature is None
+    assert config_from_dict(base(logprob_temperature=0.7)).convention.logprob_temperature == 0.7
+    msg = error(config_from_dict, base(preset="llamafactory", temperature=0.95, old_logprobs="rollout"))
+    assert "old_logprobs: rollout reuses the log-probs sampled at temperature 0.95" in msg and "(preset)" in msg
+    assert config_from_dict(base(preset="llamafactory", old_logprobs="rollout")).old_logprobs == "rollout"  # T 1
+    msg = error(config_from_dict, base(logprob_temperature=1.0, temperature=0.7, old_logprobs="rollout"))
+    assert "scored at 1.0 (logprob_temperature)" in msg
 
 
 def test_stage_and_finetuning_consistency(workdir):

@@ -441,6 +441,53 @@ def test_old_logprobs_from_the_rollout(mode, jit):
         assert float(metrics["policy/logprob_gap_max"]) == 0.0
 
 
+def _numpy_response_logprobs(params, experience, temperature):
+    """log softmax(logits / T) of each response token from a plain forward pass (numpy; the column before it)."""
+    ids = np.concatenate([experience.prompt_ids, experience.response_ids], 1)
+    mask = np.concatenate([experience.prompt_mask, experience.response_mask], 1)
+    logits = np.asarray(POLICY.apply(params, ids, mask).logits, np.float64) / temperature
+    width = experience.prompt_ids.shape[1]
+    logits = logits[:, width - 1 : -1]
+    logits = logits - logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    picked = np.take_along_axis(logp, np.asarray(experience.response_ids)[..., None], -1)[..., 0]
+    return np.where(np.asarray(experience.response_mask) > 0, picked, 0.0)
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_llamafactory_scores_log_probs_untempered(jit):
+    """TRL 0.9.6 (LLaMA-Factory) samples at the generation temperature but computes the old, new and reference
+    log-probs from the untempered logits: the ratio and the KL are at T = 1."""
+    temperature = 0.5
+    config = _config("shared", convention=get_preset("llamafactory"), temperature=temperature, stop_token_ids=(1, 2))
+    state, models = T.init_ppo_state(
+        config, POLICY, POLICY_PARAMS, jax.random.key(3), reward_fn=target_rate, critic_init="policy"
+    )
+    ref_params = POLICY.init_params(jax.random.key(9))
+    wrap = jax.jit if jit else (lambda f: f)
+    _, experience = wrap(functools.partial(T.collect, config=config, models=models))(state, PROMPTS, ref_params, None)
+    untempered = _numpy_response_logprobs(POLICY_PARAMS, experience, 1.0)
+    tempered = _numpy_response_logprobs(POLICY_PARAMS, experience, temperature)
+    np.testing.assert_allclose(experience.logprobs, untempered, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        experience.ref_logprobs, _numpy_response_logprobs(ref_params, experience, 1.0), atol=1e-5
+    )
+    np.testing.assert_allclose(experience.behaviour_logprobs, tempered, atol=1e-5, rtol=0)  # sampled at T
+    assert np.abs(untempered - tempered).max() > 0.1
+    if not jit:
+        return
+    train = functools.partial(T.train_on_batch, models=models)
+    _, metrics = jax.jit(functools.partial(train, config=config))(state, experience, POLICY_PARAMS)
+    assert abs(float(metrics["policy/first_ratio_max"]) - 1.0) < 1e-4  # new and old both at T = 1
+    assert float(metrics["policy/logprob_gap_max"]) > 0.1  # the sampler's log-probs are at T = 0.5
+    # Control: the same experience trained with new log-probs at the sampling temperature is far from ratio 1.
+    tempered_config = config.replace(convention=config.convention.replace(logprob_temperature=None))
+    _, metrics = jax.jit(functools.partial(train, config=tempered_config))(state, experience, POLICY_PARAMS)
+    assert float(metrics["policy/first_ratio_max"]) > 1.2
+    with pytest.raises(ValueError, match="old_logprobs 'rollout' are log-probs at the sampling temperature 0.5"):
+        config.replace(old_logprobs="rollout")
+
+
 @pytest.mark.parametrize("mode", ["joint", "shared"])
 def test_collect_keeps_the_values_on_the_conventions_value_mask(mode):
     """TRL's convention: the experience's values reach one slot past each stopped response (its value mask),
