@@ -41,7 +41,7 @@ convention's values apply. Keys given explicitly override either.
 | critic_learning_rate | learning_rate | ppo: the critic's learning rate |
 | lr_scheduler_type | linear | constant or linear (to 0 at the last step); cosine is not offered |
 | warmup_steps | 0 | linear warm-up optimizer steps |
-| max_grad_norm | 1.0 | clip gradients by global norm; 0 turns clipping off |
+| max_grad_norm | 1.0 | clip gradients by global norm at every optimizer step; 0 turns clipping off (LLaMA-Factory 0.9.x's PPO, through TRL 0.9.6, clips only the first step of a run) |
 | num_train_epochs | 3.0 | passes over the dataset (ppo: over the prompts) |
 | max_steps | -1 | if > 0, stop after this many iterations (ppo) / optimizer steps (sft, rm); overrides num_train_epochs |
 | ppo_epochs | 4 | optimisation passes over each rollout batch |

@@ -28,9 +28,12 @@ replay-buffer normalisation; verl 0.9 `core_algos` (`compute_gae_advantage_retur
 `compute_policy_loss_vanilla`, `compute_value_loss`, `agg_loss`) with `ppo_trainer.yaml` defaults;
 OpenAI lm-human-preferences `train_policy.py`. BUILD_NOTES.md has the details.
 
-Checked end to end: `trl` against TRL 1.12's `PPOTrainer` itself (tests/test_trl_parity.py); `openrlhf`, `verl` and
-`llamafactory` against the outputs of those systems' own functions (tests/test_peer_conventions.py).
-Known differences for `llamafactory`: LLaMA-Factory's value head has TRL's dropout 0.1, active while it trains
+Checked end to end: `trl` against TRL 1.12's `PPOTrainer` itself (tests/test_trl_parity.py), `llamafactory` against
+TRL 0.9.6's `PPOTrainer.step()` configured as LLaMA-Factory configures it (tests/test_trl0_step.py); `openrlhf`,
+`verl` and `llamafactory` against the outputs of those systems' own functions (tests/test_peer_conventions.py).
+Known differences for `llamafactory`: TRL 0.9.6 clips gradients (`max_grad_norm`) on the first optimizer step of a
+run only (it keeps the parameters in a one-shot `filter` iterator), ppojax on every step; LLaMA-Factory's value
+head has TRL's dropout 0.1, active while it trains
 (ppojax has no dropout), has a bias and starts from `nn.Linear`'s random init (ppojax's shared head is a
 bias-free kernel starting at 0); with
 `whiten_rewards` TRL 0.9.6 leaves the whitened padding slots in its GAE, which leaks into shorter rows'

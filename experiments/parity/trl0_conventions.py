@@ -48,6 +48,7 @@ def trl0_outputs(d: dict[str, np.ndarray], case: int) -> dict[str, np.ndarray]:
     t = {k: torch.tensor(v) for k, v in d.items()}
     mask = t["mask"]
     logits = torch.tensor(np.random.default_rng(2000 + case).normal(size=(B, T, VOCAB)), dtype=torch.float32)
+
     def fake_trainer(**config):
         trainer = types.SimpleNamespace(config=PPOConfig(**config), kl_ctl=types.SimpleNamespace(value=0.2))
         trainer._kl_penalty = types.MethodType(PPOTrainer._kl_penalty, trainer)
