@@ -692,7 +692,9 @@ def _check_ppo(c: TrainConfig, where):
             f"{where('ref_model')}: 'ref_model' is set but finetuning_type is 'lora', where the reference is the "
             "policy's base with the adapters off; remove ref_model or set finetuning_type: full"
         )
-    scored_at = c.convention.logprob_temperature
+    scored_at = c.logprob_temperature  # the convention's, without building it (its own checks come later)
+    if scored_at is None and c.preset is not None:
+        scored_at = PRESETS[c.preset].logprob_temperature
     if c.old_logprobs == "rollout" and scored_at is not None and scored_at != c.temperature:
         key = "logprob_temperature" if c.logprob_temperature is not None else "preset"
         raise ConfigError(
