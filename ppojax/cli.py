@@ -84,6 +84,12 @@ def _train(args) -> int:
 
     try:
         config = load_config(args.config, args.overrides)
+        if config.ignored_keys:
+            print(
+                f"ppojax: note: ignoring LLaMA-Factory keys with no meaning here: {', '.join(config.ignored_keys)} "
+                "(ppojax.config.INERT_KEYS says why)",
+                file=sys.stderr,
+            )
         from ppojax import runner
 
         summary = runner.run(config, progress=not args.no_progress)

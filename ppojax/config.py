@@ -39,8 +39,10 @@ convention's values apply. Keys given explicitly override either.
 | batch_size | optimizer batch × ppo_buffer_size | TRL 0.x name for the rollout batch; must be a multiple of the optimizer batch |
 | learning_rate | 5e-5 | peak learning rate (the policy's; sft / rm: the model's) |
 | critic_learning_rate | learning_rate | ppo: the critic's learning rate |
-| lr_scheduler_type | linear | constant or linear (to 0 at the last step); cosine is not offered |
+| lr_scheduler_type | linear | constant, linear (to 0 at the last step) or cosine (half a cosine to 0, transformers' get_cosine_schedule_with_warmup) |
 | warmup_steps | 0 | linear warm-up optimizer steps |
+| warmup_ratio | null | warm-up as a fraction of the run's optimizer steps (ceil(ratio × steps), as transformers); not with warmup_steps |
+| max_samples | null | use only the first max_samples records of the dataset (LLaMA-Factory's debugging cap) |
 | max_grad_norm | 1.0 | clip gradients by global norm at every optimizer step; 0 turns clipping off (LLaMA-Factory 0.9.x's PPO, through TRL 0.9.6, clips only the first step of a run) |
 | num_train_epochs | 3.0 | passes over the dataset (ppo: over the prompts) |
 | max_steps | -1 | if > 0, stop after this many iterations (ppo) / optimizer steps (sft, rm); overrides num_train_epochs |
@@ -121,7 +123,7 @@ class ConfigError(ValueError):
 STAGES = ("sft", "rm", "ppo")
 FINETUNING_TYPES = ("full", "lora")
 REWARD_MODEL_TYPES = ("full", "lora")  # LLaMA-Factory's; its "api" (a reward server) and "oft" are not read
-SCHEDULERS = ("constant", "linear")  # ppojax.optim schedules; LLaMA-Factory's cosine is not offered
+SCHEDULERS = ("constant", "linear", "cosine")  # ppojax.optim schedules (transformers' formulas)
 PROMPT_OVERFLOW = ("truncate", "refuse")
 ON_KL_EXCEEDED = ("stop", "rollback", "rollback_continue")
 CRITIC_MODES = ("separate", "joint", "shared")
@@ -181,6 +183,8 @@ class TrainConfig:
     critic_learning_rate: Optional[float] = _key(None, low=0.0, low_open=True)
     lr_scheduler_type: str = _key("linear", choices=SCHEDULERS)
     warmup_steps: int = _key(0, low=0)
+    warmup_ratio: Optional[float] = _key(None, low=0.0, high=1.0)
+    max_samples: Optional[int] = _key(None, low=1)
     max_grad_norm: float = _key(1.0, low=0.0)
     num_train_epochs: float = _key(3.0, low=0.0, low_open=True)
     max_steps: int = _key(-1)
@@ -232,6 +236,14 @@ class TrainConfig:
     stages: Optional[tuple] = _key(None)
     # The keys the user gave (not a config key): an explicit null differs from "take the preset's value".
     given_keys: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False)
+    # LLaMA-Factory keys accepted without effect (INERT_KEYS); the command prints them once.
+    ignored_keys: tuple = dataclasses.field(default=(), compare=False, repr=False)
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warm-up optimizer steps of a run of `total_steps`: warmup_steps, or ceil(warmup_ratio × total_steps)."""
+        if self.warmup_ratio is None:
+            return self.warmup_steps
+        return math.ceil(self.warmup_ratio * total_steps)
 
     # ---- derived values -------------------------------------------------------------------------------
 
@@ -327,11 +339,22 @@ ALIASES = {
 FOREIGN_KEYS = {
     "fp16": "fp16 is not supported; use bf16: true",
     "kl_penalty": "use kl_estimator: k1 | k2 | k3 | abs (TRL's kl = k1, mse = k2, abs = abs; 'full' is not offered)",
-    "report_to": "use tensorboard: true (metrics CSV, summary.json and plots are always written)",
     "lora_dropout": "ppojax uses no dropout anywhere (PPO_DETAILS item 4); remove lora_dropout",
     "early_stopping": "set target_kl to enable TRL-style early stopping of the PPO epochs",
     "use_score_norm": "use ppo_score_norm: true",
     "use_score_scaling": "use ppo_score_norm: true",
+}
+
+# LLaMA-Factory keys that mean nothing here: accepted, reported once by `ppojax train`, otherwise ignored.
+INERT_KEYS = {
+    "trust_remote_code": "ppojax implements each supported architecture itself and never runs a checkpoint's code",
+    "overwrite_cache": "ppojax keeps no dataset cache",
+    "preprocessing_num_workers": "tokenisation runs in the main process",
+    "dataloader_num_workers": "there is no data loader process pool",
+    "ddp_timeout": "multi-process runs use jax.distributed (the mesh and distributed keys)",
+    "plot_loss": "training_curves.png is always written",
+    "flash_attn": "attention is XLA's",
+    "report_to": "metrics CSV, summary.json and plots are always written (tensorboard: true adds event files)",
 }
 
 _NON_TRAJECTORY_KEYS = frozenset(
@@ -351,7 +374,7 @@ _NON_TRAJECTORY_KEYS = frozenset(
     }
 )
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "given_keys"}
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name not in ("given_keys", "ignored_keys")}
 _REQUIRED = tuple(name for name, f in _FIELDS.items() if f.default is dataclasses.MISSING)
 _HINTS = typing.get_type_hints(TrainConfig)
 
@@ -405,13 +428,21 @@ def config_from_dict(
     """Validates a mapping (aliases allowed) into a `TrainConfig`. `source` names it in error messages."""
     raw = _canonical_keys(raw, source)
     where = lambda key: (sources or {}).get(key, source)  # noqa: E731
+    report_to = raw.get("report_to")
+    if report_to not in (None, "none", "None", [], ["none"]):
+        raise ConfigError(
+            f"{where('report_to')}: 'report_to' is {report_to!r}; ppojax reports to files only: metrics CSV, summary.json "
+            "and plots are always written, tensorboard: true adds TensorBoard event files (use report_to: none)"
+        )
+    ignored = tuple(sorted(key for key in raw if key in INERT_KEYS))
+    raw = {key: value for key, value in raw.items() if key not in INERT_KEYS}
     values = {}
     for key in _REQUIRED:
         if raw.get(key) is None:
             raise ConfigError(f"{source}: missing required key '{key}' ({_required_hint(key)})")
     for key, value in raw.items():
         values[key] = _check_value(key, value, where(key), raw)
-    config = TrainConfig(**values, given_keys=frozenset(raw))
+    config = TrainConfig(**values, given_keys=frozenset(raw), ignored_keys=ignored)
     _check_consistency(config, raw, where)
     return config
 
@@ -420,7 +451,7 @@ def _canonical(key: str, source: str) -> str:
     if not isinstance(key, str):
         raise ConfigError(f"{source}: key {key!r} is not a string")
     key = ALIASES.get(key, key)
-    if key in _FIELDS:
+    if key in _FIELDS or key in INERT_KEYS:
         return key
     if key in FOREIGN_KEYS:
         raise ConfigError(f"{source}: key '{key}' is not a ppojax key: {FOREIGN_KEYS[key]}")
@@ -617,6 +648,12 @@ def _check_consistency(config: TrainConfig, raw: Mapping, where):
     c = config
     if not c.do_train:
         raise ConfigError(f"{where('do_train')}: 'do_train' is false; ppojax train only trains (set do_train: true)")
+    if c.warmup_ratio is not None and "warmup_steps" in raw:
+        raise ConfigError(f"{where('warmup_ratio')}: set 'warmup_steps' or 'warmup_ratio', not both")
+    if c.warmup_ratio is not None and c.warmup_ratio >= 1.0:
+        raise ConfigError(
+            f"{where('warmup_ratio')}: 'warmup_ratio' is {c.warmup_ratio}; must be < 1 (a fraction of the run)"
+        )
     if c.stage == "ppo" and c.reward_model is None:
         raise ConfigError(f"{where('stage')}: stage ppo needs 'reward_model' (the output_dir of a stage: rm run)")
     if c.reward_model_type is not None and c.reward_model is not None:

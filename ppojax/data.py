@@ -24,6 +24,7 @@ Batches are drawn from a per-epoch permutation of (seed, epoch); `DataPosition(e
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 from typing import Any, Iterator, NamedTuple, Optional, Sequence
@@ -267,14 +268,21 @@ class ResponseDataset:
 
 
 def load_prompts(
-    path: str, tokenizer, *, template: str, max_prompt_length: int, overflow: str = "truncate"
+    path: str,
+    tokenizer,
+    *,
+    template: str,
+    max_prompt_length: int,
+    overflow: str = "truncate",
+    max_samples: Optional[int] = None,
 ) -> PromptDataset:
     """PPO prompts. A prompt longer than `max_prompt_length` keeps its last tokens (overflow="truncate",
-    counted in `truncated`) or is an error naming the row (overflow="refuse")."""
+    counted in `truncated`) or is an error naming the row (overflow="refuse"). max_samples: read only the
+    first that many records (LLaMA-Factory's key)."""
     if overflow not in ("truncate", "refuse"):
         raise ValueError(f"overflow must be 'truncate' or 'refuse', found {overflow!r}")
     prompts, sources, truncated = [], [], 0
-    for where, record in read_records(path):
+    for where, record in itertools.islice(read_records(path), max_samples):
         ids = encode_prompt(
             tokenizer, _prompt_turns(record, where, "instruction/input, prompt or messages"), template, where
         )
@@ -303,9 +311,11 @@ def _fit(prompt: list[int], responses: list[list[int]], cutoff_len: int):
     return tuple(prompt), tuple(tuple(r[:room]) for r in responses), True
 
 
-def _response_dataset(path: str, tokenizer, template: str, cutoff_len: int, responses_of) -> ResponseDataset:
+def _response_dataset(
+    path: str, tokenizer, template: str, cutoff_len: int, responses_of, max_samples: Optional[int] = None
+) -> ResponseDataset:
     prompts, responses, sources, truncated = [], [], [], 0
-    for where, record in read_records(path):
+    for where, record in itertools.islice(read_records(path), max_samples):
         texts, turns = responses_of(record, where)
         for key, text in texts:
             if not text.strip():
@@ -322,18 +332,24 @@ def _response_dataset(path: str, tokenizer, template: str, cutoff_len: int, resp
     return ResponseDataset(tuple(prompts), tuple(responses), tuple(sources), truncated)
 
 
-def load_preferences(path: str, tokenizer, *, template: str, cutoff_len: int) -> ResponseDataset:
-    """Reward-model pairs: a prompt (any prompt format) with `chosen` and `rejected` responses."""
+def load_preferences(
+    path: str, tokenizer, *, template: str, cutoff_len: int, max_samples: Optional[int] = None
+) -> ResponseDataset:
+    """Reward-model pairs: a prompt (any prompt format) with `chosen` and `rejected` responses (the first
+    `max_samples` records when given)."""
 
     def pair(record, where):
         turns = _prompt_turns(record, where, "prompt or instruction/input or messages, with chosen and rejected")
         return [(key, _text(record, key, where)) for key in ("chosen", "rejected")], turns
 
-    return _response_dataset(path, tokenizer, template, cutoff_len, pair)
+    return _response_dataset(path, tokenizer, template, cutoff_len, pair, max_samples)
 
 
-def load_sft(path: str, tokenizer, *, template: str, cutoff_len: int) -> ResponseDataset:
-    """SFT rows: instruction/input/output, prompt/response, or messages ending with an assistant turn."""
+def load_sft(
+    path: str, tokenizer, *, template: str, cutoff_len: int, max_samples: Optional[int] = None
+) -> ResponseDataset:
+    """SFT rows: instruction/input/output, prompt/response, or messages ending with an assistant turn (the first
+    `max_samples` records when given)."""
 
     def target(record, where):
         if "messages" in record or "conversations" in record:
@@ -348,7 +364,7 @@ def load_sft(path: str, tokenizer, *, template: str, cutoff_len: int) -> Respons
             raise DataError(f"{where}: missing field 'output' (the SFT target)")
         return [response], _prompt_turns(record, where, "instruction/input/output, prompt/response or messages")
 
-    return _response_dataset(path, tokenizer, template, cutoff_len, target)
+    return _response_dataset(path, tokenizer, template, cutoff_len, target, max_samples)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 ADAM_STYLES = ("pytorch", "tf")
-SCHEDULES = ("constant", "linear")
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 class ScaleByTFAdamState(NamedTuple):
@@ -78,9 +78,10 @@ class OptimizerConfig:
             raise ValueError(f"OptimizerConfig.adam must be one of {ADAM_STYLES}, got {self.adam!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"OptimizerConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.schedule == "linear" and self.total_steps <= self.warmup_steps:
+        if self.schedule in ("linear", "cosine") and self.total_steps <= self.warmup_steps:
             raise ValueError(
-                f"OptimizerConfig: schedule 'linear' needs total_steps > warmup_steps, got {self.total_steps} and {self.warmup_steps}"
+                f"OptimizerConfig: schedule {self.schedule!r} needs total_steps > warmup_steps, got {self.total_steps} "
+                f"and {self.warmup_steps}"
             )
 
 
@@ -90,11 +91,14 @@ def make_schedule(config: OptimizerConfig) -> Callable[[jax.Array], jax.Array]:
     warmup (step < W):  lr · step / W
     constant:           lr
     linear:             lr · max(0, (total − step) / (total − W))
+    cosine:             lr · ½ (1 + cos(π · min(1, (step − W) / (total − W))))   (transformers' cosine, half a cycle)
     """
     lr, warmup = config.learning_rate, config.warmup_steps
     after = optax.constant_schedule(lr)
     if config.schedule == "linear":
         after = optax.linear_schedule(lr, 0.0, config.total_steps - warmup)
+    elif config.schedule == "cosine":
+        after = optax.cosine_decay_schedule(lr, config.total_steps - warmup)
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])

@@ -208,7 +208,13 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
     resuming = check_output_dir(config)
     tokenizer, _ = data_lib.ensure_pad_token(data_lib.load_tokenizer(config.model_name_or_path))
     loader = data_lib.load_sft if config.stage == "sft" else data_lib.load_preferences
-    dataset = loader(config.dataset, tokenizer, template=config.template, cutoff_len=config.cutoff_len)
+    dataset = loader(
+        config.dataset,
+        tokenizer,
+        template=config.template,
+        cutoff_len=config.cutoff_len,
+        max_samples=config.max_samples,
+    )
     dropped_pairs = 0
     if config.stage == "rm" and config.rm_max_length_diff is not None:
         dataset, dropped_pairs = data_lib.drop_length_mismatched_pairs(dataset, config.rm_max_length_diff)
@@ -226,6 +232,12 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
     steps_per_epoch = len(dataset) // batch_size
     total = config.max_steps if config.max_steps > 0 else max(1, int(config.num_train_epochs * steps_per_epoch))
 
+    warmup = config.warmup_for(total)
+    if config.lr_scheduler_type in ("linear", "cosine") and total <= warmup:
+        raise ConfigError(
+            f"warmup of {warmup} steps is not below the run's {total} optimizer steps; lower warmup_steps / "
+            "warmup_ratio or use lr_scheduler_type: constant"
+        )
     model, params = load_model(config, "lm" if config.stage == "sft" else "reward", layout)
     model, params = fit_vocabulary(model, params, tokenizer)
     if layout is not None:
@@ -234,7 +246,7 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
         OptimizerConfig(
             learning_rate=config.learning_rate,
             schedule=config.lr_scheduler_type,
-            warmup_steps=config.warmup_steps,
+            warmup_steps=warmup,
             total_steps=total,
             max_grad_norm=config.max_grad_norm or None,
         )

@@ -162,6 +162,7 @@ def load_inputs(config: TrainConfig, layout=None) -> PPOInputs:
         template=config.template,
         max_prompt_length=config.max_prompt_length,
         overflow=config.prompt_overflow,
+        max_samples=config.max_samples,
     )
     dtype = jnp.bfloat16 if config.bf16 else jnp.float32
     policy_model, policy_params = fit_vocabulary(
@@ -227,17 +228,18 @@ def make_ppo_config(
     rollout, minibatch = config.rollout_batch_size, config.optimizer_batch_size
     if total_steps is None:
         total_steps = iterations * config.ppo_epochs * (rollout // minibatch)
-    if config.lr_scheduler_type == "linear" and total_steps <= config.warmup_steps:
+    warmup = config.warmup_for(total_steps)
+    if config.lr_scheduler_type in ("linear", "cosine") and total_steps <= warmup:
         raise ConfigError(
-            f"warmup_steps {config.warmup_steps} is not below the run's {total_steps} optimizer steps (iterations × "
-            "ppo_epochs × minibatches); lower warmup_steps or use lr_scheduler_type: constant"
+            f"warmup of {warmup} steps is not below the run's {total_steps} optimizer steps (iterations × "
+            "ppo_epochs × minibatches); lower warmup_steps / warmup_ratio or use lr_scheduler_type: constant"
         )
 
     def optimizer(learning_rate: float) -> OptimizerConfig:
         return OptimizerConfig(
             learning_rate=learning_rate * control.lr_scale,
             schedule=config.lr_scheduler_type,
-            warmup_steps=config.warmup_steps,
+            warmup_steps=warmup,
             total_steps=total_steps,
             max_grad_norm=config.max_grad_norm or None,
         )

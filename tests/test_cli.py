@@ -90,6 +90,13 @@ def test_bad_data_and_override_exit_2(tiny, monkeypatch, capsys):
     assert main(["train", path, "learning_rate=1e-4", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err == f"ppojax: error: {tiny / 'bad.jsonl'}:2: malformed JSON (Expecting ',' delimiter, column 16)\n"
+    # LLaMA-Factory's infrastructure keys are accepted and named once, before the run.
+    assert main(["train", path, "preprocessing_num_workers=16", "--no-progress"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(
+        "ppojax: note: ignoring LLaMA-Factory keys with no meaning here: preprocessing_num_workers"
+    )
+    assert err[1].startswith("ppojax: error: ") and len(err) == 2
     assert main(["train", path, "learning_rate=fast"]) == 2
     assert "'learning_rate' is 'fast'" in capsys.readouterr().err
 

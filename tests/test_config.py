@@ -209,3 +209,75 @@ def test_choice_lists_match_the_library():
 
     assert C.CRITIC_MODES == train.CRITIC_MODES
     assert C.OLD_LOGPROBS == train.OLD_LOGPROBS
+
+
+# LLaMA-Factory's own PPO example (examples/train_lora/llama3_lora_ppo.yaml, removed in its 2025 release), with
+# local paths: every key either maps to ppojax or is an infrastructure knob accepted without effect.
+LLAMAFACTORY_PPO_EXAMPLE = """\
+### model
+model_name_or_path: model
+reward_model: saves/reward
+trust_remote_code: true
+
+### method
+stage: ppo
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_target: all
+
+### dataset
+dataset: prompts.json
+template: llama3
+cutoff_len: 2048
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 16
+dataloader_num_workers: 4
+
+### output
+output_dir: saves/llama3-8b/lora/ppo
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+report_to: none  # choices: [none, wandb, tensorboard, swanlab, mlflow]
+
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-5
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+
+### generate
+max_new_tokens: 512
+top_k: 0
+top_p: 0.9
+"""
+
+
+def test_llamafactory_example_yaml_runs_as_written(workdir):
+    from ppojax.config import INERT_KEYS, load_config
+
+    config = load_config(write(LLAMAFACTORY_PPO_EXAMPLE))
+    assert config.ignored_keys == (
+        "dataloader_num_workers",
+        "ddp_timeout",
+        "overwrite_cache",
+        "plot_loss",
+        "preprocessing_num_workers",
+        "report_to",
+        "trust_remote_code",
+    )
+    assert set(config.ignored_keys) <= set(INERT_KEYS)
+    assert config.lr_scheduler_type == "cosine" and config.max_samples == 1000 and config.warmup_ratio == 0.1
+    assert [config.warmup_for(n) for n in (1, 10, 11, 95)] == [1, 1, 2, 10]  # ceil, as transformers
+    assert config.hash() == load_config(write(LLAMAFACTORY_PPO_EXAMPLE.replace("ddp_timeout", "# ddp_timeout"))).hash()
+    assert "'report_to' is 'wandb'; ppojax reports to files only" in error(config_from_dict, base(report_to="wandb"))
+    assert "not both" in error(config_from_dict, base(warmup_ratio=0.1, warmup_steps=3))
+    assert "must be < 1" in error(config_from_dict, base(warmup_ratio=1.0))
+    assert config_from_dict(base()).warmup_for(50) == 0

@@ -85,6 +85,13 @@ def test_prompt_formats_raw_and_templated(tmp_path):
     chat = load_prompts(path, tok, template="qwen", max_prompt_length=64)
     # The trailing assistant turn of a messages record is dropped: PPO samples its own response.
     assert list(chat.prompts[3]) == ids("<s> user : hi <eos> <s> assistant :")
+    # LLaMA-Factory's max_samples: only the first records are used.
+    capped = load_prompts(path, tok, template="none", max_prompt_length=64, max_samples=2)
+    assert [list(p) for p in capped.prompts] == [ids("write a poem")] * 2 and len(capped.sources) == 2
+    sft_path = write(tmp_path, "sft.jsonl", [{"prompt": "hi", "response": "yes"}] * 3)
+    assert len(load_sft(sft_path, tok, template="none", cutoff_len=64, max_samples=2)) == 2
+    pairs_path = write(tmp_path, "pairs.jsonl", [{"prompt": "a", "chosen": "yes", "rejected": "no"}] * 4)
+    assert len(load_preferences(pairs_path, tok, template="none", cutoff_len=64, max_samples=1)) == 1
     sys_path = write(tmp_path, "s.jsonl", [{"prompt": "hi", "system": "yes"}])
     assert list(load_prompts(sys_path, tok, template="qwen", max_prompt_length=64).prompts[0]) == ids(
         "<s> system : yes <eos> <s> user : hi <eos> <s> assistant :"

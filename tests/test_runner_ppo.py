@@ -68,6 +68,16 @@ def test_ppo_config_mapping(paths):
     assert plain.old_logprobs == "score"
 
 
+def test_cosine_schedule_and_warmup_ratio_reach_both_optimizers(paths):
+    config = ppo_train_config(paths, lr_scheduler_type="cosine", warmup_ratio=0.1, learning_rate=1e-6)
+    control = RunControl(lr_scale=1.0, reward_gain=1.0, reward_bias=0.0)
+    ppo = make_ppo_config(config, iterations=7, pad_token_id=9, stop_ids=(3,), control=control)
+    total = 7 * config.ppo_epochs * (config.rollout_batch_size // config.optimizer_batch_size)
+    for optimizer in (ppo.policy_optimizer, ppo.critic_optimizer):
+        assert optimizer.schedule == "cosine" and optimizer.total_steps == total
+        assert optimizer.warmup_steps == math.ceil(0.1 * total)
+
+
 def test_rejection_rules(paths):
     config = ppo_train_config(paths, early_stop_kl=2.0)
     ok = {"objective/kl": 1.9, "loss/total": 0.3}

@@ -124,6 +124,32 @@ def test_schedules(kind, warmup):
         )
 
 
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_cosine_schedule_is_transformers_cosine(warmup, jit):
+    """Against transformers' own get_cosine_schedule_with_warmup (LLaMA-Factory's lr_scheduler_type: cosine)."""
+    import torch
+    import transformers
+
+    total, lr = 17, 0.3
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    reference = transformers.get_cosine_schedule_with_warmup(optimizer, warmup, total)
+    expected = []
+    for _ in range(total + 3):
+        expected.append(reference.get_last_lr()[0])
+        optimizer.step()
+        reference.step()
+    schedule = make_schedule(
+        OptimizerConfig(learning_rate=lr, schedule="cosine", warmup_steps=warmup, total_steps=total)
+    )
+    schedule = jax.jit(schedule) if jit else schedule
+    ours = [float(schedule(jnp.int32(step))) for step in range(total + 3)]
+    # Steps 0..total (a run takes steps 0..total-1); past the end transformers' cosine rises again, ours stays 0.
+    np.testing.assert_allclose(ours[: total + 1], expected[: total + 1], rtol=1e-6, atol=1e-7)
+    assert ours[total + 1 :] == [0.0, 0.0]
+    assert expected[total] == 0.0 and max(expected) == pytest.approx(lr)
+
+
 def test_schedule_drives_the_update_size():
     # SGD-like check through the full chain: with a linear schedule the last step (lr 0) moves nothing.
     cfg = OptimizerConfig(learning_rate=0.1, schedule="linear", total_steps=3, max_grad_norm=None)
@@ -138,3 +164,5 @@ def test_config_errors():
         OptimizerConfig(adam="sgd")
     with pytest.raises(ValueError, match="total_steps"):
         OptimizerConfig(schedule="linear", total_steps=0)
+    with pytest.raises(ValueError, match="schedule 'cosine' needs total_steps > warmup_steps"):
+        OptimizerConfig(schedule="cosine", total_steps=4, warmup_steps=4)
