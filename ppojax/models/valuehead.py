@@ -66,17 +66,26 @@ def is_adapter_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, ADAPTER_CONFIG_FILE))
 
 
+def _safetensors_file(path: str, name: str, pickle_name: str, missing: str, save_hint: str) -> str:
+    """`path/name`, or a one-line error: the pickle `pickle_name` is refused, a missing file is `missing`."""
+    file = os.path.join(path, name)
+    if os.path.isfile(file):
+        return file
+    pickled = os.path.join(path, pickle_name)
+    if os.path.isfile(pickled):
+        raise CheckpointError(f"{pickled}: pickle checkpoints are never loaded (unsafe); {save_hint}")
+    raise CheckpointError(missing)
+
+
 def read_value_head(path: str) -> dict[str, np.ndarray]:
     """`path/value_head.safetensors` -> `{"score.weight": [1, H], "score.bias": [1]}` (HF layout, float32)."""
-    file = os.path.join(path, VALUE_HEAD_FILE)
-    if not os.path.isfile(file):
-        pickled = os.path.join(path, "value_head.bin")
-        if os.path.isfile(pickled):
-            raise CheckpointError(
-                f"{pickled}: pickle checkpoints are never loaded (unsafe); save the value head as {VALUE_HEAD_FILE} "
-                "(LLaMA-Factory: save_safetensors: true, its default)"
-            )
-        raise CheckpointError(f"{path}: no {VALUE_HEAD_FILE}")
+    file = _safetensors_file(
+        path,
+        VALUE_HEAD_FILE,
+        "value_head.bin",
+        f"{path}: no {VALUE_HEAD_FILE}",
+        f"save the value head as {VALUE_HEAD_FILE} (LLaMA-Factory: save_safetensors: true, its default)",
+    )
     with safe_open(file, framework="numpy") as f:
         found = {name: f.get_tensor(name) for name in f.keys()}
     missing = sorted(set(_HEAD_KEYS) - set(found))
@@ -127,14 +136,13 @@ def read_adapter_updates(path: str, model: DecoderModel) -> tuple[dict[str, np.n
     layout: `deltas` are added to the base tensor (`scale * B @ A` for a `Linear`, `[out, in]`; its transpose
     for GPT-2's `Conv1D`, `[in, out]`), `replacements` (PEFT `modules_to_save`) replace it."""
     config = _adapter_config(path)
-    file = os.path.join(path, ADAPTER_WEIGHTS_FILE)
-    if not os.path.isfile(file):
-        pickled = os.path.join(path, "adapter_model.bin")
-        if os.path.isfile(pickled):
-            raise CheckpointError(
-                f"{pickled}: pickle checkpoints are never loaded (unsafe); save the adapter as safetensors"
-            )
-        raise CheckpointError(f"{path}: {ADAPTER_CONFIG_FILE} but no {ADAPTER_WEIGHTS_FILE}")
+    file = _safetensors_file(
+        path,
+        ADAPTER_WEIGHTS_FILE,
+        "adapter_model.bin",
+        f"{path}: {ADAPTER_CONFIG_FILE} but no {ADAPTER_WEIGHTS_FILE}",
+        "save the adapter as safetensors",
+    )
     rules = {rule.hf: rule for rule in hf.expand_table(model).values()}
     with safe_open(file, framework="numpy") as f:
         tensors = {name: f.get_tensor(name) for name in f.keys()}

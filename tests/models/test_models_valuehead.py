@@ -267,3 +267,6 @@ def test_errors_name_the_file_and_what_is_wrong(checkpoint, tmp_path):
     os.remove(weights)
     with pytest.raises(CheckpointError, match="adapter_config.json but no adapter_model.safetensors"):
         load_valuehead_checkpoint(directory, base=base_dir)
+    open(os.path.join(directory, "adapter_model.bin"), "wb").close()
+    with pytest.raises(CheckpointError, match=r"adapter_model.bin: pickle checkpoints are never loaded"):
+        load_valuehead_checkpoint(directory, base=base_dir)
