@@ -26,6 +26,8 @@ convention's values apply. Keys given explicitly override either.
 | reward_model | (ppo: required) | local directory of the reward model: a ppojax `stage: rm` output_dir (HF sequence classifier), or a LLaMA-Factory `stage: rm` output_dir (`value_head.safetensors` beside a causal LM, or beside a LoRA adapter, which is applied to model_name_or_path as LLaMA-Factory does) |
 | reward_model_type | null | LLaMA-Factory's key, checked against the directory: full or lora (null: whatever the directory holds) |
 | ref_model | null | local HF directory of the reference policy; null: the initial policy (LoRA: the base, adapters off) |
+| adapter_name_or_path | null | lora: PEFT LoRA adapters (a comma list of local directories, e.g. LLaMA-Factory's LoRA sft output_dir) on model_name_or_path, as LLaMA-Factory uses them: every adapter but the last is merged into the weights, the last is trained further (so the reference, the policy with its adapter off, includes only the merged ones) |
+| create_new_adapter | false | with adapter_name_or_path: merge every adapter and train a new one (lora_rank, lora_alpha, lora_target); the reference then includes them all |
 | dataset | required | a local .json (array) or .jsonl file; see ppojax/data.py for the formats |
 | dataset_dir | null | directory `dataset` is relative to (else the current directory) |
 | template | default | chat template: any name (qwen, llama3, ...) uses the tokenizer's own chat template; none / default / empty = raw text |
@@ -169,6 +171,8 @@ class TrainConfig:
     reward_model: Optional[str] = _key(None, path="dir")
     reward_model_type: Optional[str] = _key(None, choices=REWARD_MODEL_TYPES)
     ref_model: Optional[str] = _key(None, path="dir")
+    adapter_name_or_path: Optional[tuple] = _key(None)
+    create_new_adapter: bool = _key(False)
     dataset_dir: Optional[str] = _key(None, path="dir")
     template: str = _key("default")
     cutoff_len: int = _key(2048, low=2)
@@ -238,6 +242,20 @@ class TrainConfig:
     given_keys: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False)
     # LLaMA-Factory keys accepted without effect (INERT_KEYS); the command prints them once.
     ignored_keys: tuple = dataclasses.field(default=(), compare=False, repr=False)
+
+    @property
+    def adapters_to_merge(self) -> tuple:
+        """The adapter directories merged into the base weights (LLaMA-Factory: all but the resumed last one)."""
+        if self.adapter_name_or_path is None:
+            return ()
+        return self.adapter_name_or_path if self.create_new_adapter else self.adapter_name_or_path[:-1]
+
+    @property
+    def adapter_to_resume(self) -> Optional[str]:
+        """The adapter directory trained further (the last one, unless create_new_adapter)."""
+        if self.adapter_name_or_path is None or self.create_new_adapter:
+            return None
+        return self.adapter_name_or_path[-1]
 
     def warmup_for(self, total_steps: int) -> int:
         """Warm-up optimizer steps of a run of `total_steps`: warmup_steps, or ceil(warmup_ratio × total_steps)."""
@@ -504,6 +522,8 @@ def _check_value(key: str, value, source: str, raw: Mapping):
         raise ConfigError(f"{source}: '{key}' must not be null; default is {field.default!r}")
     if key == "lora_target":
         return _lora_target(value, source)
+    if key == "adapter_name_or_path":
+        return _adapter_paths(value, source, raw)
     if key in ("mesh", "distributed"):
         return _parallel_key(key, value, source)
     if key == "stages":
@@ -571,7 +591,13 @@ def _check_range(key: str, value, meta, source: str):
 def _check_path(key: str, value: str, kind: str, source: str, raw: Mapping) -> str:
     base = raw.get("dataset_dir") if key == "dataset" and raw.get("dataset_dir") else os.getcwd()
     path = os.path.abspath(os.path.join(os.path.expanduser(base), os.path.expanduser(value)))
-    if kind == "dir":
+    if kind == "adapter":
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise ConfigError(
+                f"{source}: '{key}' has {value!r} but {path} has no adapter_config.json (expected a local PEFT LoRA "
+                "adapter directory, e.g. a LLaMA-Factory LoRA output_dir)"
+            )
+    elif kind == "dir":
         if not os.path.isdir(path):
             raise ConfigError(f"{source}: '{key}' is {value!r} but {path} is not a directory{_dir_hint(key)}")
         adapter = key == "reward_model" and os.path.isfile(os.path.join(path, "adapter_config.json"))
@@ -616,6 +642,22 @@ def _parallel_key(key: str, value, source: str):
         raise ConfigError(f"{source}: {e}") from None
 
 
+def _adapter_paths(value, source: str, raw: Mapping) -> tuple:
+    """A comma list (or YAML list) of PEFT adapter directories -> absolute paths, each with adapter_config.json."""
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(
+            f"{source}: 'adapter_name_or_path' is {value!r}; expected a comma list of adapter directories"
+        )
+    paths = []
+    for name in (n.strip() for n in names if n.strip()):
+        path = _check_path("adapter_name_or_path", name, "adapter", source, raw)
+        paths.append(path)
+    if not paths:
+        raise ConfigError(f"{source}: 'adapter_name_or_path' is empty")
+    return tuple(paths)
+
+
 def _lora_target(value, source: str):
     names = value.split(",") if isinstance(value, str) else value
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
@@ -648,6 +690,13 @@ def _check_consistency(config: TrainConfig, raw: Mapping, where):
     c = config
     if not c.do_train:
         raise ConfigError(f"{where('do_train')}: 'do_train' is false; ppojax train only trains (set do_train: true)")
+    if c.adapter_name_or_path is not None and c.finetuning_type != "lora":
+        raise ConfigError(
+            f"{where('adapter_name_or_path')}: 'adapter_name_or_path' needs finetuning_type: lora (as in "
+            "LLaMA-Factory); to fully fine-tune an adapted model, merge the adapter into it first"
+        )
+    if c.create_new_adapter and c.adapter_name_or_path is None:
+        raise ConfigError(f"{where('create_new_adapter')}: 'create_new_adapter' needs 'adapter_name_or_path'")
     if c.warmup_ratio is not None and "warmup_steps" in raw:
         raise ConfigError(f"{where('warmup_ratio')}: set 'warmup_steps' or 'warmup_ratio', not both")
     if c.warmup_ratio is not None and c.warmup_ratio >= 1.0:

@@ -28,6 +28,7 @@ from ppojax import data as data_lib
 from ppojax.checkpoint import Checkpointer
 from ppojax.config import ConfigError, TrainConfig
 from ppojax.models import CheckpointError, DecoderModel, init_lora, load_pretrained, save_pretrained
+from ppojax.models.peft_adapters import adapter_as_lora, load_with_adapters
 from ppojax.models.lora import Lora
 from ppojax.optim import OptimizerConfig, make_optimizer
 from ppojax.reports import MetricsWriter
@@ -115,12 +116,21 @@ def load_model(config: TrainConfig, head: str, layout=None):
     item 19)."""
     dtype = jnp.bfloat16 if config.bf16 else jnp.float32
     shardings = None if layout is None else (lambda model: layout.params(model.param_shapes()))
+    adapters = config.adapters_to_merge
+
+    def load(load_head):
+        if adapters:  # LLaMA-Factory's adapter_name_or_path: merged into the weights as they are read
+            return load_with_adapters(
+                config.model_name_or_path, adapters, head=load_head, dtype=dtype, shardings=shardings
+            )
+        return load_pretrained(config.model_name_or_path, head=load_head, dtype=dtype, shardings=shardings)
+
     try:
-        return load_pretrained(config.model_name_or_path, head=head, dtype=dtype, shardings=shardings)
+        return load(head)
     except CheckpointError as e:
         if head != "reward" or "score.weight" not in str(e):
             raise
-    model, params = load_pretrained(config.model_name_or_path, head="value", dtype=dtype, shardings=shardings)
+    model, params = load("value")
     params = dict(params)
     del params["value_head"]
     hidden = model.config.hidden_size
@@ -143,6 +153,9 @@ def _trainable(config: TrainConfig, model: DecoderModel, params: dict):
     value head is saved with the adapters)."""
     if config.finetuning_type == "full":
         return params, None
+    if config.adapter_to_resume is not None:  # LLaMA-Factory trains the last adapter further
+        lora = adapter_as_lora(config.adapter_to_resume, model)
+        return ({"lora": lora, "score": params["score"]} if model.head == "reward" else lora), params
     lora = init_lora(
         model,
         jax.random.PRNGKey(config.seed + 1),

@@ -73,6 +73,7 @@ from ppojax.models import (
     save_pretrained,
 )
 from ppojax.models.lora import Lora
+from ppojax.models.peft_adapters import adapter_as_lora, load_with_adapters
 from ppojax.optim import OptimizerConfig
 from ppojax.reports import MetricsWriter
 from ppojax.runner import check_output_dir, fit_vocabulary, restore_matching, start_parallel
@@ -120,13 +121,20 @@ def prompt_bucket(config: TrainConfig) -> int:
     return min(PROMPT_BUCKET, config.max_prompt_length)
 
 
-def _load(path: str, head: str, dtype, key: str, layout=None, base: Optional[str] = None) -> tuple[DecoderModel, dict]:
-    """`load_pretrained`; a LLaMA-Factory reward model (`value_head.safetensors`) through `load_valuehead_checkpoint`,
-    a LoRA one applied to `base` (LLaMA-Factory applies the reward adapter to the policy's base model)."""
+def _load(
+    path: str, head: str, dtype, key: str, layout=None, base: Optional[str] = None, adapters: tuple = ()
+) -> tuple[DecoderModel, dict]:
+    """`load_pretrained` (with PEFT `adapters` merged); a LLaMA-Factory reward model (`value_head.safetensors`)
+    through `load_reward_model`, a LoRA one applied to `base` with `adapters` merged (as LLaMA-Factory applies the
+    reward adapter to the policy's model)."""
     shardings = None if layout is None else (lambda model: layout.params(model.param_shapes()))
     try:
         if head != "lm":
-            return load_reward_model(path, head=head, base=base, dtype=dtype, shardings=shardings)
+            return load_reward_model(
+                path, head=head, base=base, base_adapters=adapters, dtype=dtype, shardings=shardings
+            )
+        if adapters:
+            return load_with_adapters(path, adapters, head=head, dtype=dtype, shardings=shardings)
         return load_pretrained(path, head=head, dtype=dtype, shardings=shardings)
     except CheckpointError as e:
         if head == "reward" and "score.weight" in str(e):
@@ -166,7 +174,8 @@ def load_inputs(config: TrainConfig, layout=None) -> PPOInputs:
     )
     dtype = jnp.bfloat16 if config.bf16 else jnp.float32
     policy_model, policy_params = fit_vocabulary(
-        *_load(config.model_name_or_path, "lm", dtype, "model_name_or_path", layout), tokenizer
+        *_load(config.model_name_or_path, "lm", dtype, "model_name_or_path", layout, adapters=config.adapters_to_merge),
+        tokenizer,
     )
     positions = bucket_length(config.max_prompt_length, prompt_bucket(config)) + config.max_new_tokens
     if positions > policy_model.config.max_position_embeddings:
@@ -184,7 +193,13 @@ def load_inputs(config: TrainConfig, layout=None) -> PPOInputs:
                 "the reference must share the policy's config"
             )
     reward_model, reward_params = _load(
-        config.reward_model, "reward", dtype, "reward_model", layout, base=config.model_name_or_path
+        config.reward_model,
+        "reward",
+        dtype,
+        "reward_model",
+        layout,
+        base=config.model_name_or_path,
+        adapters=config.adapters_to_merge,
     )
     if pad_added and reward_model.config.vocab_size == tokenizer.pad_token_id == len(tokenizer) - 1:
         # Only the pad token ppojax added is missing (a reward model trained with pad = EOS, as LLaMA-Factory and
@@ -471,7 +486,9 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
 
     control = RunControl()
     lora = None
-    if config.finetuning_type == "lora":
+    if config.adapter_to_resume is not None:  # LLaMA-Factory: the last adapter is trained further
+        lora = adapter_as_lora(config.adapter_to_resume, inputs.policy_model)
+    elif config.finetuning_type == "lora":
         lora = init_lora(
             inputs.policy_model,
             jax.random.PRNGKey(config.seed + 1),

@@ -399,11 +399,19 @@ def test_full_finetuning_shared_critic_and_score_norm(workdir, reward_dir):
 def test_ppo_on_a_llamafactory_lora_reward_model(workdir):
     # The seed documents' flow with step 1 done in LLaMA-Factory: `reward_model` is its LoRA rm output_dir
     # (adapter + value_head.safetensors, tokenizer padded with EOS) and `reward_model_type: lora` as they write it.
-    from tests.test_llamafactory_rm import BIAS, build_llamafactory_lora_rm
+    # The policy starts from LLaMA-Factory's LoRA sft adapter and trains it further (adapter_name_or_path).
+    from tests.test_llamafactory_rm import BIAS, build_llamafactory_lora_rm, build_peft_adapter
 
     lf_dir = workdir / "saves" / "lf_reward"
     build_llamafactory_lora_rm(workdir / "qwen2-tiny", lf_dir)
-    path = ppo_yaml(workdir, "saves/ppo_lf", reward_model="saves/lf_reward", reward_model_type="lora")
+    sft = build_peft_adapter(workdir / "qwen2-tiny", workdir / "saves" / "lf_sft", "all-linear", seed=5)
+    path = ppo_yaml(
+        workdir,
+        "saves/ppo_lf",
+        reward_model="saves/lf_reward",
+        reward_model_type="lora",
+        adapter_name_or_path="saves/lf_sft",
+    )
     sizes = [o for o in PPO_OVERRIDES if not o.startswith("max_steps")]
     result = run_cli(workdir, "train", path, "--no-progress", *sizes, "max_steps=2")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -416,3 +424,9 @@ def test_ppo_on_a_llamafactory_lora_reward_model(workdir):
     value_model, value_params = load_pretrained(str(out / "value_model"), head="value")
     bias = float(value_params["value_head"]["bias"][0])
     assert value_model.config.head_bias and abs(bias - BIAS) < 0.05  # LLaMA-Factory's head (bf16), a few steps on
+    # The exported policy is the sft adapter trained a little further: near PEFT's merged model, not the base.
+    _, params = load_pretrained(str(out), head="lm")
+    _, base = load_pretrained(str(workdir / "qwen2-tiny"), head="lm")
+    merged = sft.merge_and_unload().state_dict()["model.layers.0.self_attn.q_proj.weight"].numpy().T
+    q, q_base = (np.asarray(p["layers_0"]["attn"]["q"]["kernel"], np.float32) for p in (params, base))
+    assert np.linalg.norm(q - merged) < 0.1 * np.linalg.norm(merged - q_base)  # bf16 export, a few lr-1e-3 steps

@@ -146,3 +146,124 @@ def test_eval_rm_scores_a_llamafactory_lora_reward_model(lf_setup, capsys):
                 )
     assert result["responses"] == 4
     assert result["score_mean"] == pytest.approx(np.mean(scores), abs=1e-4)
+
+
+# ---- adapter_name_or_path: starting from LLaMA-Factory LoRA adapters (e.g. its sft output_dir) ----------------
+
+
+def build_peft_adapter(base_dir, out_dir, targets, seed: int, **options):
+    """A PEFT LoRA adapter on `base_dir` with non-zero factors, saved to `out_dir`; returns the torch PeftModel."""
+    torch.manual_seed(seed)
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **options)
+    model = peft.get_peft_model(base, config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.mul_(8.0)
+    model.save_pretrained(out_dir)
+    return model
+
+
+def torch_logits(model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def sft_adapters(lf_setup):
+    root = lf_setup[0]
+    first = build_peft_adapter(root / "base", root / "sft1", "all-linear", seed=1)
+    second = build_peft_adapter(root / "base", root / "sft2", ["q_proj", "v_proj"], seed=2)
+    return root, first, second
+
+
+def test_the_last_adapter_is_resumed_and_the_reference_is_the_base(sft_adapters):
+    from ppojax.models.peft_adapters import adapter_as_lora
+
+    root, first, _ = sft_adapters
+    config = ppo_config(root, adapter_name_or_path=str(root / "sft1"))
+    assert config.adapters_to_merge == () and config.adapter_to_resume == str(root / "sft1")
+    inputs = load_inputs(config)
+    lora = adapter_as_lora(config.adapter_to_resume, inputs.policy_model)
+    assert lora.scale == 2.0 and set(lora.adapters["layers_0"]["attn"]) == {"q", "k", "v", "o"}
+    ids = np.random.default_rng(1).integers(3, 20, (3, 7))
+    mask = np.ones_like(ids)
+    vocab = first.config.vocab_size
+    policy = inputs.policy_model.apply(inputs.policy_params, ids, mask, lora=lora).logits[..., :vocab]
+    np.testing.assert_allclose(np.asarray(policy), torch_logits(first, ids), atol=1e-4)
+    with first.disable_adapter():  # LLaMA-Factory's reference: the same model with its adapter off
+        np.testing.assert_allclose(
+            np.asarray(inputs.policy_model.apply(inputs.policy_params, ids, mask).logits[..., :vocab]),
+            torch_logits(first, ids),
+            atol=1e-4,
+        )
+
+
+def test_merged_adapters_reach_the_policy_and_the_lora_reward_base(lf_setup, sft_adapters):
+    root, first, second = sft_adapters
+    _, reward_torch, head = lf_setup
+    adapters = f"{root / 'sft1'},{root / 'sft2'}"
+    inputs = load_inputs(ppo_config(root, adapter_name_or_path=adapters, create_new_adapter=True))
+    # PEFT merging the two adapters in turn, as LLaMA-Factory does.
+    merged = transformers.AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
+    for name in ("sft1", "sft2"):
+        merged = peft.PeftModel.from_pretrained(merged, root / name).merge_and_unload()
+    ids = np.random.default_rng(2).integers(3, 20, (3, 7))
+    mask = np.ones_like(ids)
+    vocab = merged.config.vocab_size
+    ours = inputs.policy_model.apply(inputs.policy_params, ids, mask).logits[..., :vocab]
+    np.testing.assert_allclose(np.asarray(ours), torch_logits(merged, ids), atol=1e-4)
+    # The LoRA reward model goes on the merged model (LLaMA-Factory loads it onto the policy's pretrained model).
+    rm = peft.PeftModel.from_pretrained(merged, root / "rm").eval()
+    with torch.no_grad():
+        hidden = rm(input_ids=torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True).hidden_states[-1]
+        reference = head(hidden)[..., 0].numpy()
+    scores = inputs.reward_model.apply(inputs.reward_params, ids, mask).scores
+    np.testing.assert_allclose(np.asarray(scores), reference, atol=1e-4)
+
+
+def test_adapter_keys_are_checked(lf_setup, sft_adapters, tmp_path):
+    from ppojax.models import CheckpointError, load_pretrained
+    from ppojax.models.peft_adapters import adapter_as_lora
+
+    root = lf_setup[0]
+    with pytest.raises(ConfigError, match="'adapter_name_or_path' needs finetuning_type: lora"):
+        ppo_config(root, adapter_name_or_path=str(root / "sft1"), finetuning_type="full")
+    with pytest.raises(ConfigError, match=r"has no adapter_config.json \(expected a local PEFT LoRA adapter"):
+        ppo_config(root, adapter_name_or_path=str(root / "base"))
+    with pytest.raises(ConfigError, match="'create_new_adapter' needs 'adapter_name_or_path'"):
+        ppo_config(root, create_new_adapter=True)
+    model, _ = load_pretrained(str(root / "base"))
+    build_peft_adapter(root / "base", tmp_path / "pattern", ["q_proj", "v_proj"], seed=3, alpha_pattern={"v_proj": 2})
+    with pytest.raises(CheckpointError, match=r"different scales \[0.5, 2.0\].*merge it \(create_new_adapter: true\)"):
+        adapter_as_lora(str(tmp_path / "pattern"), model)
+    build_peft_adapter(root / "base", tmp_path / "saved", ["q_proj"], seed=4, modules_to_save=["embed_tokens"])
+    with pytest.raises(CheckpointError, match="modules_to_save: 'model.embed_tokens.weight'"):
+        adapter_as_lora(str(tmp_path / "saved"), model)
+
+
+def test_rm_and_sft_stages_resume_or_merge_the_adapter_too(sft_adapters):
+    from safetensors.numpy import load_file
+
+    from ppojax import runner
+
+    root = sft_adapters[0]
+    (root / "pairs.jsonl").write_text(json.dumps({"prompt": "hi", "chosen": "yes", "rejected": "no"}) + "\n")
+    keys = dict(stage="rm", model_name_or_path=str(root / "base"), dataset=str(root / "pairs.jsonl"))
+    config = config_from_dict({**keys, "output_dir": str(root / "rm_out"), "adapter_name_or_path": str(root / "sft1")})
+    model, params = runner.load_model(config, "reward")
+    trainable, base = runner._trainable(config, model, params)
+    factors = load_file(str(root / "sft1" / "adapter_model.safetensors"))
+    a = factors["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"]
+    np.testing.assert_array_equal(np.asarray(trainable["lora"].adapters["layers_0"]["mlp"]["up"]["a"]), a.T)
+    assert set(trainable) == {"lora", "score"} and base is params
+    # create_new_adapter: the adapter is in the weights and a fresh LoRA (b = 0) is trained on top.
+    config = config.replace(create_new_adapter=True)
+    model, params = runner.load_model(config, "reward")
+    trainable, _ = runner._trainable(config, model, params)
+    assert not np.asarray(trainable["lora"].adapters["layers_0"]["attn"]["q"]["b"]).any()
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
+    merged = peft.PeftModel.from_pretrained(fresh, root / "sft1").merge_and_unload()
+    up = merged.state_dict()["model.layers.0.mlp.up_proj.weight"].numpy().T
+    np.testing.assert_allclose(np.asarray(params["layers_0"]["mlp"]["up"]["kernel"]), up, atol=1e-6)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -36,21 +35,16 @@ from safetensors.numpy import save_file
 from ppojax.models import hf
 from ppojax.models.config import CheckpointError, to_hf_config
 from ppojax.models.decoder import DecoderModel
+from ppojax.models.peft_adapters import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    merged_updates,
+    is_adapter_checkpoint,
+    safetensors_file,
+)
 
 VALUE_HEAD_FILE = "value_head.safetensors"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 _HEAD_KEYS = {"v_head.summary.weight": "score.weight", "v_head.summary.bias": "score.bias"}
-_PEFT_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
-# adapter_config.json options that change what the adapter computes and that this reader does not implement.
-_UNSUPPORTED_ADAPTER_OPTIONS = {
-    "use_dora": "DoRA (use_dora)",
-    "lora_bias": "LoRA biases (lora_bias)",
-    "layer_replication": "layer replication",
-    "trainable_token_indices": "trainable token indices",
-    "target_parameters": "target_parameters",
-}
 
 
 def is_valuehead_checkpoint(path: str) -> bool:
@@ -61,25 +55,9 @@ def is_valuehead_checkpoint(path: str) -> bool:
     )
 
 
-def is_adapter_checkpoint(path: str) -> bool:
-    """Whether `path` holds a PEFT adapter (`adapter_config.json`)."""
-    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG_FILE))
-
-
-def _safetensors_file(path: str, name: str, pickle_name: str, missing: str, save_hint: str) -> str:
-    """`path/name`, or a one-line error: the pickle `pickle_name` is refused, a missing file is `missing`."""
-    file = os.path.join(path, name)
-    if os.path.isfile(file):
-        return file
-    pickled = os.path.join(path, pickle_name)
-    if os.path.isfile(pickled):
-        raise CheckpointError(f"{pickled}: pickle checkpoints are never loaded (unsafe); {save_hint}")
-    raise CheckpointError(missing)
-
-
 def read_value_head(path: str) -> dict[str, np.ndarray]:
     """`path/value_head.safetensors` -> `{"score.weight": [1, H], "score.bias": [1]}` (HF layout, float32)."""
-    file = _safetensors_file(
+    file = safetensors_file(
         path,
         VALUE_HEAD_FILE,
         "value_head.bin",
@@ -103,96 +81,22 @@ def read_value_head(path: str) -> dict[str, np.ndarray]:
     return {"score.weight": weight.astype(np.float32), "score.bias": bias.astype(np.float32)}
 
 
-def _adapter_config(path: str) -> dict:
-    file = os.path.join(path, ADAPTER_CONFIG_FILE)
-    try:
-        with open(file) as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{file}: malformed JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, found {type(config).__name__}")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise CheckpointError(f"{file}: peft_type {config.get('peft_type')!r}; only LORA adapters are read")
-    for key, what in _UNSUPPORTED_ADAPTER_OPTIONS.items():
-        if config.get(key):
-            raise CheckpointError(f"{file}: {what} is not supported; merge the adapter into the model first")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
-            raise CheckpointError(f"{file}: key {key!r} must be a positive number, found {config.get(key)!r}")
-    return config
-
-
-def _alpha(config: dict, module: str) -> float:
-    """lora_alpha for `module`, honouring PEFT's `alpha_pattern` (a key matches a module name's suffix)."""
-    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return float(alpha)
-    return float(config["lora_alpha"])
-
-
-def read_adapter_updates(path: str, model: DecoderModel) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """A PEFT LoRA adapter directory -> `(deltas, replacements)`, both HF tensor name -> array in the HF
-    layout: `deltas` are added to the base tensor (`scale * B @ A` for a `Linear`, `[out, in]`; its transpose
-    for GPT-2's `Conv1D`, `[in, out]`), `replacements` (PEFT `modules_to_save`) replace it."""
-    config = _adapter_config(path)
-    file = _safetensors_file(
-        path,
-        ADAPTER_WEIGHTS_FILE,
-        "adapter_model.bin",
-        f"{path}: {ADAPTER_CONFIG_FILE} but no {ADAPTER_WEIGHTS_FILE}",
-        "save the adapter as safetensors",
-    )
-    rules = {rule.hf: rule for rule in hf.expand_table(model).values()}
-    with safe_open(file, framework="numpy") as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-    pairs: dict[str, dict[str, np.ndarray]] = {}
-    deltas: dict[str, np.ndarray] = {}
-    replacements: dict[str, np.ndarray] = {}
-    for name, tensor in tensors.items():
-        if not name.startswith(_PEFT_PREFIX):
-            raise CheckpointError(f"{file}: unexpected tensor {name!r} (PEFT names start with {_PEFT_PREFIX!r})")
-        inner = name[len(_PEFT_PREFIX) :]
-        match = _LORA_KEY.match(inner)
-        if match:
-            pairs.setdefault(match["module"], {})[match["part"]] = tensor
-        elif inner in rules:  # modules_to_save: the whole tensor, trained
-            replacements[inner] = tensor
-        else:
-            raise CheckpointError(
-                f"{file}: tensor {name!r} is not a LoRA factor of a {model.config.model_type} projection "
-                "(embedding or other adapters are not supported)"
-            )
-    for module, parts in sorted(pairs.items()):
-        target = f"{module}.weight"
-        if set(parts) != {"A", "B"}:
-            raise CheckpointError(f"{file}: {module} has lora_{''.join(parts)} but not both lora_A and lora_B")
-        if target not in rules or rules[target].ours.split("/")[-1] != "kernel":
-            raise CheckpointError(f"{file}: LoRA on {module!r}, not a projection of a {model.config.model_type} model")
-        a, b = parts["A"].astype(np.float32), parts["B"].astype(np.float32)
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise CheckpointError(
-                f"{file}: {module} lora_A {a.shape} and lora_B {b.shape} do not chain (rank mismatch)"
-            )
-        rank = a.shape[0]
-        scale = _alpha(config, module) / (np.sqrt(rank) if config.get("use_rslora") else rank)
-        delta = scale * (b @ a)  # [out, in], torch Linear's layout
-        deltas[target] = delta if rules[target].transpose else delta.T  # GPT-2 Conv1D stores [in, out]
-    overlap = sorted(set(deltas) & set(replacements))
-    if overlap:
-        raise CheckpointError(f"{file}: {overlap[0]!r} is both LoRA-adapted and saved whole (modules_to_save)")
-    return deltas, replacements
-
-
 def load_valuehead_checkpoint(
-    path: str, *, head: str = "reward", base: str | None = None, dtype=jnp.float32, shardings=None
+    path: str,
+    *,
+    head: str = "reward",
+    base: str | None = None,
+    base_adapters=(),
+    dtype=jnp.float32,
+    shardings=None,
 ) -> tuple[DecoderModel, dict]:
     """A LLaMA-Factory value-head reward model directory -> `(model, params)` with `model.config.head_bias`.
 
     head: "reward" (the reward model) or "value" (a critic initialised from it). base: the HF directory of the
     model a LoRA reward adapter was trained on (LLaMA-Factory applies it to the policy's base model); required
-    for a LoRA directory, refused for a full one. shardings: as `load_pretrained`. Errors: `CheckpointError`,
-    one line naming the file and tensor.
+    for a LoRA directory, refused for a full one. base_adapters: PEFT adapters merged into `base` first (LLaMA-Factory
+    applies the reward adapter to the policy's model with its merged adapters). shardings: as `load_pretrained`.
+    Errors: `CheckpointError`, one line naming the file and tensor.
     """
     if head not in ("reward", "value"):
         raise ValueError(f"a value-head checkpoint loads as head 'reward' or 'value', found {head!r}")
@@ -215,21 +119,30 @@ def load_valuehead_checkpoint(
             f"inputs, the model {trunk} has hidden_size {config.hidden_size}"
         )
     model = DecoderModel(config, head, dtype)
-    deltas, replacements = read_adapter_updates(path, model) if trunk is base else ({}, {})
+    deltas, replacements = merged_updates([*base_adapters, path], model) if trunk is base else ({}, {})
     extra = {**replacements, **head_tensors}
     params = hf.read_params(trunk, model, dtype=dtype, shardings=shardings, extra=extra, deltas=deltas)
     return model, params
 
 
 def load_reward_model(
-    path: str, *, head: str = "reward", base: str | None = None, dtype=jnp.float32, shardings=None
+    path: str,
+    *,
+    head: str = "reward",
+    base: str | None = None,
+    base_adapters=(),
+    dtype=jnp.float32,
+    shardings=None,
 ) -> tuple[DecoderModel, dict]:
     """Any reward model directory ppojax reads, as head "reward" (or "value": a critic from it): a Hugging Face
     sequence classifier (a ppojax `stage: rm` output_dir) or a LLaMA-Factory value-head model, full or LoRA (the
     adapter applied to `base`, which is ignored for the other layouts)."""
     if is_valuehead_checkpoint(path):
-        adapter_base = base if is_adapter_checkpoint(path) else None
-        return load_valuehead_checkpoint(path, head=head, base=adapter_base, dtype=dtype, shardings=shardings)
+        if not is_adapter_checkpoint(path):
+            return load_valuehead_checkpoint(path, head=head, dtype=dtype, shardings=shardings)
+        return load_valuehead_checkpoint(
+            path, head=head, base=base, base_adapters=base_adapters, dtype=dtype, shardings=shardings
+        )
     return hf.load_pretrained(path, head=head, dtype=dtype, shardings=shardings)
 
 
