@@ -38,8 +38,8 @@ from ppojax.models.decoder import DecoderModel
 from ppojax.models.peft_adapters import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
-    merged_updates,
     is_adapter_checkpoint,
+    merged_updates,
     safetensors_file,
 )
 
