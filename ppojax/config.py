@@ -71,6 +71,7 @@ convention's values apply. Keys given explicitly override either.
 | rollback_lr_scale | 0.5 | rollback_continue: the learning rates are multiplied by this at each restore (1: unchanged) |
 | rollback_kl_coef_scale | 1.0 | rollback_continue: the KL coefficient β is multiplied by this at each restore (> 1 holds the policy closer) |
 | critic_mode | separate | ppo: separate (a critic model initialised from the reward model, its own optimizer at critic_learning_rate), joint (the same critic, one optimizer on pg + vf_coef · vf), shared (a zero-initialised value head on the policy trunk, LLaMA-Factory's layout) |
+| value_head_bias | null | critic_mode shared: give the value head a bias (zero-initialised, trained), as TRL's value head in LLaMA-Factory has; null: true with preset llamafactory, else false |
 | old_logprobs | score | ppo: where the old log-probs of the PPO ratio come from: score (a teacher-forced policy pass after sampling; ratio 1 within float32 rounding on the first minibatch) or rollout (the log-probs recorded while sampling, TRL's choice: one forward pass fewer per iteration; policy/logprob_gap is then 0) |
 | max_new_tokens | 1024 | response length in tokens (LLaMA-Factory's default) |
 | temperature | 1.0 | sampling temperature (> 0); LLaMA-Factory's chat default 0.95 is not used: PPO samples the full distribution |
@@ -215,6 +216,7 @@ class TrainConfig:
     rollback_lr_scale: float = _key(0.5, low=0.0, high=1.0, low_open=True)
     rollback_kl_coef_scale: float = _key(1.0, low=1.0)
     critic_mode: str = _key("separate", choices=CRITIC_MODES)
+    value_head_bias: Optional[bool] = _key(None)
     old_logprobs: str = _key("score", choices=OLD_LOGPROBS)
     max_new_tokens: int = _key(1024, low=1)
     temperature: float = _key(1.0, low=0.0, low_open=True)
@@ -242,6 +244,13 @@ class TrainConfig:
     given_keys: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False)
     # LLaMA-Factory keys accepted without effect (INERT_KEYS); the command prints them once.
     ignored_keys: tuple = dataclasses.field(default=(), compare=False, repr=False)
+
+    @property
+    def shared_value_head_bias(self) -> bool:
+        """Whether the shared critic's value head has a bias (value_head_bias; null: preset llamafactory)."""
+        if self.value_head_bias is not None:
+            return self.value_head_bias
+        return self.critic_mode == "shared" and self.preset == "llamafactory"
 
     @property
     def adapters_to_merge(self) -> tuple:
@@ -690,6 +699,11 @@ def _check_consistency(config: TrainConfig, raw: Mapping, where):
     c = config
     if not c.do_train:
         raise ConfigError(f"{where('do_train')}: 'do_train' is false; ppojax train only trains (set do_train: true)")
+    if c.value_head_bias is not None and c.critic_mode != "shared":
+        raise ConfigError(
+            f"{where('value_head_bias')}: 'value_head_bias' is for critic_mode: shared (a separate or joint critic's "
+            "head is the reward model's, with or without its bias)"
+        )
     if c.adapter_name_or_path is not None and c.finetuning_type != "lora":
         raise ConfigError(
             f"{where('adapter_name_or_path')}: 'adapter_name_or_path' needs finetuning_type: lora (as in "
@@ -823,6 +837,7 @@ _PPO_ONLY_KEYS = frozenset(
         "rollback_lr_scale",
         "rollback_kl_coef_scale",
         "critic_mode",
+        "value_head_bias",
         "old_logprobs",
         "logprob_temperature",
         "max_new_tokens",

@@ -34,8 +34,8 @@ TRL 0.9.6's `PPOTrainer.step()` configured as LLaMA-Factory configures it (tests
 Known differences for `llamafactory`: TRL 0.9.6 clips gradients (`max_grad_norm`) on the first optimizer step of a
 run only (it keeps the parameters in a one-shot `filter` iterator), ppojax on every step; LLaMA-Factory's value
 head has TRL's dropout 0.1, active while it trains
-(ppojax has no dropout), has a bias and starts from `nn.Linear`'s random init (ppojax's shared head is a
-bias-free kernel starting at 0); with
+(ppojax has no dropout) and starts from `nn.Linear`'s random init (ppojax's shared head starts at 0; it has
+TRL's bias when the config's `value_head_bias` is on, the default with this preset); with
 `whiten_rewards` TRL 0.9.6 leaves the whitened padding slots in its GAE, which leaks into shorter rows'
 advantages (ppojax zeroes them, as TRL 1.x does). Values are kept on
 the convention's value mask (`masks_for`), so TRL's extra slot holds the critic's value of the state after the

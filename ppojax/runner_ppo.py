@@ -192,6 +192,10 @@ def load_inputs(config: TrainConfig, layout=None) -> PPOInputs:
                 f"ref_model {config.ref_model} is not the same architecture as {config.model_name_or_path}; "
                 "the reference must share the policy's config"
             )
+    if config.critic_mode == "shared" and config.shared_value_head_bias:  # the value head on the trunk has a bias
+        policy_model = dataclasses.replace(
+            policy_model, config=dataclasses.replace(policy_model.config, head_bias=True)
+        )
     reward_model, reward_params = _load(
         config.reward_model,
         "reward",

@@ -390,9 +390,12 @@ def test_full_finetuning_shared_critic_and_score_norm(workdir, reward_dir):
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
     assert not np.array_equal(np.asarray(params["embed"]["embedding"])[:20], np.asarray(base["embed"]["embedding"]))
     value_model, value_params = load_pretrained(str(out / "value_model"), head="value")
-    # Shared trunk: the value model is the trained policy trunk with the trained value head.
+    # Shared trunk: the value model is the trained policy trunk with the trained value head, which has TRL's bias
+    # under the llamafactory preset (so it is written in LLaMA-Factory's layout, value_head.safetensors).
     np.testing.assert_array_equal(value_params["embed"]["embedding"], params["embed"]["embedding"])
     assert np.abs(np.asarray(value_params["value_head"]["kernel"])).max() > 0  # from 0, trained
+    assert value_model.config.head_bias and float(value_params["value_head"]["bias"][0]) != 0.0
+    assert (out / "value_model" / "value_head.safetensors").exists()
 
 
 @pytest.mark.slow  # its own compilations (a second reward model shape: the head's bias): ~40 s of CPU

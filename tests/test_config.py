@@ -179,6 +179,14 @@ def test_preset_with_explicit_overrides(workdir):
     assert config_from_dict(base(preset="llamafactory", old_logprobs="rollout")).old_logprobs == "rollout"  # T 1
     msg = error(config_from_dict, base(logprob_temperature=1.0, temperature=0.7, old_logprobs="rollout"))
     assert "scored at 1.0 (logprob_temperature)" in msg
+    # The shared value head has TRL's bias under the llamafactory preset (or when asked for).
+    assert config_from_dict(base(preset="llamafactory", critic_mode="shared")).shared_value_head_bias
+    assert not config_from_dict(base(critic_mode="shared")).shared_value_head_bias
+    assert config_from_dict(base(critic_mode="shared", value_head_bias=True)).shared_value_head_bias
+    assert not config_from_dict(
+        base(preset="llamafactory", critic_mode="shared", value_head_bias=False)
+    ).shared_value_head_bias
+    assert "'value_head_bias' is for critic_mode: shared" in error(config_from_dict, base(value_head_bias=True))
 
 
 def test_stage_and_finetuning_consistency(workdir):
