@@ -27,7 +27,7 @@ import numpy as np
 from ppojax import data as data_lib
 from ppojax.checkpoint import Checkpointer
 from ppojax.config import ConfigError, TrainConfig
-from ppojax.models import CheckpointError, DecoderModel, init_lora, load_pretrained, save_pretrained
+from ppojax.models import CheckpointError, DecoderModel, init_lora, save_pretrained
 from ppojax.models.peft_adapters import adapter_as_lora, load_with_adapters
 from ppojax.models.lora import Lora
 from ppojax.optim import OptimizerConfig, make_optimizer
@@ -116,21 +116,16 @@ def load_model(config: TrainConfig, head: str, layout=None):
     item 19)."""
     dtype = jnp.bfloat16 if config.bf16 else jnp.float32
     shardings = None if layout is None else (lambda model: layout.params(model.param_shapes()))
-    adapters = config.adapters_to_merge
-
-    def load(load_head):
-        if adapters:  # LLaMA-Factory's adapter_name_or_path: merged into the weights as they are read
-            return load_with_adapters(
-                config.model_name_or_path, adapters, head=load_head, dtype=dtype, shardings=shardings
-            )
-        return load_pretrained(config.model_name_or_path, head=load_head, dtype=dtype, shardings=shardings)
-
+    # LLaMA-Factory's adapter_name_or_path: all but a resumed adapter are merged into the weights as they are read.
+    load = functools.partial(
+        load_with_adapters, config.model_name_or_path, config.adapters_to_merge, dtype=dtype, shardings=shardings
+    )
     try:
-        return load(head)
+        return load(head=head)
     except CheckpointError as e:
         if head != "reward" or "score.weight" not in str(e):
             raise
-    model, params = load("value")
+    model, params = load(head="value")
     params = dict(params)
     del params["value_head"]
     hidden = model.config.hidden_size

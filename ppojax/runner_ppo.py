@@ -67,7 +67,6 @@ from ppojax.models import (
     CheckpointError,
     DecoderModel,
     init_lora,
-    load_pretrained,
     load_reward_model,
     merge_lora,
     save_pretrained,
@@ -133,9 +132,7 @@ def _load(
             return load_reward_model(
                 path, head=head, base=base, base_adapters=adapters, dtype=dtype, shardings=shardings
             )
-        if adapters:
-            return load_with_adapters(path, adapters, head=head, dtype=dtype, shardings=shardings)
-        return load_pretrained(path, head=head, dtype=dtype, shardings=shardings)
+        return load_with_adapters(path, adapters, head=head, dtype=dtype, shardings=shardings)
     except CheckpointError as e:
         if head == "reward" and "score.weight" in str(e):
             raise ConfigError(
@@ -192,7 +189,7 @@ def load_inputs(config: TrainConfig, layout=None) -> PPOInputs:
                 f"ref_model {config.ref_model} is not the same architecture as {config.model_name_or_path}; "
                 "the reference must share the policy's config"
             )
-    if config.critic_mode == "shared" and config.shared_value_head_bias:  # the value head on the trunk has a bias
+    if config.shared_value_head_bias:  # the value head on the shared trunk has a bias
         policy_model = dataclasses.replace(
             policy_model, config=dataclasses.replace(policy_model.config, head_bias=True)
         )

@@ -251,45 +251,23 @@ def read_params(path: str, model: DecoderModel, *, dtype=jnp.float32, shardings=
         for ours, rule in rules.items():
             expected = shapes[ours][::-1] if rule.transpose else shapes[ours]
             if rule.hf in extra:
-                tensor = extra[rule.hf]
-                found = tuple(tensor.shape)
-                if found != expected:
-                    raise CheckpointError(f"{path}: head tensor {rule.hf!r} has shape {found}, expected {expected}")
-                if shardings is not None:
-                    sharded = _sharded_tensor(
-                        tensor, rule.transpose, shapes[ours], np_dtype, _get_path(shardings, ours)
-                    )
-                    _set_path(params, ours, sharded)
-                else:
-                    array = tensor.T if rule.transpose else tensor
-                    _set_path(params, ours, jnp.asarray(np.ascontiguousarray(array).astype(np_dtype)))
-                continue
-            if rule.hf not in names:
-                if ours.startswith("value_head/"):
-                    zeros = np.zeros(shapes[ours], np_dtype)
-                    if shardings is not None:
-                        _set_path(
-                            params,
-                            ours,
-                            _sharded_tensor(zeros, False, zeros.shape, np_dtype, _get_path(shardings, ours)),
-                        )
-                        continue
-                    _set_path(params, ours, jnp.asarray(zeros))
-                    continue
+                tensor, what = extra[rule.hf], f"{path}: head tensor {rule.hf!r}"
+            elif rule.hf in names:
+                file = files[names[rule.hf]]
+                if file not in handles:
+                    handles[file] = safe_open(file, framework="numpy")
+                # Sharded: a lazy slice, each device reads its block; else the whole tensor.
+                read = handles[file].get_slice if shardings is not None else handles[file].get_tensor
+                tensor, what = read(names[rule.hf]), f"{file}: tensor {names[rule.hf]!r}"
+            elif ours.startswith("value_head/"):  # a critic from a causal LM: its head starts at zero
+                tensor, what = np.zeros(expected, np_dtype), ours
+            else:
                 where = os.path.join(path, INDEX_FILE if INDEX_FILE in os.listdir(path) else WEIGHTS_FILE)
                 raise CheckpointError(f"{where}: missing tensor {rule.hf!r} (expected shape {expected})")
-            file = files[names[rule.hf]]
-            if file not in handles:
-                handles[file] = safe_open(file, framework="numpy")
-            if shardings is not None:
-                tensor = handles[file].get_slice(names[rule.hf])
-                found = tuple(tensor.get_shape())
-            else:
-                tensor = handles[file].get_tensor(names[rule.hf])
-                found = tuple(tensor.shape)
+            found = tuple(tensor.get_shape() if hasattr(tensor, "get_shape") else tensor.shape)
             if found != expected:
                 hint = "; a reward checkpoint needs num_labels=1" if rule.hf == "score.weight" else ""
-                raise CheckpointError(f"{file}: tensor {names[rule.hf]!r} has shape {found}, expected {expected}{hint}")
+                raise CheckpointError(f"{what} has shape {found}, expected {expected}{hint}")
             if rule.hf in deltas:
                 if tuple(deltas[rule.hf].shape) != found:
                     raise CheckpointError(
@@ -298,11 +276,8 @@ def read_params(path: str, model: DecoderModel, *, dtype=jnp.float32, shardings=
                     )
                 tensor = _Sum(tensor, deltas[rule.hf])
             if shardings is not None:
-                _set_path(
-                    params,
-                    ours,
-                    _sharded_tensor(tensor, rule.transpose, shapes[ours], np_dtype, _get_path(shardings, ours)),
-                )
+                sharding = _get_path(shardings, ours)
+                _set_path(params, ours, _sharded_tensor(tensor, rule.transpose, shapes[ours], np_dtype, sharding))
                 continue
             array = tensor.T if rule.transpose else tensor
             _set_path(params, ours, jnp.asarray(np.ascontiguousarray(array).astype(np_dtype)))

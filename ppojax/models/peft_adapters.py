@@ -177,7 +177,9 @@ def merged_updates(paths, model: DecoderModel) -> tuple[dict[str, np.ndarray], d
 
 def load_with_adapters(path: str, adapters, *, head: str = "lm", dtype=jnp.float32, shardings=None):
     """`ppojax.models.load_pretrained(path, head=...)` with the PEFT adapters `adapters` (directories, in order)
-    merged into the weights as they are read. -> (model, params)."""
+    merged into the weights as they are read (none: `load_pretrained` itself). -> (model, params)."""
+    if not adapters:
+        return hf.load_pretrained(path, head=head, dtype=dtype, shardings=shardings)
     model = DecoderModel(hf.read_config(path), head, dtype)
     deltas, replacements = merged_updates(list(adapters), model)
     return model, hf.read_params(path, model, dtype=dtype, shardings=shardings, extra=replacements, deltas=deltas)

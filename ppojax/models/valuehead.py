@@ -137,13 +137,11 @@ def load_reward_model(
     """Any reward model directory ppojax reads, as head "reward" (or "value": a critic from it): a Hugging Face
     sequence classifier (a ppojax `stage: rm` output_dir) or a LLaMA-Factory value-head model, full or LoRA (the
     adapter applied to `base`, which is ignored for the other layouts)."""
-    if is_valuehead_checkpoint(path):
-        if not is_adapter_checkpoint(path):
-            return load_valuehead_checkpoint(path, head=head, dtype=dtype, shardings=shardings)
+    if is_valuehead_checkpoint(path) and is_adapter_checkpoint(path):
         return load_valuehead_checkpoint(
             path, head=head, base=base, base_adapters=base_adapters, dtype=dtype, shardings=shardings
         )
-    return hf.load_pretrained(path, head=head, dtype=dtype, shardings=shardings)
+    return hf.load_pretrained(path, head=head, dtype=dtype, shardings=shardings)  # a full value-head model too
 
 
 def save_valuehead_checkpoint(path: str, model: DecoderModel, params: dict, tokenizer=None) -> None:
