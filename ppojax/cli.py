@@ -87,7 +87,7 @@ def _train(args) -> int:
         if config.ignored_keys:
             print(
                 f"ppojax: note: ignoring LLaMA-Factory keys with no meaning here: {', '.join(config.ignored_keys)} "
-                "(ppojax.config.INERT_KEYS says why)",
+                "(ppojax.config.INERT_KEYS and DEFAULT_ONLY_KEYS say why)",
                 file=sys.stderr,
             )
         from ppojax import runner
@@ -203,7 +203,11 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0, help="0 is off")
+    gen.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="transformers' repetition penalty (> 0; 1 is off)"
+    )
     gen.add_argument("--template", default="none", help="none (raw text) or a name: the tokenizer's chat template")
+    gen.add_argument("--default-system", help="system prompt for records without one (needs a chat template)")
     gen.add_argument("--max-prompt-length", type=int, default=512, help="longer prompts keep their last tokens")
     gen.add_argument("--batch-size", type=int, default=8)
     gen.add_argument("--seed", type=int, default=0)
@@ -242,7 +246,9 @@ def _generate(args) -> int:
             temperature=args.temperature,
             top_p=args.top_p,
             top_k=args.top_k,
+            repetition_penalty=args.repetition_penalty,
             template=args.template,
+            default_system=args.default_system,
             max_prompt_length=args.max_prompt_length,
             batch_size=args.batch_size,
             seed=args.seed,

@@ -26,11 +26,14 @@ convention's values apply. Keys given explicitly override either.
 | reward_model | (ppo: required) | local directory of the reward model: a ppojax `stage: rm` output_dir (HF sequence classifier), or a LLaMA-Factory `stage: rm` output_dir (`value_head.safetensors` beside a causal LM, or beside a LoRA adapter, which is applied to model_name_or_path as LLaMA-Factory does) |
 | reward_model_type | null | LLaMA-Factory's key, checked against the directory: full or lora (null: whatever the directory holds) |
 | ref_model | null | local HF directory of the reference policy; null: the initial policy (LoRA: the base, adapters off) |
+| ref_model_adapters | null | PEFT LoRA adapters (a comma list of local directories) merged into ref_model as it is read (LLaMA-Factory's key); needs ref_model |
+| reward_model_adapters | null | LLaMA-Factory's key for a full reward_model: PEFT LoRA adapters applied to it, the last one a LLaMA-Factory LoRA stage: rm output_dir (its value_head.safetensors is the head, as LLaMA-Factory reads it); the others are merged first |
 | adapter_name_or_path | null | lora: PEFT LoRA adapters (a comma list of local directories, e.g. LLaMA-Factory's LoRA sft output_dir) on model_name_or_path, as LLaMA-Factory uses them: every adapter but the last is merged into the weights, the last is trained further (so the reference, the policy with its adapter off, includes only the merged ones) |
 | create_new_adapter | false | with adapter_name_or_path: merge every adapter and train a new one (lora_rank, lora_alpha, lora_target); the reference then includes them all |
 | dataset | required | a local .json (array) or .jsonl file; see ppojax/data.py for the formats |
 | dataset_dir | null | directory `dataset` is relative to (else the current directory) |
 | template | default | chat template: any name (qwen, llama3, ...) uses the tokenizer's own chat template; none / default / empty = raw text |
+| default_system | null | system prompt for records without one (a record's own system field / turn wins, as in LLaMA-Factory); needs a chat template. null: the chat template's own default, if it has one |
 | cutoff_len | 2048 | sft / rm: maximum tokens of prompt + response (longer rows are cut, counted and reported) |
 | max_prompt_length | 512 | ppo: maximum prompt tokens |
 | pad_multiple | 64 | sft / rm: prompt and response widths are padded to a multiple of this (fewer compiled shapes vs less padding) |
@@ -78,6 +81,8 @@ convention's values apply. Keys given explicitly override either.
 | logprob_temperature | null | ppo: temperature of the old / new / reference log-probs (ratio, KL) and the entropy; null: the preset's (llamafactory: 1.0, TRL 0.x scores untempered logits), else the sampling temperature |
 | top_p | 1.0 | nucleus sampling (0, 1]; < 1 samples a truncated distribution (PPO_DETAILS item 5) |
 | top_k | 0 | top-k sampling; 0 = off |
+| repetition_penalty | 1.0 | ppo: transformers' repetition penalty while sampling (> 0; 1 = off): the logit of a token already in the prompt or response is divided by it if positive, multiplied if negative. Like top_k / top_p it changes what is sampled, not the log-probs of the PPO ratio and KL |
+| do_sample, num_beams, skip_special_tokens | true, 1, true | LLaMA-Factory's generation keys, accepted at these values only (ppojax samples one response per prompt and decodes samples without special tokens) |
 | bf16 | false | bfloat16 weights and compute (losses and statistics stay float32) |
 | seed | 42 | seeds the PRNG key and the data order |
 | output_dir | required | where models, checkpoints and reports go |
@@ -172,10 +177,13 @@ class TrainConfig:
     reward_model: Optional[str] = _key(None, path="dir")
     reward_model_type: Optional[str] = _key(None, choices=REWARD_MODEL_TYPES)
     ref_model: Optional[str] = _key(None, path="dir")
+    ref_model_adapters: Optional[tuple] = _key(None)
+    reward_model_adapters: Optional[tuple] = _key(None)
     adapter_name_or_path: Optional[tuple] = _key(None)
     create_new_adapter: bool = _key(False)
     dataset_dir: Optional[str] = _key(None, path="dir")
     template: str = _key("default")
+    default_system: Optional[str] = _key(None)
     cutoff_len: int = _key(2048, low=2)
     max_prompt_length: int = _key(512, low=1)
     pad_multiple: int = _key(64, low=1)
@@ -223,6 +231,7 @@ class TrainConfig:
     logprob_temperature: Optional[float] = _key(None, low=0.0, low_open=True)
     top_p: float = _key(1.0, low=0.0, high=1.0, low_open=True)
     top_k: int = _key(0, low=0)
+    repetition_penalty: float = _key(1.0, low=0.0, low_open=True)
     bf16: bool = _key(False)
     seed: int = _key(42)
     overwrite_output_dir: bool = _key(False)
@@ -370,6 +379,17 @@ FOREIGN_KEYS = {
     "early_stopping": "set target_kl to enable TRL-style early stopping of the PPO epochs",
     "use_score_norm": "use ppo_score_norm: true",
     "use_score_scaling": "use ppo_score_norm: true",
+    **{
+        key: "ppojax does not quantize models (bf16: true halves every model's memory; QLoRA is not offered); remove it"
+        for key in ("quantization_bit", "ref_model_quantization_bit", "reward_model_quantization_bit")
+    },
+}
+
+# LLaMA-Factory keys accepted at one value only (its default, which is what ppojax does), with why not another.
+DEFAULT_ONLY_KEYS = {
+    "do_sample": (True, "PPO samples its responses (greedy rollouts are not offered; temperature sets the sampling)"),
+    "num_beams": (1, "ppojax samples one response per prompt; beam search is not offered"),
+    "skip_special_tokens": (True, "samples.jsonl responses are always decoded without special tokens"),
 }
 
 # LLaMA-Factory keys that mean nothing here: accepted, reported once by `ppojax train`, otherwise ignored.
@@ -461,8 +481,11 @@ def config_from_dict(
             f"{where('report_to')}: 'report_to' is {report_to!r}; ppojax reports to files only: metrics CSV, summary.json "
             "and plots are always written, tensorboard: true adds TensorBoard event files (use report_to: none)"
         )
-    ignored = tuple(sorted(key for key in raw if key in INERT_KEYS))
-    raw = {key: value for key, value in raw.items() if key not in INERT_KEYS}
+    for key, (expected, why) in DEFAULT_ONLY_KEYS.items():
+        if key in raw and (raw[key] != expected or isinstance(raw[key], bool) != isinstance(expected, bool)):
+            raise ConfigError(f"{where(key)}: '{key}' is {raw[key]!r}; only {expected!r} is accepted: {why}")
+    ignored = tuple(sorted(key for key in raw if key in INERT_KEYS or key in DEFAULT_ONLY_KEYS))
+    raw = {key: value for key, value in raw.items() if key not in INERT_KEYS and key not in DEFAULT_ONLY_KEYS}
     values = {}
     for key in _REQUIRED:
         if raw.get(key) is None:
@@ -478,7 +501,7 @@ def _canonical(key: str, source: str) -> str:
     if not isinstance(key, str):
         raise ConfigError(f"{source}: key {key!r} is not a string")
     key = ALIASES.get(key, key)
-    if key in _FIELDS or key in INERT_KEYS:
+    if key in _FIELDS or key in INERT_KEYS or key in DEFAULT_ONLY_KEYS:
         return key
     if key in FOREIGN_KEYS:
         raise ConfigError(f"{source}: key '{key}' is not a ppojax key: {FOREIGN_KEYS[key]}")
@@ -531,8 +554,8 @@ def _check_value(key: str, value, source: str, raw: Mapping):
         raise ConfigError(f"{source}: '{key}' must not be null; default is {field.default!r}")
     if key == "lora_target":
         return _lora_target(value, source)
-    if key == "adapter_name_or_path":
-        return _adapter_paths(value, source, raw)
+    if key in ("adapter_name_or_path", "ref_model_adapters", "reward_model_adapters"):
+        return _adapter_paths(key, value, source, raw)
     if key in ("mesh", "distributed"):
         return _parallel_key(key, value, source)
     if key == "stages":
@@ -651,19 +674,14 @@ def _parallel_key(key: str, value, source: str):
         raise ConfigError(f"{source}: {e}") from None
 
 
-def _adapter_paths(value, source: str, raw: Mapping) -> tuple:
+def _adapter_paths(key: str, value, source: str, raw: Mapping) -> tuple:
     """A comma list (or YAML list) of PEFT adapter directories -> absolute paths, each with adapter_config.json."""
     names = value.split(",") if isinstance(value, str) else value
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-        raise ConfigError(
-            f"{source}: 'adapter_name_or_path' is {value!r}; expected a comma list of adapter directories"
-        )
-    paths = []
-    for name in (n.strip() for n in names if n.strip()):
-        path = _check_path("adapter_name_or_path", name, "adapter", source, raw)
-        paths.append(path)
+        raise ConfigError(f"{source}: '{key}' is {value!r}; expected a comma list of adapter directories")
+    paths = [_check_path(key, name, "adapter", source, raw) for name in (n.strip() for n in names) if name]
     if not paths:
-        raise ConfigError(f"{source}: 'adapter_name_or_path' is empty")
+        raise ConfigError(f"{source}: '{key}' is empty")
     return tuple(paths)
 
 
@@ -717,6 +735,28 @@ def _check_consistency(config: TrainConfig, raw: Mapping, where):
         raise ConfigError(
             f"{where('warmup_ratio')}: 'warmup_ratio' is {c.warmup_ratio}; must be < 1 (a fraction of the run)"
         )
+    if c.default_system and c.template.lower() in RAW_TEMPLATES:
+        raise ConfigError(
+            f"{where('default_system')}: 'default_system' needs a chat template, but template is {c.template!r} (raw "
+            "text has no system turn); set template to the model's (e.g. qwen) or remove default_system"
+        )
+    if c.ref_model_adapters is not None and c.ref_model is None:
+        raise ConfigError(
+            f"{where('ref_model_adapters')}: 'ref_model_adapters' needs 'ref_model' (the model they are merged into); "
+            "without ref_model the reference is the initial policy"
+        )
+    if c.reward_model_adapters is not None and c.reward_model is not None:
+        if os.path.isfile(os.path.join(c.reward_model, "adapter_config.json")) or c.reward_model_type == "lora":
+            raise ConfigError(
+                f"{where('reward_model_adapters')}: 'reward_model_adapters' applies to a full reward_model "
+                f"(reward_model_type: full, as in LLaMA-Factory); {c.reward_model} is a LoRA adapter"
+            )
+        head = os.path.join(c.reward_model_adapters[-1], "value_head.safetensors")
+        if not os.path.isfile(head):
+            raise ConfigError(
+                f"{where('reward_model_adapters')}: the last of 'reward_model_adapters' must be a LLaMA-Factory LoRA "
+                f"reward model (LLaMA-Factory reads the value head from it), but {head} does not exist"
+            )
     if c.stage == "ppo" and c.reward_model is None:
         raise ConfigError(f"{where('stage')}: stage ppo needs 'reward_model' (the output_dir of a stage: rm run)")
     if c.reward_model_type is not None and c.reward_model is not None:
@@ -813,6 +853,9 @@ _PPO_ONLY_KEYS = frozenset(
         "reward_model",
         "reward_model_type",
         "ref_model",
+        "ref_model_adapters",
+        "reward_model_adapters",
+        "repetition_penalty",
         "ppo_buffer_size",
         "batch_size",
         "ppo_epochs",

@@ -215,8 +215,15 @@ def is_raw_template(template: str) -> bool:
     return template.lower() in RAW_TEMPLATES
 
 
-def encode_prompt(tokenizer, turns: list[dict], template: str, where: str = "") -> list[int]:
-    """Token ids of the prompt: chat-templated with a generation prompt, or the raw text of the turns."""
+def encode_prompt(
+    tokenizer, turns: list[dict], template: str, where: str = "", default_system: Optional[str] = None
+) -> list[int]:
+    """Token ids of the prompt: chat-templated with a generation prompt, or the raw text of the turns.
+    default_system: the system prompt of a conversation that has none (LLaMA-Factory's key; chat templates only)."""
+    if default_system and not any(t["role"] == "system" for t in turns):
+        if is_raw_template(template):
+            raise DataError(f"default_system needs a chat template; template {template!r} is raw text")
+        turns = [{"role": "system", "content": default_system}] + turns
     if is_raw_template(template):
         text = "\n\n".join(t["content"] for t in turns)
         return list(tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -275,6 +282,7 @@ def load_prompts(
     max_prompt_length: int,
     overflow: str = "truncate",
     max_samples: Optional[int] = None,
+    default_system: Optional[str] = None,
 ) -> PromptDataset:
     """PPO prompts. A prompt longer than `max_prompt_length` keeps its last tokens (overflow="truncate",
     counted in `truncated`) or is an error naming the row (overflow="refuse"). max_samples: read only the
@@ -283,9 +291,8 @@ def load_prompts(
         raise ValueError(f"overflow must be 'truncate' or 'refuse', found {overflow!r}")
     prompts, sources, truncated = [], [], 0
     for where, record in itertools.islice(read_records(path), max_samples):
-        ids = encode_prompt(
-            tokenizer, _prompt_turns(record, where, "instruction/input, prompt or messages"), template, where
-        )
+        turns = _prompt_turns(record, where, "instruction/input, prompt or messages")
+        ids = encode_prompt(tokenizer, turns, template, where, default_system)
         if not ids:
             raise DataError(f"{where}: empty prompt (0 tokens)")
         if len(ids) > max_prompt_length:
@@ -312,7 +319,13 @@ def _fit(prompt: list[int], responses: list[list[int]], cutoff_len: int):
 
 
 def _response_dataset(
-    path: str, tokenizer, template: str, cutoff_len: int, responses_of, max_samples: Optional[int] = None
+    path: str,
+    tokenizer,
+    template: str,
+    cutoff_len: int,
+    responses_of,
+    max_samples: Optional[int] = None,
+    default_system: Optional[str] = None,
 ) -> ResponseDataset:
     prompts, responses, sources, truncated = [], [], [], 0
     for where, record in itertools.islice(read_records(path), max_samples):
@@ -321,7 +334,7 @@ def _response_dataset(
             if not text.strip():
                 raise DataError(f"{where}: empty '{key}' response")
         prompt, encoded, cut = _fit(
-            encode_prompt(tokenizer, turns, template, where),
+            encode_prompt(tokenizer, turns, template, where, default_system),
             [encode_response(tokenizer, text) for _, text in texts],
             cutoff_len,
         )
@@ -333,7 +346,13 @@ def _response_dataset(
 
 
 def load_preferences(
-    path: str, tokenizer, *, template: str, cutoff_len: int, max_samples: Optional[int] = None
+    path: str,
+    tokenizer,
+    *,
+    template: str,
+    cutoff_len: int,
+    max_samples: Optional[int] = None,
+    default_system: Optional[str] = None,
 ) -> ResponseDataset:
     """Reward-model pairs: a prompt (any prompt format) with `chosen` and `rejected` responses (the first
     `max_samples` records when given)."""
@@ -342,11 +361,17 @@ def load_preferences(
         turns = _prompt_turns(record, where, "prompt or instruction/input or messages, with chosen and rejected")
         return [(key, _text(record, key, where)) for key in ("chosen", "rejected")], turns
 
-    return _response_dataset(path, tokenizer, template, cutoff_len, pair, max_samples)
+    return _response_dataset(path, tokenizer, template, cutoff_len, pair, max_samples, default_system)
 
 
 def load_sft(
-    path: str, tokenizer, *, template: str, cutoff_len: int, max_samples: Optional[int] = None
+    path: str,
+    tokenizer,
+    *,
+    template: str,
+    cutoff_len: int,
+    max_samples: Optional[int] = None,
+    default_system: Optional[str] = None,
 ) -> ResponseDataset:
     """SFT rows: instruction/input/output, prompt/response, or messages ending with an assistant turn (the first
     `max_samples` records when given)."""
@@ -364,7 +389,7 @@ def load_sft(
             raise DataError(f"{where}: missing field 'output' (the SFT target)")
         return [response], _prompt_turns(record, where, "instruction/input/output, prompt/response or messages")
 
-    return _response_dataset(path, tokenizer, template, cutoff_len, target, max_samples)
+    return _response_dataset(path, tokenizer, template, cutoff_len, target, max_samples, default_system)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,12 +15,14 @@ logits (`ppojax.models.DecoderModel` skips the LM head's matmul over the other p
 `rollout` is pure and works un-jitted; `rollout_jit` is its compiled form (or jit it yourself, e.g. inside a
 larger step, with `static_argnames=ROLLOUT_STATIC_ARGNAMES`). Static: the model, `max_new_tokens`, `top_k`, and
 the prompt width P (an array shape: bucket it with `pad_prompts`). Traced: temperature, top_p, the stop and pad
-ids, params, LoRA adapters, the key.
+ids, params, LoRA adapters, the key, the repetition penalty's value (whether there is one is static: None or 1
+compiles a program without its seen-token state).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Sequence
 
 import chex
@@ -135,6 +137,7 @@ def rollout(
     stop_token_ids: jax.Array | Sequence[int],
     pad_token_id: jax.Array | int,
     lora: Any = None,
+    repetition_penalty: jax.Array | float | None = None,
 ) -> Rollout:
     """Sample up to `max_new_tokens` tokens per prompt: one prefill, then one decode step per token.
 
@@ -146,9 +149,13 @@ def rollout(
     token) to keep its length, and so the compiled program, fixed when the stop set changes.
     With 128 new tokens or more the decode loop runs in phases whose caches grow (`decode_phase_ends`, when the
     model has `grow_cache`); with float32 `Lora` adapters it samples from the merged weights.
+    `repetition_penalty` (> 0; None or 1: off) penalises, before sampling, every token already in the row's
+    prompt (its real tokens) or response, as transformers' `repetition_penalty` does; like top-k / top-p it
+    changes what is sampled, not the log-probs.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; found {max_new_tokens}")
+    repetition_penalty = repetition_penalty_or_none(repetition_penalty)
     if _merge_adapters_for_sampling(params, lora):
         # Sample from W + scale * a @ b: one small product per adapted kernel per rollout instead of two per
         # projection per decode step (a rollout with adapters on every projection: -15 % on CPU). float32 only:
@@ -171,8 +178,26 @@ def rollout(
         jnp.arange(max_new_tokens)
     )
 
-    def sample(step, logits):
-        return sampling.sample_tokens(key, logits, temperature, top_k=top_k, top_p=top_p, uniform=uniforms[step])
+    def sample(step, logits, seen):
+        return sampling.sample_tokens(
+            key,
+            logits,
+            temperature,
+            top_k=top_k,
+            top_p=top_p,
+            uniform=uniforms[step],
+            repetition_penalty=repetition_penalty,
+            seen=seen,
+        )
+
+    def see(seen, tokens, where):
+        """Marks `tokens` ([B] or [B, P]) as seen in `seen` [B, V] where `where` (same shape) is true."""
+        if seen is None:
+            return None
+        # A scatter per row (vmap: the rows are the scatter's batching dimension, so a batch split over devices
+        # stays local; one scatter over (row, token) index pairs made the partitioner gather the table).
+        mark = lambda row, ids, flags: row.at[ids].max(flags, mode="drop")  # noqa: E731
+        return jax.vmap(mark)(seen, tokens.reshape(batch, -1), where.reshape(batch, -1))
 
     # The decode loop runs in phases whose caches grow with the response (when the model can grow one): a
     # step attends over its phase's slots, not over every slot of the longest response.
@@ -181,39 +206,45 @@ def rollout(
     # The prefill samples from the last column only: skip the LM head elsewhere when the model can.
     last_only = {"head_at": "last"} if _accepts_keyword(model.apply, "head_at") else {}
     out = model.apply(params, prompt_ids, prompt_mask, cache=cache, lora=lora, **last_only)
-    tokens, logprobs = sample(0, out.logits[:, -1])
+    vocab = out.logits.shape[-1]
+    # The repetition penalty's memory: which tokens each row's sequence holds (the prompt's real tokens).
+    seen = None if repetition_penalty is None else see(jnp.zeros((batch, vocab), bool), prompt_ids, prompt_mask > 0)
+    tokens, logprobs = sample(0, out.logits[:, -1], seen)
+    seen = see(seen, tokens, jnp.ones((batch,), bool))
     stopped = _is_stop(tokens, stop_token_ids)
     response_ids = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(tokens)
     response_logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(logprobs)
     lengths = jnp.ones((batch,), jnp.int32)
 
-    # Loop state: (step, cache, last token, response ids, log-probs, lengths, stopped). Step t samples column t
+    # Loop state: (step, cache, last token, response ids, log-probs, lengths, stopped, seen tokens or None). Step t
+    # samples column t
     # and writes the token of step t - 1 at slot prompt_len + t - 1: a phase ending at step e needs
     # prompt_len + e - 1 slots.
     def keep_going(end):
         def condition(state):
-            step, *_, stopped = state
+            step, *_, stopped, _ = state
             return (step < end) & ~jnp.all(stopped)
 
         return condition
 
     def decode(state):
-        step, cache, last, response_ids, response_logprobs, lengths, stopped = state
+        step, cache, last, response_ids, response_logprobs, lengths, stopped, seen = state
         live = ~stopped  # rows still generating write this column; stopped rows keep pad and 0
         out = model.apply(params, last[:, None], live[:, None].astype(jnp.int32), cache=cache, lora=lora)
-        tokens, logprobs = sample(step, out.logits[:, -1])
+        tokens, logprobs = sample(step, out.logits[:, -1], seen)
         response_ids = response_ids.at[:, step].set(jnp.where(live, tokens, pad_token_id))
         response_logprobs = response_logprobs.at[:, step].set(jnp.where(live, logprobs, 0.0))
         lengths = lengths + live.astype(jnp.int32)
+        seen = see(seen, tokens, live)
         stopped = stopped | _is_stop(tokens, stop_token_ids)
-        return step + 1, out.cache, tokens, response_ids, response_logprobs, lengths, stopped
+        return step + 1, out.cache, tokens, response_ids, response_logprobs, lengths, stopped, seen
 
-    state = (jnp.int32(1), out.cache, tokens, response_ids, response_logprobs, lengths, stopped)
+    state = (jnp.int32(1), out.cache, tokens, response_ids, response_logprobs, lengths, stopped, seen)
     for phase, end in enumerate(phase_ends):
         if phase:
             state = (state[0], model.grow_cache(state[1], prompt_len + end), *state[2:])
         state = jax.lax.while_loop(keep_going(end), decode, state)
-    _, _, _, response_ids, response_logprobs, lengths, stopped = state
+    _, _, _, response_ids, response_logprobs, lengths, stopped, _ = state
     response_mask = (jnp.arange(max_new_tokens)[None, :] < lengths[:, None]).astype(jnp.int32)
     return Rollout(response_ids, response_mask, response_logprobs, lengths, stopped)
 
@@ -234,6 +265,17 @@ def decode_phase_ends(max_new_tokens: int) -> tuple[int, ...]:
     """
     phases = max(1, min(DECODE_PHASES_MAX, max_new_tokens // DECODE_PHASE_STEPS))
     return tuple(round(max_new_tokens * (i + 1) / phases) for i in range(phases))
+
+
+def repetition_penalty_or_none(value: jax.Array | float | None) -> jax.Array | float | None:
+    """None for no penalty (None, or a concrete 1: the program then carries no seen-token state), else the
+    value; a concrete value <= 0 or not finite is a ValueError."""
+    if value is None or isinstance(value, jax.core.Tracer):
+        return value
+    number = float(np.asarray(value))
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1: off); found {number}")
+    return None if number == 1.0 else value
 
 
 def _merge_adapters_for_sampling(params, lora) -> bool:
@@ -261,6 +303,8 @@ def rollout_jit(*args, **kwargs) -> Rollout:
     call["top_p"] = jnp.asarray(call["top_p"], jnp.float32)
     call["stop_token_ids"] = jnp.asarray(call["stop_token_ids"], jnp.int32).reshape(-1)
     call["pad_token_id"] = jnp.asarray(call["pad_token_id"], jnp.int32)
+    penalty = repetition_penalty_or_none(call["repetition_penalty"])
+    call["repetition_penalty"] = None if penalty is None else jnp.asarray(penalty, jnp.float32)
     return _rollout_compiled(**call)
 
 

@@ -496,9 +496,10 @@ def sharded_rollout(
     model: DecoderModel, layout: Layout, *, max_new_tokens: int, top_k: int = 0, compiler_options=None
 ) -> Callable:
     """rollout(params, prompt_ids, prompt_mask, key, *, temperature=1.0, top_p=1.0, stop_token_ids,
-    pad_token_id, lora=None) -> `Rollout` with every field batch-sharded. See `ppojax.generation.rollout`."""
+    pad_token_id, lora=None, repetition_penalty=None) -> `Rollout` with every field batch-sharded. See
+    `ppojax.generation.rollout`."""
 
-    def run(params, prompt_ids, prompt_mask, key, temperature, top_p, stop_token_ids, pad_token_id, lora):
+    def run(params, prompt_ids, prompt_mask, key, temperature, top_p, stop_token_ids, pad_token_id, lora, penalty):
         return generation.rollout(
             model,
             params,
@@ -512,21 +513,33 @@ def sharded_rollout(
             stop_token_ids=stop_token_ids,
             pad_token_id=pad_token_id,
             lora=lora,
+            repetition_penalty=penalty,
         )
 
     rep = _replicated_role
     sharded = ShardedFunction(
         run,
         layout,
-        (_params_role, _batch_role, _batch_role, rep, rep, rep, rep, rep, _params_role),
+        (_params_role, _batch_role, _batch_role, rep, rep, rep, rep, rep, _params_role, rep),
         lambda layout, args: layout.batch,
         compiler_options=compiler_options,
         name="rollout",
     )
 
     def rollout(
-        params, prompt_ids, prompt_mask, key, *, temperature=1.0, top_p=1.0, stop_token_ids, pad_token_id, lora=None
+        params,
+        prompt_ids,
+        prompt_mask,
+        key,
+        *,
+        temperature=1.0,
+        top_p=1.0,
+        stop_token_ids,
+        pad_token_id,
+        lora=None,
+        repetition_penalty=None,
     ) -> generation.Rollout:
+        penalty = generation.repetition_penalty_or_none(repetition_penalty)
         return sharded(
             params,
             prompt_ids,
@@ -537,6 +550,7 @@ def sharded_rollout(
             jnp.asarray(stop_token_ids, jnp.int32).reshape(-1),
             _scalar(pad_token_id, jnp.int32),
             lora,
+            None if penalty is None else _scalar(penalty, jnp.float32),
         )
 
     rollout.sharded = sharded

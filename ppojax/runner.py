@@ -222,6 +222,7 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
         template=config.template,
         cutoff_len=config.cutoff_len,
         max_samples=config.max_samples,
+        default_system=config.default_system,
     )
     dropped_pairs = 0
     if config.stage == "rm" and config.rm_max_length_diff is not None:

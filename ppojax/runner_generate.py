@@ -15,6 +15,7 @@ row; the command writes on process 0 only).
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Mapping, Optional
 
 import jax
@@ -42,7 +43,9 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    repetition_penalty: float = 1.0,
     template: str = "none",
+    default_system: Optional[str] = None,
     max_prompt_length: int = 512,
     batch_size: int = 8,
     seed: int = 0,
@@ -54,6 +57,12 @@ def generate(
     _check("--temperature", temperature, temperature >= 0, ">= 0 (0 is greedy)")
     _check("--top-p", top_p, 0 < top_p <= 1, "> 0 and <= 1")
     _check("--top-k", top_k, top_k >= 0, ">= 0 (0 is off)")
+    _check(
+        "--repetition-penalty",
+        repetition_penalty,
+        math.isfinite(repetition_penalty) and repetition_penalty > 0,
+        "> 0 (1 is off)",
+    )
     _check("--batch-size", batch_size, batch_size >= 1, ">= 1")
     _check("--max-prompt-length", max_prompt_length, max_prompt_length >= 1, ">= 1")
     layout = None
@@ -66,7 +75,9 @@ def generate(
         split = layout.batch_shards
         _check("--batch-size", batch_size, batch_size % split == 0, f"a multiple of data x fsdp = {split} on --mesh")
     tokenizer, _ = data_lib.ensure_pad_token(data_lib.load_tokenizer(model_dir))
-    dataset = data_lib.load_prompts(prompts_path, tokenizer, template=template, max_prompt_length=max_prompt_length)
+    dataset = data_lib.load_prompts(
+        prompts_path, tokenizer, template=template, max_prompt_length=max_prompt_length, default_system=default_system
+    )
     try:
         shardings = None if layout is None else (lambda model: layout.params(model.param_shapes()))
         dtype = jnp.bfloat16 if bf16 else jnp.float32
@@ -86,7 +97,13 @@ def generate(
         )
     stops = stop_token_ids(tokenizer, model)
     key = jax.random.PRNGKey(seed)
-    sampling = dict(temperature=temperature, top_p=top_p, stop_token_ids=stops, pad_token_id=tokenizer.pad_token_id)
+    sampling = dict(
+        temperature=temperature,
+        top_p=top_p,
+        stop_token_ids=stops,
+        pad_token_id=tokenizer.pad_token_id,
+        repetition_penalty=repetition_penalty,
+    )
     rows = len(dataset)
     for number, start in enumerate(range(0, rows, batch_size)):
         chunk = list(dataset.prompts[start : start + batch_size])

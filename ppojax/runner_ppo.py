@@ -168,6 +168,7 @@ def load_inputs(config: TrainConfig, layout=None) -> PPOInputs:
         max_prompt_length=config.max_prompt_length,
         overflow=config.prompt_overflow,
         max_samples=config.max_samples,
+        default_system=config.default_system,
     )
     dtype = jnp.bfloat16 if config.bf16 else jnp.float32
     policy_model, policy_params = fit_vocabulary(
@@ -183,7 +184,10 @@ def load_inputs(config: TrainConfig, layout=None) -> PPOInputs:
         )
     ref_params = policy_params
     if config.ref_model is not None:
-        ref_model, ref_params = fit_vocabulary(*_load(config.ref_model, "lm", dtype, "ref_model", layout), tokenizer)
+        ref_model, ref_params = fit_vocabulary(
+            *_load(config.ref_model, "lm", dtype, "ref_model", layout, adapters=config.ref_model_adapters or ()),
+            tokenizer,
+        )
         if ref_model.config != policy_model.config:
             raise ConfigError(
                 f"ref_model {config.ref_model} is not the same architecture as {config.model_name_or_path}; "
@@ -193,14 +197,15 @@ def load_inputs(config: TrainConfig, layout=None) -> PPOInputs:
         policy_model = dataclasses.replace(
             policy_model, config=dataclasses.replace(policy_model.config, head_bias=True)
         )
+    if config.reward_model_adapters:
+        # LLaMA-Factory's full reward model with adapters: the adapters merged into it, the last one a LoRA reward
+        # model whose value head is the head (LLaMA-Factory reads the value head from the last adapter).
+        *merged, last = config.reward_model_adapters
+        reward_path, base, base_adapters = last, config.reward_model, tuple(merged)
+    else:  # a LoRA reward model goes on the policy's base with its merged adapters, as LLaMA-Factory applies it
+        reward_path, base, base_adapters = config.reward_model, config.model_name_or_path, config.adapters_to_merge
     reward_model, reward_params = _load(
-        config.reward_model,
-        "reward",
-        dtype,
-        "reward_model",
-        layout,
-        base=config.model_name_or_path,
-        adapters=config.adapters_to_merge,
+        reward_path, "reward", dtype, "reward_model", layout, base=base, adapters=base_adapters
     )
     if pad_added and reward_model.config.vocab_size == tokenizer.pad_token_id == len(tokenizer) - 1:
         # Only the pad token ppojax added is missing (a reward model trained with pad = EOS, as LLaMA-Factory and
@@ -270,6 +275,7 @@ def make_ppo_config(
         temperature=config.temperature,
         top_k=config.top_k,
         top_p=config.top_p,
+        repetition_penalty=config.repetition_penalty,
         stop_token_ids=stop_ids,
         pad_token_id=pad_token_id,
         critic_mode=config.critic_mode,

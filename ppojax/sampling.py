@@ -15,10 +15,16 @@ Log-probs of a chosen token are always taken from the full tempered distribution
 `log_softmax(logits / T)` (PPO_DETAILS items 3 and 5): the teacher-forced pass that recomputes them sees
 the full distribution too, so the first PPO ratio is exactly 1. At T = 0 (greedy) the untempered logits
 are used.
+
+A repetition penalty (transformers' `repetition_penalty`, CTRL's rule: the logit of every token already in
+the sequence is divided by the penalty where positive and multiplied by it where negative) is a sampling filter
+like top-k / top-p: it comes first (before temperature, as in transformers) and changes which token is drawn,
+never the log-probs, which stay those of the model's own distribution.
 """
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -41,6 +47,15 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: jax.Array 
     """
     logprobs = jax.nn.log_softmax(apply_temperature(logits, temperature), axis=-1)
     return jnp.take_along_axis(logprobs, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array | float) -> jax.Array:
+    """float32 `[..., V]`: `logits` with every `seen` token's logit divided by `penalty` where it is positive
+    and multiplied by it where negative (transformers' `RepetitionPenaltyLogitsProcessor`). seen: bool
+    `[..., V]`; penalty: a traced scalar > 0 (1 changes nothing; > 1 discourages repeats)."""
+    logits = logits.astype(jnp.float32)
+    penalty = jnp.asarray(penalty, jnp.float32)
+    return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
 def top_k_mask(logits: jax.Array, top_k: int) -> jax.Array:
@@ -243,30 +258,43 @@ def sample_tokens(
     top_k: int = 0,
     top_p: jax.Array | float = 1.0,
     uniform: jax.Array | None = None,
+    repetition_penalty: jax.Array | float | None = None,
+    seen: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Sample one token per row and return it with its behaviour log-prob.
 
     logits: [B, V]; temperature, top_p: traced scalars; top_k: static int (0 = off). `uniform` `[B, 1]` in
     [0, 1): the draws to use instead of `jax.random.uniform(key, (B, 1))` (the rollout makes every step's at
-    once, before its decode loop); the key is then unused.
+    once, before its decode loop); the key is then unused. `repetition_penalty` (traced scalar > 0) with `seen`
+    (bool [B, V]: the tokens already in each row's sequence) penalises those tokens' logits before temperature,
+    top-k and top-p (`apply_repetition_penalty`); None: no penalty.
     Temperature 0 is greedy (argmax of the raw logits; the first index wins a tie, as in torch).
     Returns (tokens [B] int32, logprobs [B] float32) where logprobs = log softmax(logits / T)[token] over
-    the full distribution (not the top-k / top-p one).
+    the full distribution (not the top-k / top-p / repetition-penalised one).
 
     One pass over the tempered logits serves both: the max, exp(x - max) and its sum give the log-softmax
     (the formula of `jax.nn.log_softmax`), and the same exponentials, zeroed outside top-k / top-p, are the
     sampling weights.
     """
+    if (repetition_penalty is None) != (seen is None):
+        raise ValueError("sample_tokens: repetition_penalty and seen go together; pass both or neither")
     temperature = jnp.asarray(temperature, jnp.float32)
     tempered = apply_temperature(logits, temperature)
     shifted = tempered - jnp.max(tempered, axis=-1, keepdims=True)
     weights = jnp.exp(shifted)
     log_total = jnp.log(jnp.sum(weights, axis=-1))
-    kept = filter_logits(logits, temperature, top_k=top_k, top_p=top_p) > -jnp.inf
-    greedy = first_argmax(tempered)  # the argmax of the raw logits at T = 0 (divisor 1), kept by every filter
+    if seen is None:
+        target, target_tempered, target_weights = logits, tempered, weights
+    else:  # the penalised distribution is sampled; the log-probs above stay the model's
+        chex.assert_equal_shape([logits, seen])
+        target = apply_repetition_penalty(logits, seen, repetition_penalty)
+        target_tempered = apply_temperature(target, temperature)
+        target_weights = jnp.exp(target_tempered - jnp.max(target_tempered, axis=-1, keepdims=True))
+    kept = filter_logits(target, temperature, top_k=top_k, top_p=top_p) > -jnp.inf
+    greedy = first_argmax(target_tempered)  # the argmax of the raw logits at T = 0 (divisor 1), kept by every filter
     if uniform is None:
         uniform = jax.random.uniform(key, logits.shape[:-1] + (1,), jnp.float32)
-    sampled = _inverse_cdf(jnp.where(kept, weights, 0.0), uniform, greedy)
+    sampled = _inverse_cdf(jnp.where(kept, target_weights, 0.0), uniform, greedy)
     tokens = jnp.where(temperature > 0, sampled, greedy)
     logprobs = jnp.take_along_axis(shifted, tokens[..., None], axis=-1)[..., 0] - log_total
     return tokens, logprobs

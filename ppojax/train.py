@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import math
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -70,6 +71,8 @@ class PPOConfig:
       "separate": a critic model with its own optimizer (`critic_optimizer`), value loss weight 1;
       "joint":    a critic model, one optimizer (`policy_optimizer`) on pg + vf_coef · vf over both;
       "shared":   a value head on the policy trunk, one optimizer on pg + vf_coef · vf.
+    temperature, top_k, top_p, repetition_penalty: the rollout's sampling (`ppojax.generation.rollout`); the
+      top-k / top-p / repetition-penalty filters change what is sampled, not the log-probs (1: no penalty).
     early_stop_kl: skip the remaining updates of the iteration once a minibatch's approx-KL exceeds it.
     master_dtype: dtype the trainable params are kept in (e.g. "float32" for fp32 master weights of a
       bf16 model; the model casts them to its compute dtype). None keeps the params' dtype.
@@ -97,6 +100,7 @@ class PPOConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    repetition_penalty: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     critic_mode: str = "separate"
@@ -115,6 +119,8 @@ class PPOConfig:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if self.critic_mode not in CRITIC_MODES:
             raise ValueError(f"PPOConfig.critic_mode must be one of {CRITIC_MODES}, got {self.critic_mode!r}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"PPOConfig.repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         if self.old_logprobs not in OLD_LOGPROBS:
             raise ValueError(f"PPOConfig.old_logprobs must be one of {OLD_LOGPROBS}, got {self.old_logprobs!r}")
         if self.old_logprobs == "rollout" and self.logprob_temperature != self.temperature:
@@ -623,6 +629,7 @@ def collect(state: PPOState, prompts, ref_params, reward_params, *, config: PPOC
         stop_token_ids=config.stop_token_ids,
         pad_token_id=config.pad_token_id,
         lora=lora,
+        repetition_penalty=config.repetition_penalty,
     )
     batch = (prompt_ids, prompt_mask, sampled.response_ids, sampled.response_mask)
     shared = config.critic_mode == "shared"

@@ -326,22 +326,40 @@ def test_generate_greedy_matches_a_cacheless_forward_pass(workdir, ppo_run, monk
     width = 16 + 5
 
     @jax.jit
-    def next_token(ids, mask):  # [1, W] left-padded: positions come from the mask
-        return jnp.argmax(model.apply(params, ids, mask).logits[0, -1])
+    def next_logits(ids, mask):  # [1, W] left-padded: positions come from the mask
+        return model.apply(params, ids, mask).logits[0, -1]
+
+    def check_greedy(rows, prompts, penalty=1.0, width=width):
+        for row, prompt in zip(rows, prompts):
+            assert row["prompt"] == tokenizer.decode(list(prompt))
+            sequence, generated = list(prompt), []
+            while len(generated) < 5 and (not generated or generated[-1] != eos):
+                ids = np.full((1, width), tokenizer.pad_token_id, np.int32)
+                mask = np.zeros((1, width), np.int32)
+                ids[0, width - len(sequence) :], mask[0, width - len(sequence) :] = sequence, 1
+                logits = np.asarray(next_logits(ids, mask), np.float64)
+                seen = sorted(set(sequence))  # transformers' repetition penalty on every token so far
+                logits[seen] = np.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
+                token = int(np.argmax(logits))
+                sequence.append(token)
+                generated.append(token)
+            assert row["tokens"] == len(generated) and row["stopped"] == (generated[-1] == eos)
+            assert row["response"] == tokenizer.decode(generated, skip_special_tokens=True)
 
     assert len(rows) == len(prompts) == 12
-    for row, prompt in zip(rows, prompts):
-        assert row["prompt"] == tokenizer.decode(list(prompt))
-        sequence, generated = list(prompt), []
-        while len(generated) < 5 and (not generated or generated[-1] != eos):
-            ids = np.full((1, width), tokenizer.pad_token_id, np.int32)
-            mask = np.zeros((1, width), np.int32)
-            ids[0, width - len(sequence) :], mask[0, width - len(sequence) :] = sequence, 1
-            token = int(next_token(ids, mask))
-            sequence.append(token)
-            generated.append(token)
-        assert row["tokens"] == len(generated) and row["stopped"] == (generated[-1] == eos)
-        assert row["response"] == tokenizer.decode(generated, skip_special_tokens=True)
+    check_greedy(rows, prompts)
+    # With a repetition penalty and a system prompt for the records without one. The trained policy's greedy
+    # responses repeat one token with a large margin ("': : : : :'"): a penalty of 1.5 leaves them as they are.
+    extra = ["--repetition-penalty", "100", "--default-system", "yes", "--output", "penalised.jsonl"]
+    assert main([*args[:-2], "--max-prompt-length", "24", "--temperature", "0", "--batch-size", "5", *extra]) == 0
+    penalised = [json.loads(line) for line in (workdir / "penalised.jsonl").read_text().splitlines()]
+    system_prompts = load_prompts(
+        "prompts.json", tokenizer, template="qwen", max_prompt_length=24, default_system="yes"
+    ).prompts
+    assert all(p[-len(q) :] == q for p, q in zip(system_prompts, prompts))  # the system turn, then the prompt
+    assert all(row["prompt"].startswith("<s> system : yes <eos>") for row in penalised)
+    check_greedy(penalised, system_prompts, penalty=100.0, width=24 + 5)
+    assert [row["response"] for row in penalised] != [row["response"] for row in rows]
     # On a mesh (8 fake devices: batch over data 4, heads / MLP / vocab over tensor 2): the same greedy rows.
     mesh = ["--temperature", "0", "--batch-size", "4", "--mesh", "{data: 4, tensor: 2}"]
     assert main([*args, *mesh, "--output", "greedy_mesh.jsonl"]) == 0
@@ -361,6 +379,8 @@ def test_generate_greedy_matches_a_cacheless_forward_pass(workdir, ppo_run, monk
     assert main([*args, "--top-p", "0"]) == 2
     err = capsys.readouterr().err
     assert err == "ppojax: error: command line: '--top-p' is 0.0; must be > 0 and <= 1\n"
+    assert main([*args, "--repetition-penalty", "0"]) == 2
+    assert "'--repetition-penalty' is 0.0; must be > 0 (1 is off)" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # its own compilations (full fine-tuning, shared trunk, score normalisation): ~60 s of CPU

@@ -289,3 +289,26 @@ def test_llamafactory_example_yaml_runs_as_written(workdir):
     assert "not both" in error(config_from_dict, base(warmup_ratio=0.1, warmup_steps=3))
     assert "must be < 1" in error(config_from_dict, base(warmup_ratio=1.0))
     assert config_from_dict(base()).warmup_for(50) == 0
+
+
+def test_llamafactory_generation_and_quantization_keys(workdir):
+    # LLaMA-Factory's generating arguments: at ppojax's behaviour they are accepted (and named as ignored)...
+    keys = dict(do_sample=True, num_beams=1, skip_special_tokens=True, temperature=0.95, top_p=0.7, top_k=50)
+    config = config_from_dict(base(repetition_penalty=1.1, **keys))
+    assert config.ignored_keys == ("do_sample", "num_beams", "skip_special_tokens")
+    assert (config.repetition_penalty, config.temperature, config.top_p, config.top_k) == (1.1, 0.95, 0.7, 50)
+    assert config.hash() != config_from_dict(base(**keys)).hash()  # the penalty changes the trajectory
+    assert config_from_dict(base(**keys)).hash() == config_from_dict(base(temperature=0.95, top_p=0.7, top_k=50)).hash()
+    assert config_from_dict(base()).repetition_penalty == 1.0
+    # ... any other value is an error that says why.
+    assert "'do_sample' is False; only True is accepted: PPO samples" in error(config_from_dict, base(do_sample=False))
+    assert "'num_beams' is 4; only 1 is accepted: ppojax samples one" in error(config_from_dict, base(num_beams=4))
+    assert "'num_beams' is True" in error(config_from_dict, base(num_beams=True))
+    assert "'skip_special_tokens' is False" in error(config_from_dict, base(skip_special_tokens=False))
+    for bad in (0, -1.0):
+        assert "'repetition_penalty' is" in error(config_from_dict, base(repetition_penalty=bad))
+    assert "is a PPO setting" in error(config_from_dict, base(stage="rm", reward_model=None, repetition_penalty=1.1))
+    assert config_from_dict(base(default_system="Be brief.", template="qwen")).default_system == "Be brief."
+    assert "'default_system' needs a chat template" in error(config_from_dict, base(default_system="Be brief."))
+    for key in ("quantization_bit", "ref_model_quantization_bit", "reward_model_quantization_bit"):
+        assert f"key '{key}' is not a ppojax key: ppojax does not quantize" in error(config_from_dict, base(**{key: 4}))

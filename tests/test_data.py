@@ -98,6 +98,35 @@ def test_prompt_formats_raw_and_templated(tmp_path):
     )
 
 
+def test_default_system_fills_in_for_records_without_one(tmp_path):
+    """LLaMA-Factory's default_system: the system prompt of records that have none; a record's own wins."""
+    tok = make_tokenizer()
+    records = [{"prompt": "hi"}, {"prompt": "hi", "system": "yes"}, {"messages": [{"role": "user", "content": "hi"}]}]
+    path = write(tmp_path, "p.jsonl", records)
+    got = load_prompts(path, tok, template="qwen", max_prompt_length=64, default_system="no")
+    assert [list(p) for p in got.prompts] == [
+        ids("<s> system : no <eos> <s> user : hi <eos> <s> assistant :"),
+        ids("<s> system : yes <eos> <s> user : hi <eos> <s> assistant :"),
+        ids("<s> system : no <eos> <s> user : hi <eos> <s> assistant :"),
+    ]
+    sft = load_sft(
+        write(tmp_path, "s.jsonl", [{"prompt": "hi", "response": "yes"}]),
+        tok,
+        template="qwen",
+        cutoff_len=64,
+        default_system="no",
+    )
+    assert list(sft.prompts[0]) == ids("<s> system : no <eos> <s> user : hi <eos> <s> assistant :")
+    pairs = write(tmp_path, "r.jsonl", [{"prompt": "hi", "chosen": "yes", "rejected": "no"}])
+    rm = load_preferences(pairs, tok, template="qwen", cutoff_len=64, default_system="no")
+    assert list(rm.prompts[0]) == ids("<s> system : no <eos> <s> user : hi <eos> <s> assistant :")
+    plain = load_prompts(path, tok, template="qwen", max_prompt_length=64)
+    assert list(plain.prompts[0]) == ids("<s> user : hi <eos> <s> assistant :")
+    assert "default_system needs a chat template" in error(
+        load_prompts, path, tok, template="none", max_prompt_length=64, default_system="no"
+    )
+
+
 def test_bad_data_names_file_and_line(tmp_path):
     tok = make_tokenizer()
     load = lambda p, **kw: load_prompts(

@@ -223,6 +223,50 @@ def test_merged_adapters_reach_the_policy_and_the_lora_reward_base(lf_setup, sft
     np.testing.assert_allclose(np.asarray(scores), reference, atol=1e-4)
 
 
+def test_ref_and_reward_model_adapters_are_merged_as_llamafactory_does(lf_setup, sft_adapters):
+    """LLaMA-Factory's ref_model_adapters / reward_model_adapters (reward_model_type: full): the adapters are merged
+    into that model in turn; for the reward model the last adapter is a LoRA rm output_dir whose value head is the
+    head (LLaMA-Factory's `load_model(add_valuehead=True)` reads it from the last adapter)."""
+    root, first, second = sft_adapters
+    _, _, head = lf_setup
+    config = ppo_config(
+        root,
+        finetuning_type="full",  # ppojax's LoRA reference is the policy's base with the adapters off
+        ref_model=str(root / "base"),
+        ref_model_adapters=f"{root / 'sft1'},{root / 'sft2'}",
+        reward_model=str(root / "base"),
+        reward_model_type="full",
+        reward_model_adapters=[str(root / "sft2"), str(root / "rm")],
+    )
+    inputs = load_inputs(config)
+
+    def merged(*names):
+        model = transformers.AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
+        for name in names:
+            model = peft.PeftModel.from_pretrained(model, root / name).merge_and_unload()
+        return model
+
+    ids = np.random.default_rng(3).integers(3, 20, (3, 7))
+    mask = np.ones_like(ids)
+    reference = merged("sft1", "sft2")
+    vocab = reference.config.vocab_size
+    ref_logits = inputs.policy_model.apply(inputs.ref_params, ids, mask).logits[..., :vocab]
+    np.testing.assert_allclose(np.asarray(ref_logits), torch_logits(reference, ids), atol=1e-4)
+    # The policy itself is the plain base (no adapter_name_or_path): the reference's adapters are its own.
+    policy_logits = inputs.policy_model.apply(inputs.policy_params, ids, mask).logits[..., :vocab]
+    assert np.abs(np.asarray(policy_logits) - np.asarray(ref_logits)).max() > 1e-2
+    rm = peft.PeftModel.from_pretrained(merged("sft2"), root / "rm").eval()
+    with torch.no_grad():
+        hidden = rm(input_ids=torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True).hidden_states[-1]
+        want = head(hidden)[..., 0].numpy()
+    scores = inputs.reward_model.apply(inputs.reward_params, ids, mask).scores
+    np.testing.assert_allclose(np.asarray(scores), want, atol=1e-4)
+    without = peft.PeftModel.from_pretrained(merged(), root / "rm").eval()  # the first adapter matters here
+    with torch.no_grad():
+        hidden = without(input_ids=torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True).hidden_states[-1]
+        assert np.abs(head(hidden)[..., 0].numpy() - want).max() > 1e-2
+
+
 def test_adapter_keys_are_checked(lf_setup, sft_adapters, tmp_path):
     from ppojax.models import CheckpointError, load_pretrained
     from ppojax.models.peft_adapters import adapter_as_lora
@@ -234,6 +278,14 @@ def test_adapter_keys_are_checked(lf_setup, sft_adapters, tmp_path):
         ppo_config(root, adapter_name_or_path=str(root / "base"))
     with pytest.raises(ConfigError, match="'create_new_adapter' needs 'adapter_name_or_path'"):
         ppo_config(root, create_new_adapter=True)
+    with pytest.raises(ConfigError, match="'ref_model_adapters' needs 'ref_model'"):
+        ppo_config(root, ref_model_adapters=str(root / "sft1"))
+    with pytest.raises(ConfigError, match=r"'reward_model_adapters' applies to a full reward_model .*rm is a LoRA"):
+        ppo_config(root, reward_model_adapters=str(root / "sft1"))
+    with pytest.raises(ConfigError, match=r"must be a LLaMA-Factory LoRA reward model .*sft1/value_head.safetensors"):
+        ppo_config(root, reward_model=str(root / "base"), reward_model_adapters=str(root / "sft1"))
+    with pytest.raises(ConfigError, match=r"'ref_model_adapters' has .*base.* no adapter_config.json"):
+        ppo_config(root, ref_model=str(root / "base"), ref_model_adapters=str(root / "base"), finetuning_type="full")
     model, _ = load_pretrained(str(root / "base"))
     build_peft_adapter(root / "base", tmp_path / "pattern", ["q_proj", "v_proj"], seed=3, alpha_pattern={"v_proj": 2})
     with pytest.raises(CheckpointError, match=r"different scales \[0.5, 2.0\].*merge it \(create_new_adapter: true\)"):

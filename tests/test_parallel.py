@@ -281,12 +281,13 @@ def test_greedy_rollout_equals_one_device(mesh):
     assert np.all(single.logprobs[single.response_mask > 0] < 0)
 
 
-def test_sampled_top_k_top_p_rollout_is_row_local():
+@pytest.mark.parametrize("penalty", [None, 1.3], ids=["plain", "repetition_penalty"])
+def test_sampled_top_k_top_p_rollout_is_row_local(penalty):
     # top-k / top-p find their thresholds with row-wise ops only: a batch split over devices samples the same
     # tokens as one device, and no device gathers the others' logits (lax.top_k made the partitioner all-gather
-    # them at every decode step).
+    # them at every decode step). The repetition penalty's seen-token table is row-local too.
     lay = layout((8, 1, 1))
-    settings = dict(temperature=0.9, top_p=0.8, stop_token_ids=[5], pad_token_id=PAD)
+    settings = dict(temperature=0.9, top_p=0.8, stop_token_ids=[5], pad_token_id=PAD, repetition_penalty=penalty)
     rollout = PL.sharded_rollout(POLICY, lay, max_new_tokens=N, top_k=7, compiler_options=FAST)
     params = PL.place(PARAMS, lay.params(PARAMS))
     out = rollout(params, PROMPT_IDS, PROMPT_MASK, jax.random.key(4), **settings)
@@ -300,11 +301,16 @@ def test_sampled_top_k_top_p_rollout_is_row_local():
         jax.random.key(4),
         max_new_tokens=N,
         top_k=7,
+        repetition_penalty=penalty,
         **dict(zip(("temperature", "top_p", "stop_token_ids", "pad_token_id"), scalars)),
     )
     np.testing.assert_array_equal(out.response_ids, single.response_ids)
     np.testing.assert_allclose(out.logprobs, single.logprobs, atol=1e-5, rtol=0)
-    args = (params, PROMPT_IDS, PROMPT_MASK, jax.random.key(4), *scalars, None)
+    if penalty is not None:  # the penalty changes the samples
+        plain = rollout(params, PROMPT_IDS, PROMPT_MASK, jax.random.key(4), **{**settings, "repetition_penalty": None})
+        assert not np.array_equal(plain.response_ids, out.response_ids)
+    penalty = None if penalty is None else jnp.float32(penalty)
+    args = (params, PROMPT_IDS, PROMPT_MASK, jax.random.key(4), *scalars, None, penalty)
     with PL.activation_sharding(lay):
         program = rollout.sharded.jitted(*args).lower(*args).compile().as_text()
     assert "all-gather" not in program and "all-to-all" not in program

@@ -48,7 +48,7 @@ def _prompts(vocab_size):
     return ids.astype(np.int32), mask.astype(np.int32)
 
 
-def _hf_greedy(torch_model, ids, mask, stop):
+def _hf_greedy(torch_model, ids, mask, stop, **generation):
     """transformers greedy decoding; returns (new tokens [B, <=N], raw logits [B, <=N, V])."""
     config = transformers.GenerationConfig(
         do_sample=False,
@@ -56,6 +56,7 @@ def _hf_greedy(torch_model, ids, mask, stop):
         eos_token_id=stop,
         pad_token_id=PAD,
         bos_token_id=None,
+        **generation,
     )
     with torch.no_grad():
         out = torch_model.generate(
@@ -135,6 +136,65 @@ def test_greedy_rollout_equals_transformers_generate_and_logprobs_equal_teacher_
     teacher = response_logprobs_jit(model, params, ids, mask, sampled.response_ids, sampled.response_mask, 0.7)
     np.testing.assert_allclose(teacher, sampled.logprobs, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(np.asarray(sampled.logprobs)[np.asarray(sampled.response_mask) == 0], 0.0)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gpt2"])
+def test_greedy_rollout_with_a_repetition_penalty_equals_transformers_generate(build, name):
+    """transformers counts every id of `input_ids` as seen, left-padding included, so each row is generated
+    alone without padding there; ppojax's left-padded batch counts only real tokens and must equal those rows."""
+    torch_model, model, params = build(name)
+    penalty = 1.5
+
+    def hf_rows(prompts, stop, **generation):
+        rows = []
+        for prompt in prompts:
+            new, _ = _hf_greedy(torch_model, prompt[None], np.ones_like(prompt[None]), stop, **generation)
+            rows.append(np.pad(new[0], (0, N - new.shape[1]), constant_values=PAD))
+        return np.stack(rows)
+
+    # Prompts that end with the start of their own greedy continuation, so that the tokens greedy decoding
+    # would pick next are often already in the prompt: the penalty on prompt tokens is exercised.
+    ids, mask = _prompts(model.config.vocab_size)
+    prompts = [ids[row][mask[row] == 1] for row in range(len(ids))]
+    prompts = [np.concatenate([p, c[:3]]) for p, c in zip(prompts, hf_rows(prompts, None))]
+    width = max(len(p) for p in prompts)
+    ids = np.stack([np.pad(p, (width - len(p), 0), constant_values=PAD) for p in prompts]).astype(np.int32)
+    mask = np.stack([np.pad(np.ones_like(p), (width - len(p), 0)) for p in prompts]).astype(np.int32)
+    unpenalised = hf_rows(prompts, None)
+    assert any(set(row) & set(prompt) for row, prompt in zip(unpenalised, prompts))
+    full = hf_rows(prompts, None, repetition_penalty=penalty)
+    assert not np.array_equal(full, unpenalised)  # the penalty changes what greedy decoding picks here
+    stop = next(int(t) for t in full[0] if not all(t in row for row in full))
+    expected = hf_rows(prompts, stop, repetition_penalty=penalty)
+    out = rollout_jit(
+        model,
+        params,
+        ids,
+        mask,
+        jax.random.key(0),
+        max_new_tokens=N,
+        temperature=0.0,
+        stop_token_ids=[stop],
+        pad_token_id=PAD,
+        repetition_penalty=penalty,
+    )
+    np.testing.assert_array_equal(out.response_ids, expected)
+    np.testing.assert_array_equal(out.stopped, [stop in row for row in full])
+    # The log-probs are the model's own distribution (the teacher-forced pass knows nothing of the penalty).
+    teacher = response_logprobs_jit(model, params, ids, mask, out.response_ids, out.response_mask, 0.0)
+    np.testing.assert_allclose(teacher, out.logprobs, atol=1e-5, rtol=0)
+    # Un-jitted, sampled: the same tokens as the compiled program.
+    options = dict(max_new_tokens=N, temperature=0.9, top_p=0.95, stop_token_ids=[stop], pad_token_id=PAD)
+    jitted = R.rollout_jit(model, params, ids, mask, jax.random.key(3), repetition_penalty=penalty, **options)
+    eager = R.rollout(model, params, ids, mask, jax.random.key(3), repetition_penalty=penalty, **options)
+    np.testing.assert_array_equal(eager.response_ids, jitted.response_ids)
+    np.testing.assert_allclose(eager.logprobs, jitted.logprobs, atol=1e-5)
+    # A penalty of 1 is no penalty (and no seen-token state).
+    plain = R.rollout_jit(model, params, ids, mask, jax.random.key(3), **options)
+    same = R.rollout_jit(model, params, ids, mask, jax.random.key(3), repetition_penalty=1.0, **options)
+    np.testing.assert_array_equal(plain.response_ids, same.response_ids)
+    with pytest.raises(ValueError, match="repetition_penalty must be a finite number > 0"):
+        R.rollout_jit(model, params, ids, mask, jax.random.key(3), repetition_penalty=0.0, **options)
 
 
 def test_reward_and_values_on_real_heads(build):

@@ -48,6 +48,7 @@ def test_ppo_config_mapping(paths):
         max_grad_norm=0.0,
         cliprange=0.1,
         top_k=5,
+        repetition_penalty=1.2,
         old_logprobs="rollout",
     )
     control = RunControl(lr_scale=0.5, reward_gain=2.0, reward_bias=-1.0)
@@ -57,7 +58,7 @@ def test_ppo_config_mapping(paths):
     assert ppo.early_stop_kl == pytest.approx(0.15)  # TRL 0.x: 1.5 × target_kl
     assert ppo.master_dtype == "float32" and ppo.top_k == 5 and ppo.stop_token_ids == (3, 4)
     assert ppo.pad_token_id == 9 and ppo.reward_gain == 2.0 and ppo.reward_bias == -1.0
-    assert ppo.old_logprobs == "rollout"
+    assert ppo.old_logprobs == "rollout" and ppo.repetition_penalty == 1.2
     assert ppo.convention.clip_eps == 0.1 and ppo.convention.adaptive_kl and ppo.convention.kl_coef == 0.2
     for optimizer, lr in ((ppo.policy_optimizer, 1e-6), (ppo.critic_optimizer, 1e-5)):
         assert optimizer.learning_rate == pytest.approx(0.5 * lr)
@@ -65,7 +66,7 @@ def test_ppo_config_mapping(paths):
         assert optimizer.max_grad_norm is None and optimizer.schedule == "linear"
     plain = make_ppo_config(ppo_train_config(paths), iterations=1, pad_token_id=0, stop_ids=(), control=RunControl())
     assert plain.early_stop_kl is None and plain.master_dtype is None and plain.critic_mode == "separate"
-    assert plain.old_logprobs == "score"
+    assert plain.old_logprobs == "score" and plain.repetition_penalty == 1.0
 
 
 def test_cosine_schedule_and_warmup_ratio_reach_both_optimizers(paths):

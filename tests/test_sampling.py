@@ -1,5 +1,6 @@
 """Tests for ppojax.sampling: exact masks, tie rules, the sampled distribution, greedy, keys."""
 
+import functools
 from unittest import mock
 
 import chex
@@ -240,6 +241,50 @@ class SampleTest(parameterized.TestCase):
         by_key, _ = self.variant(sampling.sample_tokens)(jax.random.key(7), logits, 0.8)
         given, _ = self.variant(sampling.sample_tokens)(jax.random.key(0), logits, 0.8, uniform=drawn)
         np.testing.assert_array_equal(by_key, given)
+
+    @parameterized.parameters(True, False)
+    def test_repetition_penalty_samples_the_penalised_distribution_but_reports_the_models(self, jit):
+        # The table's logits are all positive (+1.7): shift two of them below 0 so both branches of the rule run.
+        table = self.table - np.array([0, 0, 0, 2.5, 0, 2.5], np.float32)
+        seen = np.array([False, True, False, True, False, False])  # token 1 (logit > 0) and 3 (< 0) seen
+        penalty, temperature, n = 1.8, 0.8, 20_000
+        logits = jnp.broadcast_to(jnp.asarray(table), (n, 6))
+        fn = jit_for_tests(sampling.sample_tokens, static_argnames="top_k") if jit else sampling.sample_tokens
+        seen_rows = jnp.broadcast_to(jnp.asarray(seen), (n, 6))
+        tokens, logprobs = fn(jax.random.key(0), logits, temperature, repetition_penalty=penalty, seen=seen_rows)
+        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+        # CTRL's rule by hand: a seen logit x becomes x / p if x > 0 else x * p; then temperature.
+        penalised = np.array([x / penalty if x > 0 else x * penalty for x in table], np.float64)
+        penalised = np.where(seen, penalised, table)
+        self.assertLess(penalised[1], table[1])
+        self.assertLess(penalised[3], table[3])
+        probs = np.exp(penalised / temperature) / np.exp(penalised / temperature).sum()
+        self.assertGreater(chi_square_pvalue(tokens, probs), 1e-3)
+        plain = np.exp(table / temperature) / np.exp(table / temperature).sum()
+        self.assertLess(chi_square_pvalue(tokens, plain), 1e-6)  # the penalty is visible in the samples
+        np.testing.assert_allclose(logprobs, np.log(plain)[tokens], rtol=1e-5, atol=1e-6)  # the model's
+        np.testing.assert_allclose(
+            sampling.apply_repetition_penalty(jnp.asarray(table), jnp.asarray(seen), penalty), penalised, rtol=1e-6
+        )
+
+    @chex.all_variants(with_pmap=False)
+    def test_repetition_penalty_greedy_and_filters(self):
+        # Greedy takes the argmax of the penalised logits; top-k then applies to them (transformers' order).
+        logits = jnp.array([[3.0, 2.5, -1.0, 0.5], [3.0, 2.5, -1.0, 0.5]])
+        seen = jnp.array([[True, False, False, False], [False, False, False, False]])
+        greedy, logprobs = self.variant(sampling.sample_tokens)(
+            jax.random.key(0), logits, 0.0, repetition_penalty=2.0, seen=seen
+        )
+        np.testing.assert_array_equal(greedy, [1, 0])  # row 0: 3 / 2 = 1.5 < 2.5
+        np.testing.assert_allclose(logprobs, jax.nn.log_softmax(logits)[jnp.arange(2), greedy], rtol=1e-6)
+        sampled, _ = self.variant(functools.partial(sampling.sample_tokens, top_k=1))(
+            jax.random.key(1), logits, 1.0, repetition_penalty=2.0, seen=seen
+        )
+        np.testing.assert_array_equal(sampled, [1, 0])  # top-1 of the penalised logits
+
+    def test_repetition_penalty_needs_seen(self):
+        with self.assertRaisesRegex(ValueError, "repetition_penalty and seen go together"):
+            sampling.sample_tokens(jax.random.key(0), jnp.zeros((2, 4)), repetition_penalty=1.2)
 
     def test_token_logprobs_divides_by_temperature(self):
         logits = jnp.array([[1.0, 2.0, 0.5]], jnp.bfloat16)

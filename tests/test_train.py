@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ppojax import train as T
-from ppojax.generation import pad_prompts, response_logprobs, response_values
+from ppojax.generation import pad_prompts, response_logprobs, response_values, rollout_jit
 from ppojax.models import DecoderModel, ModelConfig, init_lora
 from ppojax.models.lora import Lora
 from ppojax.optim import OptimizerConfig
@@ -486,6 +486,33 @@ def test_llamafactory_scores_log_probs_untempered(jit):
     assert float(metrics["policy/first_ratio_max"]) > 1.2
     with pytest.raises(ValueError, match="old_logprobs 'rollout' are log-probs at the sampling temperature 0.5"):
         config.replace(old_logprobs="rollout")
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_collect_samples_with_the_repetition_penalty_and_keeps_the_models_logprobs(jit):
+    """PPOConfig.repetition_penalty reaches the rollout (the same samples as `rollout` with it, other samples than
+    without it); the old log-probs stay the model's, so the first ratio is 1 (as with top-k / top-p)."""
+    config = _config("joint", temperature=0.8, repetition_penalty=1.6, stop_token_ids=(1, 2))
+    state, models = T.init_ppo_state(
+        config, POLICY, POLICY_PARAMS, jax.random.key(3), reward_fn=target_rate, critic_init="policy"
+    )
+    wrap = jax.jit if jit else (lambda f: f)
+    _, experience = wrap(functools.partial(T.collect, config=config, models=models))(
+        state, PROMPTS, POLICY_PARAMS, None
+    )
+    _, rollout_key = jax.random.split(state.key)  # the key `collect` samples with
+    options = dict(max_new_tokens=N, temperature=0.8, stop_token_ids=(1, 2), pad_token_id=PAD)
+    direct = rollout_jit(POLICY, POLICY_PARAMS, *PROMPTS, rollout_key, repetition_penalty=1.6, **options)
+    np.testing.assert_array_equal(experience.response_ids, direct.response_ids)
+    plain = rollout_jit(POLICY, POLICY_PARAMS, *PROMPTS, rollout_key, **options)
+    assert not np.array_equal(plain.response_ids, direct.response_ids)
+    np.testing.assert_allclose(experience.logprobs, _numpy_response_logprobs(POLICY_PARAMS, experience, 0.8), atol=1e-5)
+    if jit:
+        train = jax.jit(functools.partial(T.train_on_batch, config=config, models=models))
+        _, metrics = train(state, experience, POLICY_PARAMS)
+        assert abs(float(metrics["policy/first_ratio_max"]) - 1.0) < 1e-4
+    with pytest.raises(ValueError, match="repetition_penalty must be a finite number > 0"):
+        config.replace(repetition_penalty=0.0)
 
 
 @pytest.mark.parametrize("mode", ["joint", "shared"])
