@@ -30,8 +30,8 @@ convention's values apply. Keys given explicitly override either.
 | reward_model_adapters | null | LLaMA-Factory's key for a full reward_model: PEFT LoRA adapters applied to it, the last one a LLaMA-Factory LoRA stage: rm output_dir (its value_head.safetensors is the head, as LLaMA-Factory reads it); the others are merged first |
 | adapter_name_or_path | null | lora: PEFT LoRA adapters (a comma list of local directories, e.g. LLaMA-Factory's LoRA sft output_dir) on model_name_or_path, as LLaMA-Factory uses them: every adapter but the last is merged into the weights, the last is trained further (so the reference, the policy with its adapter off, includes only the merged ones) |
 | create_new_adapter | false | with adapter_name_or_path: merge every adapter and train a new one (lora_rank, lora_alpha, lora_target); the reference then includes them all |
-| dataset | required | a local .json (array) or .jsonl file; see ppojax/data.py for the formats |
-| dataset_dir | null | directory `dataset` is relative to (else the current directory) |
+| dataset | required | a local .json (array) or .jsonl file (see ppojax/data.py for the formats), or LLaMA-Factory dataset names (a comma list) described in dataset_dir's dataset_info.json: local files, alpaca / sharegpt / openai formatting, columns and tags (ppojax/dataset_info.py) |
+| dataset_dir | null | directory `dataset` is relative to (else the current directory); LLaMA-Factory dataset names are looked up in its dataset_info.json (else in data/dataset_info.json, LLaMA-Factory's default) |
 | template | default | chat template: any name (qwen, llama3, ...) uses the tokenizer's own chat template; none / default / empty = raw text |
 | default_system | null | system prompt for records without one (a record's own system field / turn wins, as in LLaMA-Factory); needs a chat template. null: the chat template's own default, if it has one |
 | cutoff_len | 2048 | sft / rm: maximum tokens of prompt + response (longer rows are cut, counted and reported) |
@@ -331,9 +331,25 @@ class TrainConfig:
         """The config keys and values (JSON-able; tuples become lists)."""
         return {name: getattr(self, name) for name in _FIELDS}
 
+    @property
+    def dataset_source(self):
+        """What the data loaders read: the dataset file, or the LLaMA-Factory dataset_info.json entries that
+        `dataset` names (`ppojax.dataset_info`)."""
+        if os.path.isfile(self.dataset):
+            return self.dataset
+        from ppojax import dataset_info
+
+        return dataset_info.resolve(self.dataset, self.dataset_dir)
+
     def hash(self) -> str:
-        """A short hash of the settings that change the training trajectory (not logging / saving / resume)."""
-        relevant = {k: v for k, v in self.to_dict().items() if k not in _NON_TRAJECTORY_KEYS}
+        """A short hash of the settings that change the training trajectory (not logging / saving / resume).
+        Keys added since 2026-11-22 are left out at their default (`HASH_NEUTRAL_AT_DEFAULT`), so a run
+        checkpointed by an earlier ppojax still resumes after an upgrade."""
+        relevant = {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in _NON_TRAJECTORY_KEYS and not (k in HASH_NEUTRAL_AT_DEFAULT and v == _FIELDS[k].default)
+        }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def replace(self, **changes) -> "TrainConfig":
@@ -422,6 +438,13 @@ _NON_TRAJECTORY_KEYS = frozenset(
 )
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name not in ("given_keys", "ignored_keys")}
+
+# Keys added after 2026-11-22 (ppojax 20ef444), each with a default that reproduces the earlier behaviour: at that
+# default they stay out of the config hash, so checkpoints of earlier runs keep matching. Add every new key here
+# (tests/test_config.py lists the keys of 20ef444 and fails on a key that is in neither).
+HASH_NEUTRAL_AT_DEFAULT = frozenset(
+    {"repetition_penalty", "ref_model_adapters", "reward_model_adapters", "default_system"}
+)
 _REQUIRED = tuple(name for name, f in _FIELDS.items() if f.default is dataclasses.MISSING)
 _HINTS = typing.get_type_hints(TrainConfig)
 
@@ -639,9 +662,15 @@ def _check_path(key: str, value: str, kind: str, source: str, raw: Mapping) -> s
                 "(expected a local Hugging Face model directory; hub names are not downloaded)"
             )
     elif not os.path.isfile(path):
+        from ppojax import dataset_info
+
+        info = dataset_info.info_path(raw.get("dataset_dir"))
+        if key == "dataset" and os.path.isfile(info):  # LLaMA-Factory dataset names
+            dataset_info.resolve(value, raw.get("dataset_dir"), source)
+            return ",".join(dataset_info.split_names(value))
         raise ConfigError(
-            f"{source}: '{key}' is {value!r} but {path} is not a file (ppojax reads a local .json or "
-            ".jsonl file; LLaMA-Factory dataset_info.json names are not looked up)"
+            f"{source}: '{key}' is {value!r} but {path} is not a file, and there is no {info} to look it up in "
+            "(ppojax reads a local .json / .jsonl file, or LLaMA-Factory dataset names in dataset_dir's dataset_info.json)"
         )
     return path
 

@@ -13,6 +13,9 @@ is the user turn(s) rendered by `tokenizer.apply_chat_template(..., add_generati
 template shipped in the model's tokenizer files; no remote code). With `template: none` (or default / empty /
 raw) the prompt is the raw text. A response (chosen, rejected, SFT output) is its text's tokens plus the EOS id.
 
+A dataset may also be LLaMA-Factory dataset_info.json entries (`ppojax.dataset_info`): the loaders take those in
+place of a path (`read_dataset`), their records converted to the formats above.
+
 Every problem is a `DataError` (a `ConfigError`): one line with the file and the line (JSONL) or record index
 (JSON array).
 
@@ -86,6 +89,17 @@ def read_records(path: str) -> list[tuple[str, dict]]:
     if not records:
         raise DataError(f"{path}: no records")
     return records
+
+
+def read_dataset(source, max_samples: Optional[int] = None) -> Iterator[tuple[str, dict]]:
+    """(where, record) of a dataset: a file (`read_records`), or LLaMA-Factory dataset_info.json entries
+    (`ppojax.dataset_info.resolve`; their records converted to ppojax's formats). max_samples: the first that many
+    records (of each named dataset, as LLaMA-Factory)."""
+    if isinstance(source, (str, os.PathLike)):
+        return itertools.islice(read_records(os.fspath(source)), max_samples)
+    from ppojax import dataset_info
+
+    return dataset_info.read(tuple(source), max_samples)
 
 
 def _text(record: dict, key: str, where: str, *, required: bool = True) -> Optional[str]:
@@ -290,7 +304,7 @@ def load_prompts(
     if overflow not in ("truncate", "refuse"):
         raise ValueError(f"overflow must be 'truncate' or 'refuse', found {overflow!r}")
     prompts, sources, truncated = [], [], 0
-    for where, record in itertools.islice(read_records(path), max_samples):
+    for where, record in read_dataset(path, max_samples):
         turns = _prompt_turns(record, where, "instruction/input, prompt or messages")
         ids = encode_prompt(tokenizer, turns, template, where, default_system)
         if not ids:
@@ -328,7 +342,7 @@ def _response_dataset(
     default_system: Optional[str] = None,
 ) -> ResponseDataset:
     prompts, responses, sources, truncated = [], [], [], 0
-    for where, record in itertools.islice(read_records(path), max_samples):
+    for where, record in read_dataset(path, max_samples):
         texts, turns = responses_of(record, where)
         for key, text in texts:
             if not text.strip():

@@ -104,6 +104,21 @@ def _sigint_deferred():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+@contextlib.contextmanager
+def _sigint_raises():
+    """Ctrl-C raises KeyboardInterrupt during the session even when SIGINT was ignored on entry: a command started
+    in the background of a shell without job control (or by a runner that does so) inherits SIG_IGN for SIGINT,
+    and Python then installs no handler, so Ctrl-C would do nothing at the rating prompt."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def save_ratings(path: str, ratings: dict[int, dict]) -> None:
     """Rewrites the ratings file atomically (temporary file + os.replace), Ctrl-C deferred until done."""
     from ppojax.reports import atomic_write
@@ -237,31 +252,32 @@ def review(
         out.write(f"resuming: {len(ratings)} of {len(samples)} samples already reviewed ({ratings_path})\n")
     stopped = None
     try:
-        for position, index in enumerate(todo, start=len(ratings) + 1):
-            _show(out, position, len(samples), index, samples[index], max_chars)
-            while True:
-                out.write("rating 1-5, s = skip, q = quit: ")
-                out.flush()
-                line = stdin.readline()
-                if not line:  # end of input
-                    stopped = "end of input"
+        with _sigint_raises():  # Ctrl-C stops the session even if SIGINT was ignored on entry
+            for position, index in enumerate(todo, start=len(ratings) + 1):
+                _show(out, position, len(samples), index, samples[index], max_chars)
+                while True:
+                    out.write("rating 1-5, s = skip, q = quit: ")
+                    out.flush()
+                    line = stdin.readline()
+                    if not line:  # end of input
+                        stopped = "end of input"
+                        break
+                    answer = line.strip().lower()
+                    if answer in ("q", "quit"):
+                        stopped = "quit"
+                        break
+                    if answer in ("s", "skip"):
+                        rating = None
+                    elif answer in {str(r) for r in RATINGS}:
+                        rating = int(answer)
+                    else:
+                        out.write(f"  {answer!r} is not a rating; type 1, 2, 3, 4 or 5, s to skip, q to quit\n")
+                        continue
+                    ratings[index] = ratings_row(index, samples[index], rating)
+                    save_ratings(ratings_path, ratings)
                     break
-                answer = line.strip().lower()
-                if answer in ("q", "quit"):
-                    stopped = "quit"
+                if stopped:
                     break
-                if answer in ("s", "skip"):
-                    rating = None
-                elif answer in {str(r) for r in RATINGS}:
-                    rating = int(answer)
-                else:
-                    out.write(f"  {answer!r} is not a rating; type 1, 2, 3, 4 or 5, s to skip, q to quit\n")
-                    continue
-                ratings[index] = ratings_row(index, samples[index], rating)
-                save_ratings(ratings_path, ratings)
-                break
-            if stopped:
-                break
     except KeyboardInterrupt:
         stopped = "interrupted"
     if stopped:

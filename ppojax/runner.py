@@ -217,7 +217,7 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
     tokenizer, _ = data_lib.ensure_pad_token(data_lib.load_tokenizer(config.model_name_or_path))
     loader = data_lib.load_sft if config.stage == "sft" else data_lib.load_preferences
     dataset = loader(
-        config.dataset,
+        config.dataset_source,
         tokenizer,
         template=config.template,
         cutoff_len=config.cutoff_len,

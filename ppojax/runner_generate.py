@@ -95,7 +95,7 @@ def generate(
             f"--max-new-tokens {max_new_tokens} with prompts of up to {max(len(p) for p in dataset.prompts)} tokens "
             f"needs {needed} positions; {model_dir} has max_position_embeddings {model.config.max_position_embeddings}"
         )
-    stops = stop_token_ids(tokenizer, model)
+    stops = stop_token_ids(tokenizer, model, model_dir)
     key = jax.random.PRNGKey(seed)
     sampling = dict(
         temperature=temperature,

@@ -46,6 +46,7 @@ of the same command continues from the latest one; on CPU the result is bit-iden
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -108,11 +109,23 @@ class PPOInputs(NamedTuple):
 # Loading and the static config
 
 
-def stop_token_ids(tokenizer, model: DecoderModel) -> tuple[int, ...]:
-    """The model config's EOS ids and the tokenizer's EOS id."""
+def stop_token_ids(tokenizer, model: DecoderModel, model_dir: Optional[str] = None) -> tuple[int, ...]:
+    """The model config's EOS ids, the tokenizer's EOS id and, when `model_dir` has a generation_config.json, its
+    eos_token_id (an id or a list): transformers' `generate` stops at those too, and some chat models list their
+    end-of-turn token only there (Llama 3 Instruct's first release: <|eot_id|>)."""
     ids = set(model.config.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
+    path = None if model_dir is None else os.path.join(model_dir, "generation_config.json")
+    if path is not None and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                value = json.load(f).get("eos_token_id")
+            ids.update([] if value is None else [value] if isinstance(value, int) else [int(v) for v in value])
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            raise ConfigError(
+                f"{path}: eos_token_id must be an id or a list of ids ({type(e).__name__}: {e})"
+            ) from None
     return tuple(sorted(ids))
 
 
@@ -162,7 +175,7 @@ def load_inputs(config: TrainConfig, layout=None) -> PPOInputs:
     straight into its shards when a `parallel.Layout` is given)."""
     tokenizer, pad_added = data_lib.ensure_pad_token(data_lib.load_tokenizer(config.model_name_or_path))
     dataset = data_lib.load_prompts(
-        config.dataset,
+        config.dataset_source,
         tokenizer,
         template=config.template,
         max_prompt_length=config.max_prompt_length,
@@ -477,7 +490,7 @@ def run_ppo(config: TrainConfig, *, progress: bool = True) -> dict:
     iterations_per_epoch = len(inputs.dataset) // batch_size
     total = total_iterations(config, len(inputs.dataset))
     pad_id = inputs.tokenizer.pad_token_id
-    stops = stop_token_ids(inputs.tokenizer, inputs.policy_model)
+    stops = stop_token_ids(inputs.tokenizer, inputs.policy_model, config.model_name_or_path)
 
     run_steps = total_optimizer_steps(config, total)
 

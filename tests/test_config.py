@@ -312,3 +312,108 @@ def test_llamafactory_generation_and_quantization_keys(workdir):
     assert "'default_system' needs a chat template" in error(config_from_dict, base(default_system="Be brief."))
     for key in ("quantization_bit", "ref_model_quantization_bit", "reward_model_quantization_bit"):
         assert f"key '{key}' is not a ppojax key: ppojax does not quantize" in error(config_from_dict, base(**{key: 4}))
+
+
+# The config keys of ppojax 20ef444 (2026-11-22): a checkpoint written then must still match after an upgrade.
+KEYS_OF_20EF444 = (
+    "adap_kl_ctrl",
+    "adapter_name_or_path",
+    "batch_size",
+    "bf16",
+    "cliprange",
+    "cliprange_value",
+    "create_new_adapter",
+    "critic_learning_rate",
+    "critic_mode",
+    "cutoff_len",
+    "dataset",
+    "dataset_dir",
+    "distributed",
+    "do_train",
+    "early_stop_kl",
+    "entropy_coef",
+    "finetuning_type",
+    "gamma",
+    "gradient_accumulation_steps",
+    "horizon",
+    "kl_coef",
+    "kl_estimator",
+    "kl_rule",
+    "lam",
+    "learning_rate",
+    "length_penalty",
+    "length_reward",
+    "logging_steps",
+    "logprob_temperature",
+    "lora_alpha",
+    "lora_rank",
+    "lora_target",
+    "lr_scheduler_type",
+    "max_grad_norm",
+    "max_new_tokens",
+    "max_prompt_length",
+    "max_rollbacks",
+    "max_samples",
+    "max_steps",
+    "max_to_keep",
+    "mesh",
+    "missing_eos_penalty",
+    "model_name_or_path",
+    "num_samples",
+    "num_train_epochs",
+    "old_logprobs",
+    "on_kl_exceeded",
+    "output_dir",
+    "overwrite_output_dir",
+    "pad_multiple",
+    "per_device_train_batch_size",
+    "ppo_buffer_size",
+    "ppo_epochs",
+    "ppo_score_norm",
+    "ppo_target",
+    "ppo_whiten_rewards",
+    "preset",
+    "prompt_overflow",
+    "ref_model",
+    "resume",
+    "reward_model",
+    "reward_model_type",
+    "rm_max_length_diff",
+    "rollback_kl_coef_scale",
+    "rollback_lr_scale",
+    "samples_every",
+    "save_steps",
+    "seed",
+    "stage",
+    "stages",
+    "target_kl",
+    "temperature",
+    "template",
+    "tensorboard",
+    "top_k",
+    "top_p",
+    "value_head_bias",
+    "vf_coef",
+    "warmup_ratio",
+    "warmup_steps",
+)
+
+
+def test_keys_added_later_leave_the_hash_alone_at_their_default(workdir):
+    from ppojax.config import _FIELDS, HASH_NEUTRAL_AT_DEFAULT
+
+    # Every key is one of 20ef444's or listed as neutral at its default (so a new key must choose).
+    assert set(_FIELDS) == set(KEYS_OF_20EF444) | HASH_NEUTRAL_AT_DEFAULT
+    assert not set(KEYS_OF_20EF444) & HASH_NEUTRAL_AT_DEFAULT
+    config = config_from_dict(base(top_k=50))
+    # 20ef444's hash: sha256 of its keys' values minus the non-trajectory ones (its formula, written out).
+    import hashlib
+    import json
+
+    from ppojax.config import _NON_TRAJECTORY_KEYS
+
+    old = {k: getattr(config, k) for k in KEYS_OF_20EF444 if k not in _NON_TRAJECTORY_KEYS}
+    assert config.hash() == hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    for key, value in (("repetition_penalty", 1.2), ("default_system", "Be brief.")):
+        changed = config_from_dict(base(top_k=50, template="qwen", **{key: value}))
+        assert changed.hash() != config_from_dict(base(top_k=50, template="qwen")).hash(), key

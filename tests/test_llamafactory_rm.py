@@ -319,3 +319,17 @@ def test_rm_and_sft_stages_resume_or_merge_the_adapter_too(sft_adapters):
     merged = peft.PeftModel.from_pretrained(fresh, root / "sft1").merge_and_unload()
     up = merged.state_dict()["model.layers.0.mlp.up_proj.weight"].numpy().T
     np.testing.assert_allclose(np.asarray(params["layers_0"]["mlp"]["up"]["kernel"]), up, atol=1e-6)
+
+
+def test_ppo_reads_a_llamafactory_dataset_name(lf_setup):
+    """The seed documents' PPO YAML names its prompts (`dataset: my_ppo_prompts`), described in
+    dataset_info.json as alpaca records with empty inputs."""
+    root = lf_setup[0]
+    data = root / "lf_data"
+    data.mkdir(exist_ok=True)
+    records = [{"instruction": "hi there", "input": ""}, {"instruction": "write", "input": "a poem"}]
+    (data / "ppo.json").write_text(json.dumps(records))
+    (data / "dataset_info.json").write_text(json.dumps({"my_ppo_prompts": {"file_name": "ppo.json"}}))
+    named = load_inputs(ppo_config(root, dataset="my_ppo_prompts", dataset_dir=str(data), template="qwen"))
+    by_file = load_inputs(ppo_config(root, template="qwen"))  # prompts.json: "hi there", "write a poem"
+    assert named.dataset.prompts == by_file.dataset.prompts

@@ -103,10 +103,13 @@ class Terminal:
     Started with util-linux `setsid --ctty` through subprocess (fork + exec in C): `pty.fork()` would fork this
     multi-threaded (JAX) process in Python, which JAX warns may deadlock."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, sigint_ignored: bool = False):
         env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
         self.fd, slave = os.openpty()
-        command = ["setsid", "--ctty", sys.executable, "-m", "ppojax.cli", *args]
+        command = [sys.executable, "-m", "ppojax.cli", *args]
+        if sigint_ignored:  # as a command started in the background of a shell without job control inherits it
+            command = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *command]
+        command = ["setsid", "--ctty", *command]
         self.process = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
         os.close(slave)
         self.pid = self.process.pid
@@ -131,8 +134,13 @@ class Terminal:
     def send(self, data: str):
         os.write(self.fd, data.encode())
 
-    def wait(self) -> int:
+    def wait(self, timeout: float = 90.0) -> int:
+        deadline = time.time() + timeout
         while True:
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.time()))
+            if not ready:
+                self.process.kill()
+                raise AssertionError(f"the command did not exit; saw {self.seen.decode(errors='replace')!r}")
             try:
                 chunk = os.read(self.fd, 4096)
             except OSError:
@@ -169,3 +177,18 @@ def test_terminal_session_survives_ctrl_c_and_resumes(samples_file):
     assert [(r["index"], r["rating"]) for r in read_ratings(samples_file)] == [(0, 5), (1, 2), (2, 1), (3, 4)]
     # Sample #3 (score 2.5, the top) rated 1: flagged.
     assert "LIKELY REWARD HACKING: 1 sample(s)" in term.seen.decode(errors="replace")
+
+
+@pytest.mark.skipif(shutil.which("setsid") is None, reason="needs util-linux setsid to give the command a tty")
+def test_ctrl_c_stops_a_session_started_with_sigint_ignored(samples_file):
+    """A command started in the background of a shell without job control inherits SIGINT ignored, and Python
+    then installs no handler: Ctrl-C at the prompt did nothing (a test run started that way hung here)."""
+    prompt = "rating 1-5, s = skip, q = quit: "
+    term = Terminal("review", samples_file, sigint_ignored=True)
+    term.expect(prompt)
+    term.send("4\n")
+    term.expect(prompt)
+    term.send("\x03")
+    assert term.wait() == 130
+    assert "interrupted: 1 of 5 reviewed" in term.seen.decode(errors="replace")
+    assert [(r["index"], r["rating"]) for r in read_ratings(samples_file)] == [(0, 4)]

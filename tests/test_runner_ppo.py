@@ -139,3 +139,24 @@ def test_score_normalisation_gives_mean_0_std_1_on_the_fitted_responses(paths):
     scores, raw_scores = np.concatenate(scores), np.concatenate(raw_scores)
     assert raw_scores.std() > 0 and abs(gain - 1 / raw_scores.std()) < 1e-4 * gain
     assert abs(scores.mean()) < 1e-4 and abs(scores.std() - 1) < 1e-4
+
+
+def test_stop_ids_include_the_generation_config_eos(tmp_path):
+    """transformers' `generate` stops at generation_config.json's eos_token_id too: Llama 3 Instruct's first
+    release lists its end-of-turn token (<|eot_id|>) only there."""
+    import json
+    from types import SimpleNamespace
+
+    from ppojax.config import ConfigError
+    from ppojax.runner_ppo import stop_token_ids
+
+    model = SimpleNamespace(config=SimpleNamespace(eos_token_ids=(5,)))
+    tokenizer = SimpleNamespace(eos_token_id=7)
+    assert stop_token_ids(tokenizer, model) == (5, 7) == stop_token_ids(tokenizer, model, str(tmp_path))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [9, 5], "do_sample": True}))
+    assert stop_token_ids(tokenizer, model, str(tmp_path)) == (5, 7, 9)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 11}))
+    assert stop_token_ids(tokenizer, model, str(tmp_path)) == (5, 7, 11)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "eot"}))
+    with pytest.raises(ConfigError, match=r"generation_config.json: eos_token_id must be an id or a list of ids"):
+        stop_token_ids(tokenizer, model, str(tmp_path))

@@ -44,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-k", type=int, default=0, help="0: off (the issue's workload)")
     parser.add_argument("--top-p", type=float, default=1.0, help="1: off (the issue's workload)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off (the issue's workload)")
     parser.add_argument("--vocab", type=int, default=1536)
     parser.add_argument("--repeats", type=int, default=7, help="timed runs of each library")
     parser.add_argument("--seed", type=int, default=0)
@@ -148,6 +149,7 @@ def main(args: argparse.Namespace) -> None:
         top_p=args.top_p,
         stop_token_ids=(),
         pad_token_id=PAD_ID,
+        repetition_penalty=args.repetition_penalty,
     )
     single_device = sample(params, ids, mask, key)
     ids_on, mask_on, params_on = ids, mask, params
@@ -179,6 +181,7 @@ def main(args: argparse.Namespace) -> None:
                 temperature=args.temperature,
                 top_k=args.top_k,
                 top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty,
                 max_new_tokens=args.new_tokens,
                 min_new_tokens=args.new_tokens,
                 use_cache=True,
@@ -204,7 +207,7 @@ def main(args: argparse.Namespace) -> None:
     allocator = "jemalloc" if JEMALLOC in os.environ.get("LD_PRELOAD", "") else "system malloc"
     print(
         f"batch {args.batch}, prompt width {ids.shape[1]}, {args.new_tokens} new tokens, T={args.temperature}, "
-        f"top_k={args.top_k}, top_p={args.top_p}, "
+        f"top_k={args.top_k}, top_p={args.top_p}, repetition_penalty={args.repetition_penalty}, "
         f"vocab {args.vocab}; torch threads {torch.get_num_threads()}, jax devices {len(jax.devices())}, "
         f"{allocator}; load average (1 min) over the timed runs: "
         f"{min(l for r in results.values() for *_, l in r):.2f}-{max(l for r in results.values() for *_, l in r):.2f}"
