@@ -133,6 +133,24 @@ def test_stage_end_to_end_and_resume(tiny, monkeypatch, capsys, stage, dataset, 
     model, params = load_pretrained(str(tiny / out), head="lm" if stage == "sft" else "reward")
     assert model.config.vocab_size == 21 and params["embed"]["embedding"].shape[0] == 21  # grew for the pad token
     assert sorted(os.listdir(tiny / out / "checkpoints")) == ["2", "3"]
+    if stage == "rm":  # the same pairs as a LLaMA-Factory dataset name (alpaca ranking): the same run
+        data = tiny / "data"
+        data.mkdir(exist_ok=True)
+        lf_rows = [
+            {"instruction": i, "input": q, "chosen": c, "rejected": r}
+            for i, q, c, r in [
+                ("write a poem", "", "yes the cat sat", "no"),
+                ("hi", "there", "good", "bad bad"),
+                ("the cat", "", "sat", "no no"),
+                ("hi", "", "hi there", "no"),
+            ]
+        ]
+        (data / "pairs.json").write_text(json.dumps(lf_rows))
+        (data / "dataset_info.json").write_text(json.dumps({"lf_pairs": {"file_name": "pairs.json", "ranking": True}}))
+        named = ["dataset=lf_pairs", "output_dir=saves/rm_names"]  # dataset_dir: LLaMA-Factory's default, data/
+        assert main(["train", path, "--no-progress", *named]) == 0, capsys.readouterr().err
+        named_rows = read_metrics_csv(str(tiny / "saves" / "rm_names" / "rm_metrics" / "training_metrics.csv"))
+        assert [r["loss"] for r in named_rows] == [r["loss"] for r in rows]
     # A rerun resumes from the latest checkpoint (LLaMA-Factory's rule) if the settings are the same.
     assert main(["train", path, "--no-progress", "resume=false"]) == 2
     assert "already has checkpoints and resume is false" in capsys.readouterr().err
