@@ -399,6 +399,13 @@ FOREIGN_KEYS = {
         key: "ppojax does not quantize models (bf16: true halves every model's memory; QLoRA is not offered); remove it"
         for key in ("quantization_bit", "ref_model_quantization_bit", "reward_model_quantization_bit")
     },
+    "deepspeed": "ppojax shards with the mesh key instead: mesh: {fsdp: -1} is ZeRO-3 over every device (README, "
+    "Many devices and hosts); remove deepspeed",
+    **{
+        key: "ppojax train does not evaluate during training; score held-out data afterwards with ppojax eval-rm "
+        "(reward models) or ppojax generate"
+        for key in ("do_eval", "eval_dataset", "val_size", "eval_strategy", "eval_steps", "per_device_eval_batch_size")
+    },
 }
 
 # LLaMA-Factory keys accepted at one value only (its default, which is what ppojax does), with why not another.
@@ -418,6 +425,7 @@ INERT_KEYS = {
     "plot_loss": "training_curves.png is always written",
     "flash_attn": "attention is XLA's",
     "report_to": "metrics CSV, summary.json and plots are always written (tensorboard: true adds event files)",
+    "save_only_model": "checkpoints always hold the whole train state (so a run resumes); the model is exported apart",
 }
 
 _NON_TRAJECTORY_KEYS = frozenset(
