@@ -198,7 +198,11 @@ AIDS_COMMANDS = {"eval-rm": _eval_rm, "review": _review}
 def _add_generate_parser(sub) -> None:
     gen = sub.add_parser("generate", help="sample responses to a prompts file from a local HF model directory")
     gen.add_argument("--model", required=True, help="local Hugging Face directory (e.g. a ppo output_dir)")
-    gen.add_argument("--prompts", required=True, help="JSON / JSONL prompts (instruction/input, prompt or messages)")
+    gen.add_argument(
+        "--prompts",
+        required=True,
+        help="JSON / JSONL prompts (instruction/input, prompt or messages), or LLaMA-Factory dataset names",
+    )
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -208,6 +212,9 @@ def _add_generate_parser(sub) -> None:
     )
     gen.add_argument("--template", default="none", help="none (raw text) or a name: the tokenizer's chat template")
     gen.add_argument("--default-system", help="system prompt for records without one (needs a chat template)")
+    gen.add_argument(
+        "--dataset-dir", help="where --prompts names are looked up in dataset_info.json (LLaMA-Factory's; default data)"
+    )
     gen.add_argument("--max-prompt-length", type=int, default=512, help="longer prompts keep their last tokens")
     gen.add_argument("--batch-size", type=int, default=8)
     gen.add_argument("--seed", type=int, default=0)
@@ -249,6 +256,7 @@ def _generate(args) -> int:
             repetition_penalty=args.repetition_penalty,
             template=args.template,
             default_system=args.default_system,
+            dataset_dir=args.dataset_dir,
             max_prompt_length=args.max_prompt_length,
             batch_size=args.batch_size,
             seed=args.seed,

@@ -16,12 +16,14 @@ row; the command writes on process 0 only).
 from __future__ import annotations
 
 import math
+import os
 from typing import Iterator, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 
 from ppojax import data as data_lib
+from ppojax import dataset_info
 from ppojax import parallel
 from ppojax.config import ConfigError
 from ppojax.generation import bucket_length, pad_prompts, rollout_jit
@@ -46,6 +48,7 @@ def generate(
     repetition_penalty: float = 1.0,
     template: str = "none",
     default_system: Optional[str] = None,
+    dataset_dir: Optional[str] = None,
     max_prompt_length: int = 512,
     batch_size: int = 8,
     seed: int = 0,
@@ -75,8 +78,11 @@ def generate(
         split = layout.batch_shards
         _check("--batch-size", batch_size, batch_size % split == 0, f"a multiple of data x fsdp = {split} on --mesh")
     tokenizer, _ = data_lib.ensure_pad_token(data_lib.load_tokenizer(model_dir))
+    source = prompts_path
+    if not os.path.isfile(prompts_path) and os.path.isfile(dataset_info.info_path(dataset_dir)):
+        source = dataset_info.resolve(prompts_path, dataset_dir, "--prompts")  # LLaMA-Factory dataset names
     dataset = data_lib.load_prompts(
-        prompts_path, tokenizer, template=template, max_prompt_length=max_prompt_length, default_system=default_system
+        source, tokenizer, template=template, max_prompt_length=max_prompt_length, default_system=default_system
     )
     try:
         shardings = None if layout is None else (lambda model: layout.params(model.param_shapes()))

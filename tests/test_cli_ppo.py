@@ -348,6 +348,18 @@ def test_generate_greedy_matches_a_cacheless_forward_pass(workdir, ppo_run, monk
 
     assert len(rows) == len(prompts) == 12
     check_greedy(rows, prompts)
+    # The same prompts as a LLaMA-Factory dataset name (alpaca records in lf/dataset_info.json): the same rows.
+    (workdir / "lf").mkdir(exist_ok=True)
+    texts = [
+        p.get("instruction") or p.get("prompt") or p["messages"][0]["content"] for p in json.load(open("prompts.json"))
+    ]
+    (workdir / "lf" / "p.json").write_text(json.dumps([{"instruction": t, "input": ""} for t in texts]))
+    (workdir / "lf" / "dataset_info.json").write_text(json.dumps({"lf_prompts": {"file_name": "p.json"}}))
+    named = [a if a != "prompts.json" else "lf_prompts" for a in args] + ["--dataset-dir", "lf"]
+    assert main([*named, "--temperature", "0", "--batch-size", "5", "--output", "named.jsonl"]) == 0
+    named_rows = [json.loads(line) for line in (workdir / "named.jsonl").read_text().splitlines()]
+    drop = lambda row: {k: v for k, v in row.items() if k != "source"}  # noqa: E731
+    assert [drop(r) for r in named_rows] == [drop(r) for r in rows]
     # With a repetition penalty and a system prompt for the records without one. The trained policy's greedy
     # responses repeat one token with a large margin ("': : : : :'"): a penalty of 1.5 leaves them as they are.
     extra = ["--repetition-penalty", "100", "--default-system", "yes", "--output", "penalised.jsonl"]
