@@ -236,7 +236,9 @@ def encode_prompt(
     default_system: the system prompt of a conversation that has none (LLaMA-Factory's key; chat templates only)."""
     if default_system and not any(t["role"] == "system" for t in turns):
         if is_raw_template(template):
-            raise DataError(f"default_system needs a chat template; template {template!r} is raw text")
+            raise DataError(
+                f"{where + ': ' if where else ''}default_system needs a chat template; template {template!r} is raw text"
+            )
         turns = [{"role": "system", "content": default_system}] + turns
     if is_raw_template(template):
         text = "\n\n".join(t["content"] for t in turns)

@@ -217,9 +217,8 @@ def rollout(
     lengths = jnp.ones((batch,), jnp.int32)
 
     # Loop state: (step, cache, last token, response ids, log-probs, lengths, stopped, seen tokens or None). Step t
-    # samples column t
-    # and writes the token of step t - 1 at slot prompt_len + t - 1: a phase ending at step e needs
-    # prompt_len + e - 1 slots.
+    # samples column t and writes the token of step t - 1 at slot prompt_len + t - 1: a phase ending at step e
+    # needs prompt_len + e - 1 slots.
     def keep_going(end):
         def condition(state):
             step, *_, stopped, _ = state
