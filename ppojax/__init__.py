@@ -63,6 +63,7 @@ from ppojax.sampling import filter_logits, sample_tokens, token_logprobs, top_k_
 from ppojax.optim import OptimizerConfig, make_optimizer, make_schedule, scale_by_tf_adam
 from ppojax.train import (
     Experience,
+    LoraReference,
     Minibatch,
     PPOConfig,
     PPOModels,

@@ -25,7 +25,7 @@ convention's values apply. Keys given explicitly override either.
 | lora_target | all | all, or a comma list of projections: q k v o gate up down (HF names q_proj ... down_proj accepted) |
 | reward_model | (ppo: required) | local directory of the reward model: a ppojax `stage: rm` output_dir (HF sequence classifier), or a LLaMA-Factory `stage: rm` output_dir (`value_head.safetensors` beside a causal LM, or beside a LoRA adapter, which is applied to model_name_or_path as LLaMA-Factory does) |
 | reward_model_type | null | LLaMA-Factory's key, checked against the directory: full or lora (null: whatever the directory holds) |
-| ref_model | null | local HF directory of the reference policy; null: the initial policy (LoRA: the base, adapters off) |
+| ref_model | null | local HF directory of the reference policy (same architecture); null: the initial policy (LoRA: the base, adapters off). With LoRA the adapters still sit on model_name_or_path and the reference is this model (LLaMA-Factory's rule; one more copy of the weights) |
 | ref_model_adapters | null | PEFT LoRA adapters (a comma list of local directories) merged into ref_model as it is read (LLaMA-Factory's key); needs ref_model |
 | reward_model_adapters | null | LLaMA-Factory's key for a full reward_model: PEFT LoRA adapters applied to it, the last one a LLaMA-Factory LoRA stage: rm output_dir (its value_head.safetensors is the head, as LLaMA-Factory reads it); the others are merged first |
 | adapter_name_or_path | null | lora: PEFT LoRA adapters (a comma list of local directories, e.g. LLaMA-Factory's LoRA sft output_dir) on model_name_or_path, as LLaMA-Factory uses them: every adapter but the last is merged into the weights, the last is trained further (so the reference, the policy with its adapter off, includes only the merged ones) |
@@ -864,11 +864,6 @@ def _check_consistency(config: TrainConfig, raw: Mapping, where):
 
 def _check_ppo(c: TrainConfig, where):
     """stage: ppo settings that the PPO runner cannot honour."""
-    if c.ref_model is not None and c.finetuning_type == "lora":
-        raise ConfigError(
-            f"{where('ref_model')}: 'ref_model' is set but finetuning_type is 'lora', where the reference is the "
-            "policy's base with the adapters off; remove ref_model or set finetuning_type: full"
-        )
     scored_at = c.logprob_temperature  # the convention's, without building it (its own checks come later)
     if scored_at is None and c.preset is not None:
         scored_at = PRESETS[c.preset].logprob_temperature

@@ -100,7 +100,7 @@ class PPOInputs(NamedTuple):
     dataset: data_lib.PromptDataset
     policy_model: DecoderModel
     policy_params: dict  # the initial policy; with LoRA, the frozen base
-    ref_params: dict  # the reference policy (with LoRA: the same base)
+    ref_params: Any  # the reference policy (with LoRA: the same base, or a `train.LoraReference`)
     reward_model: DecoderModel
     reward_params: dict
 
@@ -206,6 +206,8 @@ def load_inputs(config: TrainConfig, layout=None) -> PPOInputs:
                 f"ref_model {config.ref_model} is not the same architecture as {config.model_name_or_path}; "
                 "the reference must share the policy's config"
             )
+        if config.finetuning_type == "lora":  # the adapters sit on the policy's base; the reference is its own
+            ref_params = train.LoraReference(base=policy_params, reference=ref_params)
     if config.shared_value_head_bias:  # the value head on the shared trunk has a bias
         policy_model = dataclasses.replace(
             policy_model, config=dataclasses.replace(policy_model.config, head_bias=True)
@@ -454,7 +456,11 @@ def shard_inputs(inputs: PPOInputs, layout: parallel.Layout) -> PPOInputs:
     """The loaded params placed by the sharding rules (policy, reference, reward)."""
     place = lambda params: parallel.place(params, layout.params(params))  # noqa: E731
     policy = place(inputs.policy_params)
-    ref = policy if inputs.ref_params is inputs.policy_params else place(inputs.ref_params)
+    ref = inputs.ref_params
+    if isinstance(ref, train.LoraReference):  # the base is the policy's params, placed once
+        ref = train.LoraReference(base=policy, reference=place(ref.reference))
+    else:
+        ref = policy if ref is inputs.policy_params else place(ref)
     return inputs._replace(policy_params=policy, ref_params=ref, reward_params=place(inputs.reward_params))
 
 

@@ -16,7 +16,8 @@ One PPO iteration:
 Static things (`PPOConfig`, `PPOModels`) are bound with `functools.partial` (keywords `config=`,
 `models=`) before `jax.jit`; `make_ppo_iteration` and `make_ppo_phases` do it. Frozen params (reference,
 reward) are arguments. With LoRA, `state.policy` is the `Lora` adapters and `ref_params` is the base the
-adapters sit on: the reference is that base with `lora=None`, so there is no second copy.
+adapters sit on: the reference is that base with `lora=None`, so there is no second copy. A LoRA run with a
+reference model of its own (LLaMA-Factory's `ref_model` with LoRA) passes `LoraReference(base, reference)`.
 """
 
 from __future__ import annotations
@@ -179,6 +180,16 @@ class PPOModels:
 
 # ----------------------------------------------------------------------------------------------------------
 # State and batches
+
+
+@struct.dataclass
+class LoraReference:
+    """`ref_params` of a LoRA run whose reference is a model of its own: `base`, the frozen params the adapters
+    sit on (the policy is base + adapters), and `reference`, the reference policy's params (same architecture).
+    Without it a LoRA run's reference is the base itself (adapters off)."""
+
+    base: Any
+    reference: Any
 
 
 @struct.dataclass
@@ -371,10 +382,15 @@ def init_ppo_state(
 
 
 def _policy_params(policy, ref_params):
-    """(params, lora) for applying the policy: LoRA adapters sit on the frozen base `ref_params`."""
+    """(params, lora) for applying the policy: LoRA adapters sit on the frozen base `ref_params` (or its `base`)."""
     if isinstance(policy, Lora):
-        return ref_params, policy
+        return (ref_params.base if isinstance(ref_params, LoraReference) else ref_params), policy
     return policy, None
+
+
+def reference_params(ref_params):
+    """The reference policy's params in `ref_params` (a `LoraReference`'s `reference`, else `ref_params`)."""
+    return ref_params.reference if isinstance(ref_params, LoraReference) else ref_params
 
 
 def policy_outputs(
@@ -655,7 +671,7 @@ def collect(state: PPOState, prompts, ref_params, reward_params, *, config: PPOC
         response_mask=sampled.response_mask,
         behaviour_logprobs=sampled.logprobs,
         logprobs=logprobs,
-        ref_logprobs=response_logprobs(models.policy, ref_params, *batch, config.logprob_temperature),
+        ref_logprobs=response_logprobs(models.policy, reference_params(ref_params), *batch, config.logprob_temperature),
         values=values,
         scores=_sequence_scores(config, models, reward_params, *batch),
         stopped=sampled.stopped,

@@ -291,7 +291,7 @@ def test_a_run_stopped_on_kl_is_not_resumed_from_its_rejected_update(workdir, pp
     [
         (("reward_model=qwen2-tiny",), "has no reward head (score.weight)"),
         (("preset=verl",), "'ppo_target' 6.0 has no effect with a fixed KL coefficient"),
-        (("ref_model=qwen2-tiny",), "'ref_model' is set but finetuning_type is 'lora'"),
+        (("ref_model_adapters=qwen2-tiny",), "has no adapter_config.json (expected a local PEFT LoRA adapter"),
         (("batch_size=6",), "'batch_size' 6 (prompts per PPO iteration) is not divisible by"),
         (("max_new_tokens=100",), "needs 116 positions but"),
         (("critic_mode=shared", "critic_learning_rate=1e-5"), "'critic_learning_rate' has no effect with critic_mode"),

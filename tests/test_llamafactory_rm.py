@@ -231,7 +231,7 @@ def test_ref_and_reward_model_adapters_are_merged_as_llamafactory_does(lf_setup,
     _, _, head = lf_setup
     config = ppo_config(
         root,
-        finetuning_type="full",  # ppojax's LoRA reference is the policy's base with the adapters off
+        finetuning_type="full",
         ref_model=str(root / "base"),
         ref_model_adapters=f"{root / 'sft1'},{root / 'sft2'}",
         reward_model=str(root / "base"),
@@ -261,6 +261,13 @@ def test_ref_and_reward_model_adapters_are_merged_as_llamafactory_does(lf_setup,
         want = head(hidden)[..., 0].numpy()
     scores = inputs.reward_model.apply(inputs.reward_params, ids, mask).scores
     np.testing.assert_allclose(np.asarray(scores), want, atol=1e-4)
+    # With LoRA (LLaMA-Factory allows a ref_model there too): the adapters sit on the policy's base, the reference
+    # is the model of its own.
+    lora_inputs = load_inputs(config.replace(finetuning_type="lora"))
+    assert isinstance(lora_inputs.ref_params, train.LoraReference)
+    assert lora_inputs.ref_params.base is lora_inputs.policy_params
+    lora_ref = inputs.policy_model.apply(lora_inputs.ref_params.reference, ids, mask).logits[..., :vocab]
+    np.testing.assert_allclose(np.asarray(lora_ref), torch_logits(reference, ids), atol=1e-4)
     without = peft.PeftModel.from_pretrained(merged(), root / "rm").eval()  # the first adapter matters here
     with torch.no_grad():
         hidden = without(input_ids=torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True).hidden_states[-1]

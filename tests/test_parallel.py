@@ -226,6 +226,12 @@ def test_every_family_head_and_lora_adapter_has_a_rule():
             assert _normalise(adapters["attn"]["k"]["b"].spec) == P(None, "tensor")  # [rank, kv]
             assert _normalise(adapters["mlp"]["down"]["a"].spec) == P("tensor")  # [I, rank]
             assert _normalise(adapters["attn"]["o"]["b"].spec) == P(None, "fsdp")  # [rank, H]
+        # A LoRA run's reference of its own (`train.LoraReference`): both halves placed as the params are.
+        shapes = DecoderModel(config).param_shapes()
+        pair = lay.params(T.LoraReference(base=shapes, reference=shapes))
+        plain = jax.tree.leaves(lay.params(shapes))
+        for half in (pair.base, pair.reference):
+            assert [s.spec for s in jax.tree.leaves(half)] == [s.spec for s in plain]
 
 
 def test_optimizer_state_and_ppo_state_follow_the_params():

@@ -361,6 +361,33 @@ def test_non_finite_loss_skips_every_update_and_keeps_the_state():
     assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(before, after_leaves))
 
 
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_lora_with_a_reference_model_of_its_own(jit):
+    """`LoraReference(base, reference)`: the adapters sit on `base` (sampling, old log-probs, training) and only the
+    reference log-probs come from `reference`: everything else equals the run whose reference is the base."""
+    config = _config("joint", stop_token_ids=(1, 2))
+    adapters = init_lora(POLICY, jax.random.key(5), rank=4, targets="all")
+    adapters = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(6), x.shape), adapters)  # b != 0
+    state, models = T.init_ppo_state(
+        config, POLICY, POLICY_PARAMS, jax.random.key(2), reward_fn=target_rate, critic_init="policy", lora=adapters
+    )
+    other = POLICY.init_params(jax.random.key(9))  # the reference model
+    wrap = jax.jit if jit else (lambda f: f)
+    collect = wrap(functools.partial(T.collect, config=config, models=models))
+    _, plain = collect(state, PROMPTS, POLICY_PARAMS, None)
+    _, separate = collect(state, PROMPTS, T.LoraReference(base=POLICY_PARAMS, reference=other), None)
+    for name in ("response_ids", "response_mask", "logprobs", "behaviour_logprobs", "values", "scores"):
+        np.testing.assert_array_equal(getattr(separate, name), getattr(plain, name), err_msg=name)
+    np.testing.assert_allclose(separate.ref_logprobs, _numpy_response_logprobs(other, separate, 1.0), atol=1e-5)
+    assert np.abs(np.asarray(separate.ref_logprobs) - np.asarray(plain.ref_logprobs)).max() > 0.1
+    if jit:  # training sees the reference only through the experience: the same experience trains the same
+        train = jax.jit(functools.partial(T.train_on_batch, config=config, models=models))
+        one, _ = train(state, plain, POLICY_PARAMS)
+        two, _ = train(state, plain, T.LoraReference(base=POLICY_PARAMS, reference=other))
+        for a, b in zip(jax.tree.leaves(one.policy), jax.tree.leaves(two.policy)):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_lora_update_step_trains_adapters_only():
     """The fast LoRA checks (jitted update_step; the full-iteration versions are slow-marked above): only the
     adapters train, the base and the reference stay bit-identical, and the adapters learn: on a minibatch
