@@ -27,6 +27,7 @@ import os
 from typing import Any, Iterator, Optional
 
 from ppojax.config import ConfigError
+from ppojax.data import DataError, read_records
 
 DATASET_INFO = "dataset_info.json"
 DEFAULT_DATASET_DIR = "data"  # LLaMA-Factory's
@@ -134,8 +135,10 @@ def _entry(name: str, info: dict, path: str, directory: str) -> DatasetEntry:
         if given.get(column):
             raise ConfigError(f"{where}: the {column!r} column ({what}) is not supported; ppojax trains on text only")
     columns = {**_COLUMNS, **{key: value for key, value in given.items() if key in _COLUMNS}}
-    tags = dict(_TAGS)
-    tags.update({key: value for key, value in (attr.get("tags") or {}).items() if key in _TAGS})
+    given_tags = attr.get("tags") or {}
+    if not isinstance(given_tags, dict):
+        raise ConfigError(f"{where}: tags must be an object of tag -> name")
+    tags = {**_TAGS, **{key: value for key, value in given_tags.items() if key in _TAGS}}
     return DatasetEntry(
         name=name,
         files=_files(os.path.join(directory, attr["file_name"]), where),
@@ -165,8 +168,6 @@ def _files(path: str, where: str) -> tuple[str, ...]:
 def read(entries: tuple[DatasetEntry, ...], max_samples: Optional[int] = None) -> Iterator[tuple[str, dict]]:
     """(where, ppojax record) for every record of every entry in turn; `max_samples` caps each dataset, as
     LLaMA-Factory's max_samples does."""
-    from ppojax.data import read_records
-
     for entry in entries:
         records = itertools.chain.from_iterable(read_records(file) for file in entry.files)
         for where, record in itertools.islice(records, max_samples):
@@ -175,8 +176,6 @@ def read(entries: tuple[DatasetEntry, ...], max_samples: Optional[int] = None) -
 
 def convert(entry: DatasetEntry, record: dict, where: str) -> dict:
     """A LLaMA-Factory record (as `entry` describes it) as a ppojax record: {"messages", "chosen"?, "rejected"?}."""
-    from ppojax.data import DataError
-
     if entry.formatting == "alpaca":
         turns = _alpaca_turns(entry, record, where)
     else:
@@ -195,8 +194,6 @@ def convert(entry: DatasetEntry, record: dict, where: str) -> dict:
 
 
 def _field(record: dict, column: Optional[str], where: str) -> Optional[str]:
-    from ppojax.data import DataError
-
     if not column or record.get(column) in (None, ""):
         return None
     value = record[column]
@@ -206,8 +203,6 @@ def _field(record: dict, column: Optional[str], where: str) -> Optional[str]:
 
 
 def _alpaca_turns(entry: DatasetEntry, record: dict, where: str) -> list[dict]:
-    from ppojax.data import DataError
-
     turns = []
     system = _field(record, entry.column("system"), where)
     if system:
@@ -235,8 +230,6 @@ def _alpaca_turns(entry: DatasetEntry, record: dict, where: str) -> list[dict]:
 
 
 def _conversation_turns(entry: DatasetEntry, record: dict, where: str) -> list[dict]:
-    from ppojax.data import DataError
-
     column = entry.column("messages")
     messages = record.get(column)
     if not isinstance(messages, list):

@@ -72,6 +72,7 @@ from ppojax.models import (
     merge_lora,
     save_pretrained,
 )
+from ppojax.models.config import as_id_tuple
 from ppojax.models.lora import Lora
 from ppojax.models.peft_adapters import adapter_as_lora, load_with_adapters
 from ppojax.optim import OptimizerConfig
@@ -121,7 +122,7 @@ def stop_token_ids(tokenizer, model: DecoderModel, model_dir: Optional[str] = No
         try:
             with open(path, encoding="utf-8") as f:
                 value = json.load(f).get("eos_token_id")
-            ids.update([] if value is None else [value] if isinstance(value, int) else [int(v) for v in value])
+            ids.update(as_id_tuple(value))
         except (OSError, ValueError, TypeError, AttributeError) as e:
             raise ConfigError(
                 f"{path}: eos_token_id must be an id or a list of ids ({type(e).__name__}: {e})"

@@ -25,7 +25,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import math
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -41,6 +40,7 @@ from ppojax.generation import (
     _response_outputs,
     behaviour_as_old_logprobs,
     response_logprobs,
+    repetition_penalty_or_none,
     response_values,
     rollout,
     sequence_reward,
@@ -120,8 +120,7 @@ class PPOConfig:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if self.critic_mode not in CRITIC_MODES:
             raise ValueError(f"PPOConfig.critic_mode must be one of {CRITIC_MODES}, got {self.critic_mode!r}")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise ValueError(f"PPOConfig.repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        repetition_penalty_or_none(self.repetition_penalty)  # ValueError unless a finite number > 0
         if self.old_logprobs not in OLD_LOGPROBS:
             raise ValueError(f"PPOConfig.old_logprobs must be one of {OLD_LOGPROBS}, got {self.old_logprobs!r}")
         if self.old_logprobs == "rollout" and self.logprob_temperature != self.temperature:

@@ -84,7 +84,8 @@ class ModelConfig:
         return self.eos_token_ids[0] if self.eos_token_ids else None
 
 
-def _as_id_tuple(value) -> tuple[int, ...]:
+def as_id_tuple(value) -> tuple[int, ...]:
+    """A config's token id field (None, an id or a list of ids) as a tuple of ints."""
     if value is None:
         return ()
     if isinstance(value, int):
@@ -161,7 +162,7 @@ def from_hf_config(raw: dict, source: str = "config.json") -> ModelConfig:
         vocab_size=reader.integer("vocab_size"),
         pad_token_id=reader.get("pad_token_id"),
         bos_token_id=reader.get("bos_token_id"),
-        eos_token_ids=_as_id_tuple(reader.get("eos_token_id")),
+        eos_token_ids=as_id_tuple(reader.get("eos_token_id")),
         hf_config_json=json.dumps(raw, sort_keys=True),
     )
     if model_type == "gpt2":

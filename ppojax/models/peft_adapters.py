@@ -6,7 +6,7 @@ PEFT stores `base_model.model.<module>.lora_A.weight [r, in]` and `.lora_B.weigh
 as PEFT matches it), for GPT-2's `Conv1D` (`fan_in_fan_out`) the transpose. `modules_to_save` tensors are saved
 whole, as `base_model.model.<name>.weight`. An adapter is used two ways:
 
-- merged into the weights as they are read (`adapter_updates`, `load_with_adapters`: `ppojax.models.hf.read_params`
+- merged into the weights as they are read (`merged_updates`, `load_with_adapters`: `ppojax.models.hf.read_params`
   adds the updates per tensor or per shard, in float32);
 - resumed as ppojax's own `Lora` pytree (`adapter_as_lora`: a = Aᵀ, b = Bᵀ, one scale), as LLaMA-Factory resumes
   the last of its `adapter_name_or_path` adapters when it trains LoRA again.
@@ -145,17 +145,12 @@ def read_adapter(path: str, model: DecoderModel) -> Adapter:
     return Adapter(factors, replacements)
 
 
-def adapter_updates(path: str, model: DecoderModel) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """A PEFT LoRA adapter directory -> `(deltas, replacements)`, both HF tensor name -> array in the HF
-    layout: `deltas` are added to the base tensor (`scale * B @ A` for a `Linear`, `[out, in]`; its transpose
-    for GPT-2's `Conv1D`, `[in, out]`), `replacements` (PEFT `modules_to_save`) replace it."""
-    return merged_updates([path], model)
-
-
 def merged_updates(paths, model: DecoderModel) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """`adapter_updates` of several adapters merged one after the other (PEFT's `merge_and_unload` in turn): the
-    deltas add up, a later `modules_to_save` tensor replaces an earlier one. A tensor replaced by one adapter and
-    adapted by another is refused (its merge order would matter)."""
+    """PEFT LoRA adapter directories, merged one after the other (PEFT's `merge_and_unload` in turn) ->
+    `(deltas, replacements)`, both HF tensor name -> array in the HF layout: `deltas` are added to the base tensor
+    (`scale * B @ A` for a `Linear`, `[out, in]`; its transpose for GPT-2's `Conv1D`, `[in, out]`; the adapters'
+    deltas add up), `replacements` (PEFT `modules_to_save`) replace it (a later one an earlier one). A tensor
+    replaced by one adapter and adapted by another is refused (its merge order would matter)."""
     rules = {rule.hf: rule for rule in hf.expand_table(model).values()}
     deltas: dict[str, np.ndarray] = {}
     replacements: dict[str, np.ndarray] = {}
