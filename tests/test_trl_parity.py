@@ -33,8 +33,11 @@ def test_trl_preset_runs_trls_ppo_update(tmp_path):
     np.testing.assert_allclose(g["ppojax_policy_mean"], g["trl_policy_mean"], rtol=1e-5)
     np.testing.assert_allclose(g["ppojax_critic_mean"], g["trl_value_mean"], rtol=1e-5)
     m = r["metrics"]
-    for name in ("objective/kl", "objective/scores", "objective/rlhf_reward", "loss/value_avg"):
+    for name in ("objective/scores", "objective/rlhf_reward", "loss/value_avg"):
         np.testing.assert_allclose(m[name]["ppojax"], m[name]["trl"], rtol=1e-5, atol=1e-7, err_msg=name)
+    # The KL is a sum of differences of log-probs ~300× its size: compare it at float32's resolution of those terms
+    # (an rtol of 1e-5 on the KL itself passed on an AVX2 box and failed by 4e-7 absolute on an AVX-512 one).
+    assert abs(m["objective/kl"]["ppojax"] - m["objective/kl"]["trl"]) < r["kl_resolution"], (m["objective/kl"], r)
     # The policy loss of whitened advantages at ratio ≈ 1 is ≈ 0: compare on the advantages' scale.
     assert abs(m["loss/policy_avg"]["ppojax"] - m["loss/policy_avg"]["trl"]) < 1e-6
     for name in ("policy/clipfrac_avg", "val/clipfrac_avg"):

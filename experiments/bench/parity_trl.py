@@ -255,6 +255,14 @@ def main(argv=None) -> dict:
         "trl_shuffles_replaced": trl["permutations_used"],
         "advantages_max_abs_diff": float(np.max(np.abs(ours_adv - trl["advantages"])[policy_mask])),
         "advantages_abs_max": float(np.max(np.abs(trl["advantages"][policy_mask]))),
+        # objective/kl sums per row the differences of log-probs of magnitude ~log V: float32 resolves it only to
+        # about eps32 × Σ_t (|log p| + |log p_ref|), whatever its own (small) size.
+        "kl_resolution": float(
+            np.finfo(np.float32).eps
+            * np.mean(
+                np.sum((np.abs(experience.logprobs) + np.abs(experience.ref_logprobs)) * experience.response_mask, 1)
+            )
+        ),
     }
     trl_grads = (trl_tree(f"{out}/trl/grad_policy", "lm"), trl_tree(f"{out}/trl/grad_value", "reward"))
     results["grad_policy"] = tree_errors(policy_grads, trl_grads[0])
