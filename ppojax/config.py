@@ -49,6 +49,11 @@ convention's values apply. Keys given explicitly override either.
 | warmup_ratio | null | warm-up as a fraction of the run's optimizer steps (ceil(ratio × steps), as transformers); not with warmup_steps |
 | max_samples | null | use only the first max_samples records of the dataset (LLaMA-Factory's debugging cap) |
 | max_grad_norm | 1.0 | clip gradients by global norm at every optimizer step; 0 turns clipping off (LLaMA-Factory 0.9.x's PPO, through TRL 0.9.6, clips only the first step of a run) |
+| weight_decay | 0.0 | AdamW's decoupled weight decay, on every trained parameter but biases and normalisation weights (transformers' Trainer rule, which LLaMA-Factory uses); ppo: policy and critic |
+| adam_beta1 | 0.9 | Adam β1 (transformers' name) |
+| adam_beta2 | 0.999 | Adam β2 |
+| adam_epsilon | 1e-8 | Adam ε (PyTorch's form: outside the square root, after bias correction) |
+| optim | adamw_torch | transformers' optimizer name: adamw_torch, adamw_torch_fused, adamw_torch_xla or adamw_torch_npu_fused (one update rule, PyTorch's AdamW, which ppojax implements); others are refused |
 | num_train_epochs | 3.0 | passes over the dataset (ppo: over the prompts) |
 | max_steps | -1 | if > 0, stop after this many iterations (ppo) / optimizer steps (sft, rm); overrides num_train_epochs |
 | ppo_epochs | 4 | optimisation passes over each rollout batch |
@@ -132,6 +137,8 @@ STAGES = ("sft", "rm", "ppo")
 FINETUNING_TYPES = ("full", "lora")
 REWARD_MODEL_TYPES = ("full", "lora")  # LLaMA-Factory's; its "api" (a reward server) and "oft" are not read
 SCHEDULERS = ("constant", "linear", "cosine")  # ppojax.optim schedules (transformers' formulas)
+# transformers' optimizer names whose update rule is torch.optim.AdamW (fused / XLA / NPU kernels of it).
+ADAMW_NAMES = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused")
 PROMPT_OVERFLOW = ("truncate", "refuse")
 ON_KL_EXCEEDED = ("stop", "rollback", "rollback_continue")
 CRITIC_MODES = ("separate", "joint", "shared")
@@ -199,6 +206,11 @@ class TrainConfig:
     warmup_ratio: Optional[float] = _key(None, low=0.0, high=1.0)
     max_samples: Optional[int] = _key(None, low=1)
     max_grad_norm: float = _key(1.0, low=0.0)
+    weight_decay: float = _key(0.0, low=0.0)
+    adam_beta1: float = _key(0.9, low=0.0)
+    adam_beta2: float = _key(0.999, low=0.0)
+    adam_epsilon: float = _key(1e-8, low=0.0, low_open=True)
+    optim: str = _key("adamw_torch")
     num_train_epochs: float = _key(3.0, low=0.0, low_open=True)
     max_steps: int = _key(-1)
     ppo_epochs: int = _key(4, low=1)
@@ -274,6 +286,16 @@ class TrainConfig:
         if self.adapter_name_or_path is None or self.create_new_adapter:
             return None
         return self.adapter_name_or_path[-1]
+
+    def optimizer_options(self) -> dict:
+        """The `ppojax.OptimizerConfig` fields these keys set (schedule and learning rate apart)."""
+        return dict(
+            max_grad_norm=self.max_grad_norm or None,
+            b1=self.adam_beta1,
+            b2=self.adam_beta2,
+            eps=self.adam_epsilon,
+            weight_decay=self.weight_decay,
+        )
 
     def warmup_for(self, total_steps: int) -> int:
         """Warm-up optimizer steps of a run of `total_steps`: warmup_steps, or ceil(warmup_ratio × total_steps)."""
@@ -442,6 +464,7 @@ _NON_TRAJECTORY_KEYS = frozenset(
         "num_samples",
         "tensorboard",
         "do_train",
+        "optim",  # every accepted name is the same update rule
     }
 )
 
@@ -451,7 +474,17 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name not in (
 # default they stay out of the config hash, so checkpoints of earlier runs keep matching. Add every new key here
 # (tests/test_config.py lists the keys of 20ef444 and fails on a key that is in neither).
 HASH_NEUTRAL_AT_DEFAULT = frozenset(
-    {"repetition_penalty", "ref_model_adapters", "reward_model_adapters", "default_system"}
+    {
+        "repetition_penalty",
+        "ref_model_adapters",
+        "reward_model_adapters",
+        "default_system",
+        "weight_decay",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
+        "optim",
+    }
 )
 _REQUIRED = tuple(name for name, f in _FIELDS.items() if f.default is dataclasses.MISSING)
 _HINTS = typing.get_type_hints(TrainConfig)
@@ -591,6 +624,8 @@ def _check_value(key: str, value, source: str, raw: Mapping):
         return _parallel_key(key, value, source)
     if key == "stages":
         return _stages(value, source, raw)
+    if key == "optim":
+        return _optim(value, source)
     base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
     value = _coerce(key, value, base, source)
     if meta["choices"] is not None and value not in meta["choices"]:
@@ -601,6 +636,15 @@ def _check_value(key: str, value, source: str, raw: Mapping):
         _check_range(key, value, meta, source)
     if meta["path"] is not None:
         value = _check_path(key, value, meta["path"], source, raw)
+    return value
+
+
+def _optim(value, source: str) -> str:
+    if value not in ADAMW_NAMES:
+        raise ConfigError(
+            f"{source}: 'optim' is {value!r}; ppojax's optimizer is PyTorch's AdamW (weight_decay, adam_beta1, "
+            f"adam_beta2, adam_epsilon set it), which these names select: {', '.join(ADAMW_NAMES)}"
+        )
     return value
 
 
@@ -754,6 +798,9 @@ def _check_consistency(config: TrainConfig, raw: Mapping, where):
     c = config
     if not c.do_train:
         raise ConfigError(f"{where('do_train')}: 'do_train' is false; ppojax train only trains (set do_train: true)")
+    for key in ("adam_beta1", "adam_beta2"):
+        if getattr(c, key) >= 1.0:
+            raise ConfigError(f"{where(key)}: '{key}' is {getattr(c, key)!r}; must be < 1 (Adam's moment decay)")
     if c.value_head_bias is not None and c.critic_mode != "shared":
         raise ConfigError(
             f"{where('value_head_bias')}: 'value_head_bias' is for critic_mode: shared (a separate or joint critic's "

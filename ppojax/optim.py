@@ -60,6 +60,7 @@ class OptimizerConfig:
     schedule: "constant" (after warmup) or "linear" (after warmup, linearly to 0 at `total_steps`).
     warmup_steps: linear warmup from 0 (step 0 has lr 0, as transformers' schedules).
     max_grad_norm: clip by global norm before Adam; None disables.
+    weight_decay: decoupled (AdamW: p ← p − lr · weight_decay · p), on the parameters `decay_mask` selects.
     """
 
     learning_rate: float = 1e-5
@@ -104,8 +105,31 @@ def make_schedule(config: OptimizerConfig) -> Callable[[jax.Array], jax.Array]:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
+def _key_name(key) -> str:
+    for attribute in ("key", "name", "idx"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def decay_mask(params):
+    """True for the parameters weight decay applies to: all but biases and normalisation weights.
+
+    transformers' `Trainer.get_decay_parameter_names` (which LLaMA-Factory's trainers use) leaves out every HF
+    parameter name matching bias / layernorm / rmsnorm / norm; in ppojax's names those are the leaves called
+    `bias` and everything under a module whose name ends in `norm` (attn_norm, mlp_norm, final_norm, q_norm,
+    k_norm). Embeddings, kernels, heads and LoRA matrices decay. A bare array (no names) decays.
+    """
+
+    def decays(path, _):
+        names = [_key_name(k) for k in path]
+        return not (names and names[-1] == "bias") and not any(n.endswith("norm") for n in names[:-1])
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
-    """clip by global norm → Adam (PyTorch or TF form) → decoupled weight decay → −schedule(step)."""
+    """clip by global norm → Adam (PyTorch or TF form) → decoupled weight decay (`decay_mask`) → −schedule(step)."""
     parts = []
     if config.max_grad_norm is not None:
         parts.append(optax.clip_by_global_norm(config.max_grad_norm))
@@ -114,6 +138,6 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     else:
         parts.append(scale_by_tf_adam(config.b1, config.b2, config.eps))
     if config.weight_decay:
-        parts.append(optax.add_decayed_weights(config.weight_decay))
+        parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
     parts.append(optax.scale_by_learning_rate(make_schedule(config)))
     return optax.chain(*parts)

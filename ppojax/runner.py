@@ -257,7 +257,7 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
             schedule=config.lr_scheduler_type,
             warmup_steps=warmup,
             total_steps=total,
-            max_grad_norm=config.max_grad_norm or None,
+            **config.optimizer_options(),
         )
     )
     trainable, base = _trainable(config, model, params)

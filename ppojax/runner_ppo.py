@@ -278,7 +278,7 @@ def make_ppo_config(
             schedule=config.lr_scheduler_type,
             warmup_steps=warmup,
             total_steps=total_steps,
-            max_grad_norm=config.max_grad_norm or None,
+            **config.optimizer_options(),
         )
 
     return train.PPOConfig(

@@ -183,3 +183,37 @@ def test_stage_end_to_end_and_resume(tiny, monkeypatch, capsys, stage, dataset, 
     for (path_, want), got in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(found)):
         want, got = np.asarray(want), np.asarray(got)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=str(path_))
+
+
+def test_weight_decay_and_adam_keys_reach_the_supervised_optimizer(tiny, monkeypatch, capsys):
+    """stage rm, full fine-tuning, one optimizer step with ε so large that Adam's own step is ~1e-8: what is left
+    is the decoupled decay, p ← p · (1 − lr · weight_decay), on kernels, embeddings and the score head, and
+    nothing on the norms (transformers' rule). Checks that weight_decay and adam_epsilon both reach the step."""
+    monkeypatch.chdir(tiny)
+    keys = dict(TINY_RUN_KEYS, max_steps=1, save_steps=1, adam_epsilon=1e6, adam_beta1=0.5, adam_beta2=0.5)
+    exported = {}
+    for decay in (0.0, 0.5):
+        out = f"saves/rm_decay_{decay}"
+        path = write_config(
+            tiny,
+            "rm_decay.yaml",
+            model_name_or_path="model",
+            stage="rm",
+            finetuning_type="full",
+            dataset="pairs.jsonl",
+            output_dir=out,
+            weight_decay=decay,
+            **keys,
+        )
+        assert main(["train", path, "--no-progress"]) == 0, capsys.readouterr().err
+        exported[decay] = load_pretrained(str(tiny / out), head="reward")[1]
+    decayed = 0
+    for (path_, plain), shrunk in zip(
+        jax.tree_util.tree_leaves_with_path(exported[0.0]), jax.tree.leaves(exported[0.5])
+    ):
+        name = "/".join(k.key for k in path_)
+        plain, shrunk = np.asarray(plain, np.float64), np.asarray(shrunk, np.float64)
+        factor = 1.0 if "norm/" in name or name.endswith("bias") else 1.0 - 1e-2 * 0.5
+        decayed += factor < 1.0
+        np.testing.assert_allclose(shrunk, plain * factor, rtol=0, atol=1e-6 * np.abs(plain).max(), err_msg=name)
+    assert decayed >= 3  # embedding, layer kernels, score head

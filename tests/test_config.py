@@ -317,6 +317,33 @@ def test_llamafactory_generation_and_quantization_keys(workdir):
         assert f"key '{key}' is not a ppojax key: ppojax does not quantize" in error(config_from_dict, base(**{key: 4}))
 
 
+def test_optimizer_keys_as_transformers_names(workdir):
+    """weight_decay / adam_beta1 / adam_beta2 / adam_epsilon / optim (transformers' TrainingArguments names, in
+    LLaMA-Factory YAMLs) reach both PPO optimizers and the sft / rm one (`optimizer_options`)."""
+    from ppojax.runner_ppo import RunControl, make_ppo_config
+
+    keys = dict(weight_decay=0.01, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6, optim="adamw_torch_fused")
+    config = config_from_dict(base(max_steps=10, critic_learning_rate=1e-5, **keys))
+    ppo = make_ppo_config(config, iterations=10, pad_token_id=0, stop_ids=(1,), control=RunControl())
+    for opt in (ppo.policy_optimizer, ppo.critic_optimizer):
+        assert (opt.weight_decay, opt.b1, opt.b2, opt.eps, opt.max_grad_norm) == (0.01, 0.8, 0.95, 1e-6, 1.0)
+    assert (ppo.policy_optimizer.learning_rate, ppo.critic_optimizer.learning_rate) == (5e-5, 1e-5)
+    rm_raw = {k: v for k, v in base(stage="rm", dataset="pairs.jsonl", **keys).items() if k != "reward_model"}
+    rm = config_from_dict(rm_raw)
+    assert rm.optimizer_options() == dict(max_grad_norm=1.0, b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.01)
+    # The defaults are transformers' (and what ppojax used before the keys existed): the hash is unchanged.
+    plain = config_from_dict(base())
+    assert plain.optimizer_options() == dict(max_grad_norm=1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+    assert config_from_dict(base(**{k: v for k, v in keys.items() if k == "optim"})).hash() == plain.hash()
+    assert config_from_dict(base(weight_decay=0.01)).hash() != plain.hash()
+    assert "'optim' is 'adafactor'; ppojax's optimizer is PyTorch's AdamW" in error(
+        config_from_dict, base(optim="adafactor")
+    )
+    assert "'adam_beta2' is 1.0; must be < 1" in error(config_from_dict, base(adam_beta2=1.0))
+    assert "'adam_epsilon' is 0.0; must be > 0" in error(config_from_dict, base(adam_epsilon=0))
+    assert "'weight_decay' is -0.1; must be >= 0" in error(config_from_dict, base(weight_decay=-0.1))
+
+
 # The config keys of ppojax 20ef444 (2026-11-22): a checkpoint written then must still match after an upgrade.
 KEYS_OF_20EF444 = (
     "adap_kl_ctrl",

@@ -166,3 +166,93 @@ def test_config_errors():
         OptimizerConfig(schedule="linear", total_steps=0)
     with pytest.raises(ValueError, match="schedule 'cosine' needs total_steps > warmup_steps"):
         OptimizerConfig(schedule="cosine", total_steps=4, warmup_steps=4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weight decay on the parameters transformers' Trainer decays (the config's weight_decay / adam_* keys)
+
+
+@pytest.mark.parametrize("head", ["lm", "reward"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "gpt2"])
+def test_decay_mask_is_transformers_trainer_rule(family, head, tmp_path):
+    """`decay_mask` on ppojax's names selects exactly the HF parameters `Trainer.get_decay_parameter_names` decays
+    (biases, RMSNorm / LayerNorm weights and Qwen3's q / k norms left out), mapped through the import table."""
+    import transformers
+
+    from ppojax.models import load_pretrained
+    from ppojax.models.hf import expand_table
+    from ppojax.optim import decay_mask
+    from tests.models.hf_builders import build
+
+    torch_model = build(family, tmp_path, head=head)
+    model, params = load_pretrained(str(tmp_path), head=head)
+    hf_decay = set(transformers.Trainer.get_decay_parameter_names(None, torch_model))
+    hf_names = {name for name, _ in torch_model.named_parameters()}
+    mask = {
+        "/".join(k.key for k in path): bool(v) for path, v in jax.tree_util.tree_leaves_with_path(decay_mask(params))
+    }
+    rules = expand_table(model)
+    assert set(mask) == set(rules)
+    for ours, rule in rules.items():
+        assert rule.hf in hf_names, (ours, rule.hf)
+        assert mask[ours] == (rule.hf in hf_decay), (ours, rule.hf)
+    assert any(mask.values()) and not all(mask.values())  # both kinds are present in every family
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_adamw_decay_groups_match_torch(jit):
+    """make_optimizer with weight decay, betas, ε and clipping against torch.optim.AdamW with transformers' two
+    parameter groups (no decay on biases and norms), gradients clipped by torch's clip_grad_norm_."""
+    rng = np.random.default_rng(5)
+    shapes = {
+        "embed": {"embedding": (6, 4)},
+        "layers_0": {"attn": {"q": {"kernel": (4, 4), "bias": (4,)}}, "attn_norm": {"scale": (4,)}},
+        "final_norm": {"scale": (4,), "bias": (4,)},
+        "value_head": {"kernel": (4, 1), "bias": (1,)},
+    }
+    params = jax.tree.map(
+        lambda s: rng.normal(size=s).astype(np.float32), shapes, is_leaf=lambda x: isinstance(x, tuple)
+    )
+    steps = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32) * 0.3, params) for _ in range(5)]
+    config = OptimizerConfig(learning_rate=0.05, b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.2, max_grad_norm=1.0)
+    tx = make_optimizer(config)
+    update = jax.jit(tx.update) if jit else tx.update
+    ours, state = jax.tree.map(jnp.asarray, params), tx.init(jax.tree.map(jnp.asarray, params))
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = ["/".join(k.key for k in path) for path, _ in flat]
+    weights = [torch.nn.Parameter(torch.tensor(p)) for _, p in flat]
+    no_decay = {n for n in names if n.endswith("bias") or "norm/" in n}
+    assert no_decay == {
+        "layers_0/attn/q/bias",
+        "layers_0/attn_norm/scale",
+        "final_norm/scale",
+        "final_norm/bias",
+        "value_head/bias",
+    }
+    groups = [
+        {"params": [w for n, w in zip(names, weights) if n in no_decay], "weight_decay": 0.0},
+        {"params": [w for n, w in zip(names, weights) if n not in no_decay], "weight_decay": 0.2},
+    ]
+    opt = torch.optim.AdamW(groups, lr=0.05, betas=(0.8, 0.95), eps=1e-6)
+    for grads in steps:
+        for w, g in zip(weights, jax.tree.leaves(grads)):
+            w.grad = torch.tensor(g)
+        torch.nn.utils.clip_grad_norm_(weights, 1.0)
+        opt.step()
+        updates, state = update(jax.tree.map(jnp.asarray, grads), state, ours)
+        ours = optax.apply_updates(ours, updates)
+        for name, w, got in zip(names, weights, jax.tree.leaves(ours)):
+            np.testing.assert_allclose(np.asarray(got), w.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+    # The groups matter here: decaying everything moves the no-decay leaves by ~lr · 0.2 · |p| per step.
+    everything = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.scale_by_adam(0.8, 0.95, 1e-6),
+        optax.add_decayed_weights(0.2),
+        optax.scale_by_learning_rate(0.05),
+    )
+    alt, alt_state = jax.tree.map(jnp.asarray, params), everything.init(jax.tree.map(jnp.asarray, params))
+    for grads in steps:
+        u, alt_state = everything.update(jax.tree.map(jnp.asarray, grads), alt_state, alt)
+        alt = optax.apply_updates(alt, u)
+    assert abs(float(alt["final_norm"]["scale"][0] - ours["final_norm"]["scale"][0])) > 1e-3
