@@ -213,6 +213,11 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--template", default="none", help="none (raw text) or a name: the tokenizer's chat template")
     gen.add_argument("--default-system", help="system prompt for records without one (needs a chat template)")
     gen.add_argument(
+        "--enable-thinking",
+        choices=("true", "false"),
+        help="the chat template's thinking switch (Qwen3: false renders the empty think block, no reasoning)",
+    )
+    gen.add_argument(
         "--dataset-dir", help="where --prompts names are looked up in dataset_info.json (LLaMA-Factory's; default data)"
     )
     gen.add_argument("--max-prompt-length", type=int, default=512, help="longer prompts keep their last tokens")
@@ -256,6 +261,7 @@ def _generate(args) -> int:
             repetition_penalty=args.repetition_penalty,
             template=args.template,
             default_system=args.default_system,
+            enable_thinking=None if args.enable_thinking is None else args.enable_thinking == "true",
             dataset_dir=args.dataset_dir,
             max_prompt_length=args.max_prompt_length,
             batch_size=args.batch_size,

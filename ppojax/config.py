@@ -34,6 +34,7 @@ convention's values apply. Keys given explicitly override either.
 | dataset_dir | null | directory `dataset` is relative to (else the current directory); LLaMA-Factory dataset names are looked up in its dataset_info.json (else in data/dataset_info.json, LLaMA-Factory's default) |
 | template | default | chat template: any name (qwen, llama3, ...) uses the tokenizer's own chat template; none / default / empty = raw text |
 | default_system | null | system prompt for records without one (a record's own system field / turn wins, as in LLaMA-Factory); needs a chat template. null: the chat template's own default, if it has one |
+| enable_thinking | null | the chat template's thinking switch (LLaMA-Factory's key): false renders Qwen3's empty think block after the generation prompt (no reasoning), true asks for thinking; null: the template's default. Templates without the switch ignore it, as LLaMA-Factory's non-reasoning templates do |
 | cutoff_len | 2048 | sft / rm: maximum tokens of prompt + response (longer rows are cut, counted and reported) |
 | max_prompt_length | 512 | ppo: maximum prompt tokens |
 | pad_multiple | 64 | sft / rm: prompt and response widths are padded to a multiple of this (fewer compiled shapes vs less padding) |
@@ -191,6 +192,7 @@ class TrainConfig:
     dataset_dir: Optional[str] = _key(None, path="dir")
     template: str = _key("default")
     default_system: Optional[str] = _key(None)
+    enable_thinking: Optional[bool] = _key(None)
     cutoff_len: int = _key(2048, low=2)
     max_prompt_length: int = _key(512, low=1)
     pad_multiple: int = _key(64, low=1)
@@ -479,6 +481,7 @@ HASH_NEUTRAL_AT_DEFAULT = frozenset(
         "ref_model_adapters",
         "reward_model_adapters",
         "default_system",
+        "enable_thinking",
         "weight_decay",
         "adam_beta1",
         "adam_beta2",

@@ -230,10 +230,18 @@ def is_raw_template(template: str) -> bool:
 
 
 def encode_prompt(
-    tokenizer, turns: list[dict], template: str, where: str = "", default_system: Optional[str] = None
+    tokenizer,
+    turns: list[dict],
+    template: str,
+    where: str = "",
+    default_system: Optional[str] = None,
+    enable_thinking: Optional[bool] = None,
 ) -> list[int]:
     """Token ids of the prompt: chat-templated with a generation prompt, or the raw text of the turns.
-    default_system: the system prompt of a conversation that has none (LLaMA-Factory's key; chat templates only)."""
+    default_system: the system prompt of a conversation that has none (LLaMA-Factory's key; chat templates only).
+    enable_thinking: passed to the chat template when not None (Qwen3's switch: False renders the empty think
+    block after the generation prompt, as LLaMA-Factory's `enable_thinking: false` does); templates without the
+    switch, and raw text, ignore it, as LLaMA-Factory's non-reasoning templates do."""
     if default_system and not any(t["role"] == "system" for t in turns):
         if is_raw_template(template):
             raise DataError(
@@ -248,7 +256,8 @@ def encode_prompt(
             f"{where + ': ' if where else ''}template {template!r} needs the tokenizer's chat template "
             "but the tokenizer has none; use template: none for raw text"
         )
-    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    switch = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True, **switch)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -299,6 +308,7 @@ def load_prompts(
     overflow: str = "truncate",
     max_samples: Optional[int] = None,
     default_system: Optional[str] = None,
+    enable_thinking: Optional[bool] = None,
 ) -> PromptDataset:
     """PPO prompts. A prompt longer than `max_prompt_length` keeps its last tokens (overflow="truncate",
     counted in `truncated`) or is an error naming the row (overflow="refuse"). max_samples: read only the
@@ -308,7 +318,7 @@ def load_prompts(
     prompts, sources, truncated = [], [], 0
     for where, record in read_dataset(path, max_samples):
         turns = _prompt_turns(record, where, "instruction/input, prompt or messages")
-        ids = encode_prompt(tokenizer, turns, template, where, default_system)
+        ids = encode_prompt(tokenizer, turns, template, where, default_system, enable_thinking)
         if not ids:
             raise DataError(f"{where}: empty prompt (0 tokens)")
         if len(ids) > max_prompt_length:
@@ -342,6 +352,7 @@ def _response_dataset(
     responses_of,
     max_samples: Optional[int] = None,
     default_system: Optional[str] = None,
+    enable_thinking: Optional[bool] = None,
 ) -> ResponseDataset:
     prompts, responses, sources, truncated = [], [], [], 0
     for where, record in read_dataset(path, max_samples):
@@ -350,7 +361,7 @@ def _response_dataset(
             if not text.strip():
                 raise DataError(f"{where}: empty '{key}' response")
         prompt, encoded, cut = _fit(
-            encode_prompt(tokenizer, turns, template, where, default_system),
+            encode_prompt(tokenizer, turns, template, where, default_system, enable_thinking),
             [encode_response(tokenizer, text) for _, text in texts],
             cutoff_len,
         )
@@ -369,6 +380,7 @@ def load_preferences(
     cutoff_len: int,
     max_samples: Optional[int] = None,
     default_system: Optional[str] = None,
+    enable_thinking: Optional[bool] = None,
 ) -> ResponseDataset:
     """Reward-model pairs: a prompt (any prompt format) with `chosen` and `rejected` responses (the first
     `max_samples` records when given)."""
@@ -377,7 +389,7 @@ def load_preferences(
         turns = _prompt_turns(record, where, "prompt or instruction/input or messages, with chosen and rejected")
         return [(key, _text(record, key, where)) for key in ("chosen", "rejected")], turns
 
-    return _response_dataset(path, tokenizer, template, cutoff_len, pair, max_samples, default_system)
+    return _response_dataset(path, tokenizer, template, cutoff_len, pair, max_samples, default_system, enable_thinking)
 
 
 def load_sft(
@@ -388,6 +400,7 @@ def load_sft(
     cutoff_len: int,
     max_samples: Optional[int] = None,
     default_system: Optional[str] = None,
+    enable_thinking: Optional[bool] = None,
 ) -> ResponseDataset:
     """SFT rows: instruction/input/output, prompt/response, or messages ending with an assistant turn (the first
     `max_samples` records when given)."""
@@ -405,7 +418,9 @@ def load_sft(
             raise DataError(f"{where}: missing field 'output' (the SFT target)")
         return [response], _prompt_turns(record, where, "instruction/input/output, prompt/response or messages")
 
-    return _response_dataset(path, tokenizer, template, cutoff_len, target, max_samples, default_system)
+    return _response_dataset(
+        path, tokenizer, template, cutoff_len, target, max_samples, default_system, enable_thinking
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

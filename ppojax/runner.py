@@ -223,6 +223,7 @@ def run_supervised(config: TrainConfig, *, progress: bool = True) -> dict:
         cutoff_len=config.cutoff_len,
         max_samples=config.max_samples,
         default_system=config.default_system,
+        enable_thinking=config.enable_thinking,
     )
     dropped_pairs = 0
     if config.stage == "rm" and config.rm_max_length_diff is not None:

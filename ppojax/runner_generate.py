@@ -48,6 +48,7 @@ def generate(
     repetition_penalty: float = 1.0,
     template: str = "none",
     default_system: Optional[str] = None,
+    enable_thinking: Optional[bool] = None,
     dataset_dir: Optional[str] = None,
     max_prompt_length: int = 512,
     batch_size: int = 8,
@@ -82,7 +83,12 @@ def generate(
     if not os.path.isfile(prompts_path) and os.path.isfile(dataset_info.info_path(dataset_dir)):
         source = dataset_info.resolve(prompts_path, dataset_dir, "--prompts")  # LLaMA-Factory dataset names
     dataset = data_lib.load_prompts(
-        source, tokenizer, template=template, max_prompt_length=max_prompt_length, default_system=default_system
+        source,
+        tokenizer,
+        template=template,
+        max_prompt_length=max_prompt_length,
+        default_system=default_system,
+        enable_thinking=enable_thinking,
     )
     try:
         shardings = None if layout is None else (lambda model: layout.params(model.param_shapes()))

@@ -183,6 +183,7 @@ def load_inputs(config: TrainConfig, layout=None) -> PPOInputs:
         overflow=config.prompt_overflow,
         max_samples=config.max_samples,
         default_system=config.default_system,
+        enable_thinking=config.enable_thinking,
     )
     dtype = jnp.bfloat16 if config.bf16 else jnp.float32
     policy_model, policy_params = fit_vocabulary(

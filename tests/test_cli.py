@@ -217,3 +217,40 @@ def test_weight_decay_and_adam_keys_reach_the_supervised_optimizer(tiny, monkeyp
         decayed += factor < 1.0
         np.testing.assert_allclose(shrunk, plain * factor, rtol=0, atol=1e-6 * np.abs(plain).max(), err_msg=name)
     assert decayed >= 3  # embedding, layer kernels, score head
+
+
+def test_enable_thinking_reaches_every_prompt_reader(tiny, monkeypatch, capsys):
+    """The config key (sft, rm, ppo) and `ppojax generate --enable-thinking` hand the switch to the data readers
+    (what the readers do with it: tests/test_data.py). Each reader is replaced by one that records its keywords
+    and stops the command."""
+    from ppojax import data as data_lib
+    from ppojax.config import ConfigError
+
+    monkeypatch.chdir(tiny)
+    seen = []
+
+    def recording(name):
+        def reader(*args, **kwargs):
+            seen.append((name, kwargs.get("enable_thinking")))
+            raise ConfigError("stopped after the reader")
+
+        return reader
+
+    for name in ("load_prompts", "load_sft", "load_preferences"):
+        monkeypatch.setattr(data_lib, name, recording(name))
+    common = dict(model_name_or_path="model", output_dir="saves/thinking", template="qwen", enable_thinking=False)
+    (tiny / "prompts.json").write_text(json.dumps([{"instruction": "hi"}]))
+    for stage, dataset in (("sft", "sft.json"), ("rm", "pairs.jsonl"), ("ppo", "prompts.json")):
+        keys = dict(common, stage=stage, dataset=dataset, **({"reward_model": "model"} if stage == "ppo" else {}))
+        assert main(["train", write_config(tiny, "thinking.yaml", **keys), "--no-progress"]) == 2
+    generate = ["generate", "--model", "model", "--prompts", "prompts.json", "--template", "qwen"]
+    assert main([*generate, "--enable-thinking", "false"]) == 2
+    assert main(generate) == 2
+    assert "stopped after the reader" in capsys.readouterr().err
+    assert seen == [
+        ("load_sft", False),
+        ("load_preferences", False),
+        ("load_prompts", False),
+        ("load_prompts", False),
+        ("load_prompts", None),
+    ]

@@ -310,6 +310,10 @@ def test_llamafactory_generation_and_quantization_keys(workdir):
     assert "is a PPO setting" in error(config_from_dict, base(stage="rm", reward_model=None, repetition_penalty=1.1))
     assert config_from_dict(base(default_system="Be brief.", template="qwen")).default_system == "Be brief."
     assert "'default_system' needs a chat template" in error(config_from_dict, base(default_system="Be brief."))
+    assert config_from_dict(base(enable_thinking=False, template="qwen")).enable_thinking is False
+    assert config_from_dict(base()).enable_thinking is None  # the template's own default
+    assert config_from_dict(base(enable_thinking=False)).hash() != config_from_dict(base()).hash()
+    assert "'enable_thinking' is 'no' (str); expected" in error(config_from_dict, base(enable_thinking="no"))
     assert "mesh: {fsdp: -1} is ZeRO-3" in error(config_from_dict, base(deepspeed="ds_z3_config.json"))
     assert "does not evaluate during training" in error(config_from_dict, base(val_size=0.1))
     assert config_from_dict(base(save_only_model=False)).ignored_keys == ("save_only_model",)

@@ -127,6 +127,47 @@ def test_default_system_fills_in_for_records_without_one(tmp_path):
     )
 
 
+def test_enable_thinking_is_the_templates_switch(tmp_path):
+    """LLaMA-Factory's enable_thinking: false appends the empty thought to a reasoning template's prompt (its
+    `prompt_ids += thought ids`); ppojax passes the switch to the tokenizer's template (Qwen3's reads
+    `enable_thinking is false` after the generation prompt, written here in the test vocabulary). Templates
+    without the switch ignore it."""
+    words = WORDS + ["<think>", "</think>"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(["<s>", "<eos>", "<unk>", "<think>", "</think>"])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+    tok.chat_template = (
+        "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
+        "{% if add_generation_prompt %}<s> assistant : "
+        "{% if enable_thinking is defined and enable_thinking is false %}<think> </think> {% endif %}{% endif %}"
+    )
+    word_ids = lambda text: [words.index(w) for w in text.split()]  # noqa: E731
+    prompt = word_ids("<s> user : hi <eos> <s> assistant :")
+    thought = word_ids("<think> </think>")  # LLaMA-Factory's thought words, encoded apart and appended
+    path = write(tmp_path, "p.jsonl", [{"prompt": "hi"}])
+    for switch, expected in ((None, prompt), (True, prompt), (False, prompt + thought)):
+        got = load_prompts(path, tok, template="qwen3", max_prompt_length=64, enable_thinking=switch)
+        assert list(got.prompts[0]) == expected, switch
+    sft = load_sft(
+        write(tmp_path, "s.jsonl", [{"prompt": "hi", "response": "yes"}]),
+        tok,
+        template="qwen3",
+        cutoff_len=64,
+        enable_thinking=False,
+    )
+    assert list(sft.prompts[0]) == prompt + thought
+    pairs = write(tmp_path, "r.jsonl", [{"prompt": "hi", "chosen": "yes", "rejected": "no"}])
+    rm = load_preferences(pairs, tok, template="qwen3", cutoff_len=64, enable_thinking=False)
+    assert list(rm.prompts[0]) == prompt + thought
+    # A template without the switch, and raw text, are unchanged by it.
+    plain = make_tokenizer()
+    for template in ("qwen", "none"):
+        on = load_prompts(path, plain, template=template, max_prompt_length=64, enable_thinking=False)
+        off = load_prompts(path, plain, template=template, max_prompt_length=64)
+        assert on.prompts == off.prompts
+
+
 def test_bad_data_names_file_and_line(tmp_path):
     tok = make_tokenizer()
     load = lambda p, **kw: load_prompts(
