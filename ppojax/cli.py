@@ -107,6 +107,23 @@ def _train(args) -> int:
 # Practitioner aids (issue 10): eval-rm, review.
 
 
+def _add_chat_flags(parser, prefix: str = "") -> None:
+    """--default-system and --enable-thinking: how prompts are rendered with a chat template (config keys
+    default_system and enable_thinking)."""
+    parser.add_argument(
+        "--default-system", help=f"{prefix}system prompt for records without one (needs a chat template)"
+    )
+    parser.add_argument(
+        "--enable-thinking",
+        choices=("true", "false"),
+        help=f"{prefix}the chat template's thinking switch (Qwen3: false renders the empty think block, no reasoning)",
+    )
+
+
+def _thinking(args) -> bool | None:
+    return None if args.enable_thinking is None else args.enable_thinking == "true"
+
+
 def add_aids_commands(sub) -> None:
     evaluate = sub.add_parser(
         "eval-rm", help="reward-model accuracy on held-out pairs, correlation with gold scores, length bias"
@@ -114,6 +131,7 @@ def add_aids_commands(sub) -> None:
     evaluate.add_argument("--model", required=True, help="reward-model directory (a stage: rm output_dir)")
     evaluate.add_argument("--data", required=True, help="held-out .json / .jsonl: pairs, or responses with gold scores")
     evaluate.add_argument("--template", default="default", help="chat template as in training (default: raw text)")
+    _add_chat_flags(evaluate, "as in training: ")
     evaluate.add_argument("--cutoff-len", type=int, default=2048, help="maximum tokens of prompt + response")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--threshold", type=float, default=0.6, help="gold correlation below it: retrain")
@@ -147,6 +165,8 @@ def _eval_rm(args) -> int:
             os.path.abspath(args.model),
             os.path.abspath(args.data),
             template=args.template,
+            default_system=args.default_system,
+            enable_thinking=_thinking(args),
             cutoff_len=args.cutoff_len,
             batch_size=args.batch_size,
             threshold=args.threshold,
@@ -211,12 +231,7 @@ def _add_generate_parser(sub) -> None:
         "--repetition-penalty", type=float, default=1.0, help="transformers' repetition penalty (> 0; 1 is off)"
     )
     gen.add_argument("--template", default="none", help="none (raw text) or a name: the tokenizer's chat template")
-    gen.add_argument("--default-system", help="system prompt for records without one (needs a chat template)")
-    gen.add_argument(
-        "--enable-thinking",
-        choices=("true", "false"),
-        help="the chat template's thinking switch (Qwen3: false renders the empty think block, no reasoning)",
-    )
+    _add_chat_flags(gen)
     gen.add_argument(
         "--dataset-dir", help="where --prompts names are looked up in dataset_info.json (LLaMA-Factory's; default data)"
     )
@@ -261,7 +276,7 @@ def _generate(args) -> int:
             repetition_penalty=args.repetition_penalty,
             template=args.template,
             default_system=args.default_system,
-            enable_thinking=None if args.enable_thinking is None else args.enable_thinking == "true",
+            enable_thinking=_thinking(args),
             dataset_dir=args.dataset_dir,
             max_prompt_length=args.max_prompt_length,
             batch_size=args.batch_size,

@@ -242,6 +242,8 @@ def evaluate_reward_model(
     data_path: str,
     *,
     template: str = "default",
+    default_system: str | None = None,
+    enable_thinking: bool | None = None,
     cutoff_len: int = 2048,
     batch_size: int = 8,
     threshold: float = 0.6,
@@ -251,7 +253,8 @@ def evaluate_reward_model(
 ) -> dict:
     """Loads the reward model (a `stage: rm` output_dir, any *ForSequenceClassification directory with one
     label, or a LLaMA-Factory rm output_dir: a LoRA one is applied to `base`), scores every response of
-    `data_path` and returns `score_statistics` plus the file names."""
+    `data_path` and returns `score_statistics` plus the file names. template, default_system, enable_thinking:
+    render the prompts as in training (`ppojax.data`)."""
     import jax.numpy as jnp
 
     from ppojax import data as data_lib
@@ -263,7 +266,14 @@ def evaluate_reward_model(
         gold = read_gold(path, kind)
         tokenizer, _ = data_lib.ensure_pad_token(data_lib.load_tokenizer(model_dir))
         loader = data_lib.load_preferences if kind == "pairs" else data_lib.load_sft
-        dataset = loader(path, tokenizer, template=template, cutoff_len=cutoff_len)
+        dataset = loader(
+            path,
+            tokenizer,
+            template=template,
+            cutoff_len=cutoff_len,
+            default_system=default_system,
+            enable_thinking=enable_thinking,
+        )
     prompts, responses, pairs = [], [], []
     for prompt, answers in zip(dataset.prompts, dataset.responses):
         start = len(responses)

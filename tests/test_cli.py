@@ -220,9 +220,9 @@ def test_weight_decay_and_adam_keys_reach_the_supervised_optimizer(tiny, monkeyp
 
 
 def test_enable_thinking_reaches_every_prompt_reader(tiny, monkeypatch, capsys):
-    """The config key (sft, rm, ppo) and `ppojax generate --enable-thinking` hand the switch to the data readers
-    (what the readers do with it: tests/test_data.py). Each reader is replaced by one that records its keywords
-    and stops the command."""
+    """The config key (sft, rm, ppo), `ppojax generate` and `ppojax eval-rm` (--enable-thinking, --default-system)
+    hand the prompt-rendering options to the data readers (what the readers do with them: tests/test_data.py).
+    Each reader is replaced by one that records its keywords and stops the command."""
     from ppojax import data as data_lib
     from ppojax.config import ConfigError
 
@@ -231,7 +231,7 @@ def test_enable_thinking_reaches_every_prompt_reader(tiny, monkeypatch, capsys):
 
     def recording(name):
         def reader(*args, **kwargs):
-            seen.append((name, kwargs.get("enable_thinking")))
+            seen.append((name, kwargs.get("enable_thinking"), kwargs.get("default_system")))
             raise ConfigError("stopped after the reader")
 
         return reader
@@ -244,13 +244,16 @@ def test_enable_thinking_reaches_every_prompt_reader(tiny, monkeypatch, capsys):
         keys = dict(common, stage=stage, dataset=dataset, **({"reward_model": "model"} if stage == "ppo" else {}))
         assert main(["train", write_config(tiny, "thinking.yaml", **keys), "--no-progress"]) == 2
     generate = ["generate", "--model", "model", "--prompts", "prompts.json", "--template", "qwen"]
-    assert main([*generate, "--enable-thinking", "false"]) == 2
+    assert main([*generate, "--enable-thinking", "false", "--default-system", "yes"]) == 2
     assert main(generate) == 2
+    evaluate = ["eval-rm", "--model", "model", "--data", "pairs.jsonl", "--template", "qwen"]
+    assert main([*evaluate, "--enable-thinking", "true", "--default-system", "yes"]) == 2  # as in training
     assert "stopped after the reader" in capsys.readouterr().err
     assert seen == [
-        ("load_sft", False),
-        ("load_preferences", False),
-        ("load_prompts", False),
-        ("load_prompts", False),
-        ("load_prompts", None),
+        ("load_sft", False, None),
+        ("load_preferences", False, None),
+        ("load_prompts", False, None),
+        ("load_prompts", False, "yes"),
+        ("load_prompts", None, None),
+        ("load_preferences", True, "yes"),
     ]
