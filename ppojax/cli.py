@@ -129,7 +129,14 @@ def add_aids_commands(sub) -> None:
         "eval-rm", help="reward-model accuracy on held-out pairs, correlation with gold scores, length bias"
     )
     evaluate.add_argument("--model", required=True, help="reward-model directory (a stage: rm output_dir)")
-    evaluate.add_argument("--data", required=True, help="held-out .json / .jsonl: pairs, or responses with gold scores")
+    evaluate.add_argument(
+        "--data",
+        required=True,
+        help="held-out .json / .jsonl: pairs, or responses with gold scores; or LLaMA-Factory dataset names",
+    )
+    evaluate.add_argument(
+        "--dataset-dir", help="where --data names are looked up in dataset_info.json (LLaMA-Factory's; default data)"
+    )
     evaluate.add_argument("--template", default="default", help="chat template as in training (default: raw text)")
     _add_chat_flags(evaluate, "as in training: ")
     evaluate.add_argument("--cutoff-len", type=int, default=2048, help="maximum tokens of prompt + response")
@@ -152,9 +159,13 @@ def _eval_rm(args) -> int:
     from ppojax.models import CheckpointError
 
     try:
-        for flag, path, kind in (("--model", args.model, os.path.isdir), ("--data", args.data, os.path.isfile)):
-            if not kind(path):
-                raise ConfigError(f"{flag} {path}: no such {'directory' if kind is os.path.isdir else 'file'}")
+        from ppojax import dataset_info
+
+        if not os.path.isdir(args.model):
+            raise ConfigError(f"--model {args.model}: no such directory")
+        named = not os.path.isfile(args.data) and os.path.isfile(dataset_info.info_path(args.dataset_dir))
+        if not os.path.isfile(args.data) and not named:
+            raise ConfigError(f"--data {args.data}: no such file (nor a dataset_info.json to look it up in)")
         if args.batch_size < 1 or args.cutoff_len < 2:
             raise ConfigError(
                 f"--batch-size must be >= 1 and --cutoff-len >= 2, got {args.batch_size}, {args.cutoff_len}"
@@ -163,7 +174,7 @@ def _eval_rm(args) -> int:
 
         result = eval_rm.evaluate_reward_model(
             os.path.abspath(args.model),
-            os.path.abspath(args.data),
+            args.data if named else os.path.abspath(args.data),
             template=args.template,
             default_system=args.default_system,
             enable_thinking=_thinking(args),
@@ -173,6 +184,7 @@ def _eval_rm(args) -> int:
             length_bias_threshold=args.length_bias_threshold,
             bf16=args.bf16,
             base=os.path.abspath(args.base) if args.base else None,
+            dataset_dir=args.dataset_dir,
         )
     except (ConfigError, CheckpointError) as e:
         print(f"ppojax: error: {e}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Reward-model quality checks behind `ppojax eval-rm --model DIR --data FILE`.
+"""Reward-model quality checks behind `ppojax eval-rm --model DIR --data FILE|NAMES`.
 
 A reward model that ranks held-out pairs well can still mislead PPO: its scores may track response length
 more than quality, or drift away from what people prefer. This module measures, on a held-out file:
@@ -221,6 +221,25 @@ def score_responses(model, params, prompts, responses, *, pad_id: int, batch_siz
 
 
 @contextlib.contextmanager
+def _as_file(data: str, dataset_dir: Optional[str]):
+    """A file for `data`: the file itself, or LLaMA-Factory dataset names (a comma list in `dataset_dir`'s
+    dataset_info.json, as `dataset:` takes them) written as ppojax records to a temporary JSONL. Those formats have
+    no gold scores, so named data gives accuracy (ranking datasets) and length bias."""
+    if os.path.isfile(data):
+        yield data
+        return
+    from ppojax import dataset_info
+    from ppojax.data import read_dataset
+
+    entries = dataset_info.resolve(data, dataset_dir, "--data")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "records.jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for _, record in read_dataset(entries))
+        yield path
+
+
+@contextlib.contextmanager
 def _without_skipped(path: str):
     """The path of the data without the samples `ppojax review` marked "skipped" (a temporary copy when
     there are any), so a ratings file can be evaluated as it is."""
@@ -250,19 +269,21 @@ def evaluate_reward_model(
     length_bias_threshold: float = 0.5,
     bf16: bool = False,
     base: str | None = None,
+    dataset_dir: str | None = None,
 ) -> dict:
     """Loads the reward model (a `stage: rm` output_dir, any *ForSequenceClassification directory with one
     label, or a LLaMA-Factory rm output_dir: a LoRA one is applied to `base`), scores every response of
-    `data_path` and returns `score_statistics` plus the file names. template, default_system, enable_thinking:
-    render the prompts as in training (`ppojax.data`)."""
+    `data_path` (a file, or LLaMA-Factory dataset names looked up in `dataset_dir`'s dataset_info.json) and
+    returns `score_statistics` plus the file names. template, default_system, enable_thinking: render the prompts
+    as in training (`ppojax.data`)."""
     import jax.numpy as jnp
 
     from ppojax import data as data_lib
     from ppojax.models import load_reward_model
     from ppojax.runner import fit_vocabulary
 
-    kind = file_kind(data_path)
-    with _without_skipped(data_path) as path:
+    with _as_file(data_path, dataset_dir) as data_file, _without_skipped(data_file) as path:
+        kind = file_kind(path)
         gold = read_gold(path, kind)
         tokenizer, _ = data_lib.ensure_pad_token(data_lib.load_tokenizer(model_dir))
         loader = data_lib.load_preferences if kind == "pairs" else data_lib.load_sft

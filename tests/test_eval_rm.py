@@ -173,3 +173,33 @@ def test_eval_rm_bad_input_is_one_line(reward_dir, capsys):
     assert main(["eval-rm", "--model", str(root / "rm"), "--data", str(partial)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{partial}:2: no gold score" in err
+
+
+def test_eval_rm_reads_llamafactory_dataset_names(reward_dir, tmp_path, monkeypatch, capsys):
+    """`--data NAME --dataset-dir DIR`: the pairs registered as a LLaMA-Factory ranking dataset (alpaca columns)
+    give the numbers of the same pairs written as a ppojax file (no gold scores in either)."""
+    root = reward_dir[0]
+    monkeypatch.chdir(tmp_path)
+    plain = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in ROWS]
+    (tmp_path / "plain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in plain))
+    lf = tmp_path / "lf"
+    lf.mkdir()
+    lf_rows = [
+        {"instruction": r["prompt"], "input": "", "chosen": r["chosen"], "rejected": r["rejected"]} for r in ROWS
+    ]
+    (lf / "held_out.json").write_text(json.dumps(lf_rows))
+    (lf / "dataset_info.json").write_text(json.dumps({"held_out": {"file_name": "held_out.json", "ranking": True}}))
+    common = ["eval-rm", "--model", str(root / "rm"), "--batch-size", "4"]
+    assert main([*common, "--data", "plain.jsonl", "--json", "plain.json"]) == 0
+    assert main([*common, "--data", "held_out", "--dataset-dir", "lf", "--json", "named.json"]) == 0
+    by_file, by_name = (
+        json.loads((tmp_path / "plain.json").read_text()),
+        json.loads((tmp_path / "named.json").read_text()),
+    )
+    assert by_name["kind"] == "pairs" and by_name["pairs"] == len(ROWS) and by_name["data"] == "held_out"
+    assert {k: v for k, v in by_name.items() if k != "data"} == {k: v for k, v in by_file.items() if k != "data"}
+    capsys.readouterr()
+    assert main([*common, "--data", "unknown", "--dataset-dir", "lf"]) == 2
+    assert "no dataset named 'unknown' (it describes: held_out)" in capsys.readouterr().err
+    assert main([*common, "--data", "unknown"]) == 2  # no data/dataset_info.json here
+    assert "--data unknown: no such file (nor a dataset_info.json to look it up in)" in capsys.readouterr().err
