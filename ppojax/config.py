@@ -22,6 +22,7 @@ convention's values apply. Keys given explicitly override either.
 | finetuning_type | lora | full or lora |
 | lora_rank | 8 | LoRA rank (> 0) |
 | lora_alpha | 2 × lora_rank | LoRA alpha; scale = alpha / rank (LLaMA-Factory's default alpha is rank × 2) |
+| use_rslora | false | rank-stabilised LoRA: scale = alpha / √rank instead of alpha / rank (PEFT's and LLaMA-Factory's key) |
 | lora_target | all | all, or a comma list of projections: q k v o gate up down (HF names q_proj ... down_proj accepted) |
 | reward_model | (ppo: required) | local directory of the reward model: a ppojax `stage: rm` output_dir (HF sequence classifier), or a LLaMA-Factory `stage: rm` output_dir (`value_head.safetensors` beside a causal LM, or beside a LoRA adapter, which is applied to model_name_or_path as LLaMA-Factory does) |
 | reward_model_type | null | LLaMA-Factory's key, checked against the directory: full or lora (null: whatever the directory holds) |
@@ -181,6 +182,7 @@ class TrainConfig:
     finetuning_type: str = _key("lora", choices=FINETUNING_TYPES)
     lora_rank: int = _key(8, low=1)
     lora_alpha: Optional[float] = _key(None, low=0.0, low_open=True)
+    use_rslora: bool = _key(False)
     lora_target: Union[str, tuple] = _key("all")
     reward_model: Optional[str] = _key(None, path="dir")
     reward_model_type: Optional[str] = _key(None, choices=REWARD_MODEL_TYPES)
@@ -326,7 +328,9 @@ class TrainConfig:
 
     @property
     def lora_scale_alpha(self) -> float:
-        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
+        """The alpha whose alpha / rank is the LoRA scale: with use_rslora, alpha · √rank (scale alpha / √rank)."""
+        alpha = float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
+        return alpha * math.sqrt(self.lora_rank) if self.use_rslora else alpha
 
     @property
     def raw_template(self) -> bool:
@@ -415,7 +419,6 @@ ALIASES = {
 FOREIGN_KEYS = {
     "fp16": "fp16 is not supported; use bf16: true",
     "kl_penalty": "use kl_estimator: k1 | k2 | k3 | abs (TRL's kl = k1, mse = k2, abs = abs; 'full' is not offered)",
-    "lora_dropout": "ppojax uses no dropout anywhere (PPO_DETAILS item 4); remove lora_dropout",
     "early_stopping": "set target_kl to enable TRL-style early stopping of the PPO epochs",
     "use_score_norm": "use ppo_score_norm: true",
     "use_score_scaling": "use ppo_score_norm: true",
@@ -437,6 +440,12 @@ DEFAULT_ONLY_KEYS = {
     "do_sample": (True, "PPO samples its responses (greedy rollouts are not offered; temperature sets the sampling)"),
     "num_beams": (1, "ppojax samples one response per prompt; beam search is not offered"),
     "skip_special_tokens": (True, "samples.jsonl responses are always decoded without special tokens"),
+    "lora_dropout": (0.0, "ppojax uses no dropout anywhere (PPO_DETAILS item 4)"),
+    "use_dora": (False, "DoRA is not offered (plain LoRA, or use_rslora)"),
+    "packing": (False, "ppojax pads each batch to a bucket width; sequence packing is not offered"),
+    "neat_packing": (False, "ppojax pads each batch to a bucket width; sequence packing is not offered"),
+    "train_on_prompt": (False, "the sft loss is on the response tokens only"),
+    "use_fast_tokenizer": (True, "ppojax loads the tokenizer with transformers' AutoTokenizer defaults (fast)"),
 }
 
 # LLaMA-Factory keys that mean nothing here: accepted, reported once by `ppojax train`, otherwise ignored.
@@ -450,6 +459,14 @@ INERT_KEYS = {
     "flash_attn": "attention is XLA's",
     "report_to": "metrics CSV, summary.json and plots are always written (tensorboard: true adds event files)",
     "save_only_model": "checkpoints always hold the whole train state (so a run resumes); the model is exported apart",
+    "enable_liger_kernel": "the kernels are XLA's",
+    "use_unsloth": "the kernels are XLA's",
+    "use_unsloth_gc": "the kernels are XLA's",
+    "low_cpu_mem_usage": "weights are read from safetensors straight into place",
+    "cache_dir": "nothing is downloaded: models and data are local paths",
+    "preprocessing_batch_size": "tokenisation runs in the main process",
+    "disable_gradient_checkpointing": "gradient checkpointing changes memory, not results; ppojax's memory estimate "
+    "is printed before a run",
 }
 
 _NON_TRAJECTORY_KEYS = frozenset(
@@ -482,6 +499,7 @@ HASH_NEUTRAL_AT_DEFAULT = frozenset(
         "reward_model_adapters",
         "default_system",
         "enable_thinking",
+        "use_rslora",
         "weight_decay",
         "adam_beta1",
         "adam_beta2",
@@ -905,8 +923,9 @@ def _check_consistency(config: TrainConfig, raw: Mapping, where):
             f"{where('rm_max_length_diff')}: 'rm_max_length_diff' filters reward-model pairs but stage is "
             f"{c.stage!r}; remove it or set stage: rm"
         )
-    if c.finetuning_type == "full" and any(k in raw for k in ("lora_rank", "lora_alpha", "lora_target")):
-        key = next(k for k in ("lora_rank", "lora_alpha", "lora_target") if k in raw)
+    lora_keys = ("lora_rank", "lora_alpha", "lora_target", "use_rslora")
+    if c.finetuning_type == "full" and any(k in raw for k in lora_keys):
+        key = next(k for k in lora_keys if k in raw)
         raise ConfigError(
             f"{where(key)}: '{key}' is set but finetuning_type is 'full'; set finetuning_type: lora or remove it"
         )

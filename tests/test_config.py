@@ -348,6 +348,42 @@ def test_optimizer_keys_as_transformers_names(workdir):
     assert "'weight_decay' is -0.1; must be >= 0" in error(config_from_dict, base(weight_decay=-0.1))
 
 
+def test_more_llamafactory_keys_accepted_at_ppojax_behaviour(workdir):
+    """LLaMA-Factory model / LoRA / data keys: at ppojax's behaviour accepted and named as ignored, any other
+    value refused with why; use_rslora sets the LoRA scale as PEFT does."""
+    import peft
+    import torch
+
+    defaults = dict(lora_dropout=0, use_dora=False, packing=False, neat_packing=False, train_on_prompt=False)
+    inert = dict(enable_liger_kernel=True, use_unsloth=False, low_cpu_mem_usage=True, cache_dir="/tmp/hf")
+    config = config_from_dict(base(use_fast_tokenizer=True, disable_gradient_checkpointing=False, **defaults, **inert))
+    assert set(config.ignored_keys) == {*defaults, *inert, "use_fast_tokenizer", "disable_gradient_checkpointing"}
+    assert config.hash() == config_from_dict(base()).hash()
+    assert "'lora_dropout' is 0.05; only 0.0 is accepted: ppojax uses no dropout" in error(
+        config_from_dict, base(lora_dropout=0.05)
+    )
+    assert "'use_dora' is True; only False is accepted: DoRA is not offered" in error(
+        config_from_dict, base(use_dora=True)
+    )
+    assert "'train_on_prompt' is True" in error(config_from_dict, base(train_on_prompt=True))
+    assert "'packing' is True" in error(config_from_dict, base(packing=True))
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = torch.nn.Linear(4, 4)
+
+    for rslora in (False, True):
+        ours = config_from_dict(base(lora_rank=16, lora_alpha=32, use_rslora=rslora))
+        lora = peft.LoraConfig(r=16, lora_alpha=32, use_rslora=rslora, target_modules=["q_proj"])
+        theirs = peft.get_peft_model(Tiny(), lora).base_model.model.q_proj.scaling["default"]
+        assert ours.lora_scale_alpha / ours.lora_rank == pytest.approx(theirs, rel=1e-12), rslora
+    assert config_from_dict(base(use_rslora=True)).hash() != config_from_dict(base()).hash()
+    assert "'use_rslora' is set but finetuning_type is 'full'" in error(
+        config_from_dict, base(finetuning_type="full", use_rslora=True)
+    )
+
+
 # The config keys of ppojax 20ef444 (2026-11-22): a checkpoint written then must still match after an upgrade.
 KEYS_OF_20EF444 = (
     "adap_kl_ctrl",
